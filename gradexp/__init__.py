@@ -1,0 +1,52 @@
+"""gradexp: an experiment tracker that keeps the tensors of a training run.
+
+    run = gradexp.init("mnist", config={"lr": 1e-3})
+    gradexp.log({"loss": loss, "grad": w.grad})
+    gradexp.finish()
+
+    gradexp.Api().run(run.dir).tensor("grad", step=500)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ._errors import CorruptPartError, CorruptPartWarning, GradexpWarning, RunNotFoundError, UsageError
+from ._run import Run, current, init
+from ._settings import Settings
+from ._version import __version__
+
+__all__ = [
+    "Api",
+    "CorruptPartError",
+    "CorruptPartWarning",
+    "GradexpWarning",
+    "Run",
+    "RunNotFoundError",
+    "Settings",
+    "StoredRun",
+    "UsageError",
+    "__version__",
+    "finish",
+    "init",
+    "log",
+]
+
+
+def log(data: Mapping[str, Any], step: int | None = None, commit: bool = True) -> None:
+    """Log ``data`` to the most recent run (see :meth:`Run.log`)."""
+    current().log(data, step, commit)
+
+
+def finish(exit_code: int = 0) -> None:
+    """Finish the most recent run (see :meth:`Run.finish`)."""
+    current().finish(exit_code)
+
+
+def __getattr__(name: str) -> Any:
+    # The read side pulls in pyarrow; keep it out of `import gradexp` until it is used.
+    if name in ("Api", "StoredRun"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'gradexp' has no attribute {name!r}")

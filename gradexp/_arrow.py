@@ -1,0 +1,190 @@
+"""NumPy <-> Arrow for frame contents: tensor batches, history batches, part indexes.
+
+Tensors are canonical ``arrow.fixed_shape_tensor`` columns. Types Arrow lacks are
+stored bit-exact in a storage type, with the logged dtype in field metadata:
+bool as uint8, complex as a trailing axis of 2 floats, bfloat16/float8 as
+unsigned ints of their width. Big-endian input is stored native and the
+logged byte order restored on read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from ._format import FrameInfo
+
+META_DTYPE = b"gradexp.dtype"
+META_SHAPE = b"gradexp.shape"
+HIST_BINS = 64
+
+SUMMARY_TYPE = pa.struct([
+    ("count", pa.int64()),
+    ("nonfinite", pa.int64()),
+    ("zero_frac", pa.float64()),
+    ("mean", pa.float64()),
+    ("std", pa.float64()),
+    ("min", pa.float64()),
+    ("max", pa.float64()),
+    ("norm", pa.float64()),
+    ("hist", pa.list_(pa.int64())),
+])
+
+
+def dtype_token(dtype: np.dtype) -> str:
+    """What goes in ``gradexp.dtype``: NumPy's ``dtype.str``, or the ml_dtypes name."""
+    return dtype.name if dtype.kind == "V" else dtype.str
+
+
+def dtype_from_token(token: str) -> np.dtype:
+    if token[:1] in "<>|=":
+        return np.dtype(token)
+    import ml_dtypes  # bfloat16, float8_*: the reader needs the type to hand it back
+
+    return np.dtype(getattr(ml_dtypes, token))
+
+
+def storage_view(arr: np.ndarray) -> np.ndarray:
+    """Reinterpret a native snapshot as an Arrow-representable array (no copy)."""
+    k = arr.dtype.kind
+    if k == "b":
+        return arr.view(np.uint8)
+    if k == "c":
+        part = np.dtype(f"f{arr.dtype.itemsize // 2}")
+        return arr.reshape(-1).view(part).reshape(arr.shape + (2,))
+    if k == "V":
+        return arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
+    return arr
+
+
+def shuffle_width(arr: np.ndarray) -> int:
+    """Element width for the byte-shuffle filter (a complex value shuffles per component)."""
+    return arr.dtype.itemsize // 2 if arr.dtype.kind == "c" else arr.dtype.itemsize
+
+
+def tensor_ipc(key: str, steps: Sequence[int], stacked: np.ndarray, logical: np.dtype,
+               shape: tuple[int, ...]) -> pa.Buffer:
+    """An IPC stream of one batch: ``step`` and ``key`` (fixed_shape_tensor), one row a step.
+
+    ``stacked`` holds the rows' snapshots, shape ``(len(steps), *shape)``.
+    """
+    store = storage_view(stacked)
+    phys_shape = store.shape[1:] or (1,)
+    size = int(np.prod(phys_shape, dtype=np.int64))
+    value_type = pa.from_numpy_dtype(store.dtype)
+    ttype = pa.fixed_shape_tensor(value_type, list(phys_shape))
+    storage = pa.Array.from_buffers(pa.list_(value_type, size), len(steps), [None],
+                                    children=[pa.array(store.reshape(-1))])
+    field = pa.field(key, ttype, nullable=False, metadata={
+        META_DTYPE: dtype_token(logical), META_SHAPE: json.dumps(list(shape))})
+    schema = pa.schema([pa.field("step", pa.int64(), nullable=False), field])
+    batch = pa.record_batch([pa.array(steps, pa.int64()),
+                             pa.ExtensionArray.from_storage(ttype, storage)], schema=schema)
+    return _ipc(batch)
+
+
+def tensor_rows(raw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Decode a tensor frame: (steps, arrays), each array a writable view into ``raw``."""
+    batch = _read_batch(raw)
+    field = batch.schema.field(1)
+    meta = field.metadata or {}
+    logical = dtype_from_token(meta[META_DTYPE].decode())
+    shape = tuple(json.loads(meta[META_SHAPE]))
+    values = batch.column(1).storage.values
+    buf = values.buffers()[1]
+    start = buf.address - raw.ctypes.data if buf is not None else 0
+    native = logical.newbyteorder("=") if logical.kind != "V" else logical
+    per_row = int(np.prod(shape, dtype=np.int64)) * native.itemsize
+    steps = batch.column(0).to_numpy()
+    flat = raw[start + values.offset * values.type.byte_width:
+               start + values.offset * values.type.byte_width + per_row * len(steps)]
+    arrays = []
+    for i in range(len(steps)):
+        a = flat[i * per_row:(i + 1) * per_row].view(native).reshape(shape)
+        if not logical.isnative and logical.kind != "V":
+            a = a.astype(logical)
+        arrays.append(a)
+    return steps, arrays
+
+
+def history_ipc(batch: pa.RecordBatch) -> pa.Buffer:
+    return _ipc(batch)
+
+
+def history_batch(raw: np.ndarray) -> pa.RecordBatch:
+    return _read_batch(raw)
+
+
+def _ipc(batch: pa.RecordBatch) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    return sink.getvalue()
+
+
+def _read_batch(raw: np.ndarray) -> pa.RecordBatch:
+    reader = pa.ipc.open_stream(pa.py_buffer(raw))
+    batches = list(reader)
+    if len(batches) != 1:
+        return pa.Table.from_batches(batches, reader.schema).combine_chunks().to_batches()[0]
+    return batches[0]
+
+
+_INDEX_SCHEMA = pa.schema([
+    ("offset", pa.uint64()), ("kind", pa.uint8()), ("filter", pa.uint8()), ("elem", pa.uint8()),
+    ("stored", pa.uint64()), ("raw", pa.uint64()), ("step_min", pa.int64()),
+    ("step_max", pa.int64()), ("rows", pa.uint32()), ("key", pa.string()),
+])
+
+
+def index_to_ipc(frames: Sequence[FrameInfo]) -> pa.Buffer:
+    cols = [[getattr(f, name) for f in frames] for name in _INDEX_SCHEMA.names]
+    return _ipc(pa.record_batch(cols, schema=_INDEX_SCHEMA))
+
+
+def index_from_ipc(raw: np.ndarray) -> list[FrameInfo]:
+    cols = _read_batch(raw).to_pydict()
+    return [FrameInfo(*row) for row in zip(*(cols[n] for n in _INDEX_SCHEMA.names))]
+
+
+def summaries_array(items: Sequence[dict[str, Any] | None]) -> pa.Array:
+    return pa.array(items, type=SUMMARY_TYPE)
+
+
+# -- history rows -> record batch ---------------------------------------------------------
+
+def _column(values: list[Any]) -> pa.Array:
+    """One history column from Python/NumPy scalars (None where a row lacks the key)."""
+    present = [v for v in values if v is not None]
+    if present and all(type(v) is str or isinstance(v, np.str_) for v in present):
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+    if present and all(isinstance(v, (bool, np.bool_)) for v in present):
+        return pa.array([None if v is None else bool(v) for v in values], pa.bool_())
+    items = [None if v is None else (v.item() if isinstance(v, np.generic) else v) for v in values]
+    if all(type(v) is int for v in items if v is not None):
+        try:
+            return pa.array(items, pa.int64())
+        except OverflowError:
+            pass
+    return pa.array([None if v is None else float(v) for v in items], pa.float64())
+
+
+def rows_to_batch(steps: list[int], times: list[float], start: float,
+                  rows: list[dict[str, Any]], summary_keys: dict[str, list[Any]]) -> pa.RecordBatch:
+    """Build a history batch: step, _timestamp, _runtime, one column per key."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update(dict.fromkeys(row))
+    ts = np.asarray(times, dtype=np.float64)
+    arrays = [pa.array(steps, pa.int64()), pa.array(ts), pa.array(ts - start)]
+    names = ["step", "_timestamp", "_runtime"]
+    for key in keys:
+        names.append(key)
+        arrays.append(_column([row.get(key) for row in rows]))
+    for key, items in summary_keys.items():
+        names.append(key)
+        arrays.append(summaries_array(items))
+    return pa.record_batch(arrays, names=names)

@@ -1,0 +1,100 @@
+"""Export a run to Parquet: the wide history, and optionally its tensors.
+
+History: one file, one row per step, columns ``step``, ``_timestamp``, ``_runtime``
+and one per key (tensor keys as a struct of summaries). Steps and times are
+delta-encoded and floats byte-stream-split before zstd, which made the file ~23%
+smaller and ~3x faster to write than the defaults here (docs/benchmarks.md).
+
+Tensors: one Parquet file per tensor key in ``<output stem>.tensors/``, columns
+``step`` and the key as ``arrow.fixed_shape_tensor`` (pyarrow and anything that
+reads Arrow extension types get tensors back; others see a fixed-size list plus
+the shape in the field metadata). A key whose shape or dtype changed during the
+run gets one file per variant, ``<key>.<n>.parquet``. ``/`` in keys becomes ``.``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import _arrow
+from .api import StoredRun
+
+_ROW_GROUP_BYTES = 64 << 20
+
+
+def export_history(run: StoredRun, out: Path) -> pa.Table:
+    table = run.history()
+    encodings: dict[str, str] = {}
+    for field in table.schema:
+        if field.name in ("step",) and pa.types.is_integer(field.type):
+            encodings[field.name] = "DELTA_BINARY_PACKED"
+        elif pa.types.is_floating(field.type):
+            encodings[field.name] = "BYTE_STREAM_SPLIT"
+    dictionary = [f.name for f in table.schema if f.name not in encodings]
+    pq.write_table(table, out, compression="zstd", use_dictionary=dictionary,
+                   column_encoding=encodings, row_group_size=1 << 20)
+    return table
+
+
+def tensor_bytes(run: StoredRun) -> int:
+    """Raw bytes of every tensor frame (for a progress bar)."""
+    return sum(info.raw for _, info in run._tensor_frames())
+
+
+def export_tensors(run: StoredRun, folder: Path, *,
+                   progress: Callable[[int], None] | None = None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for key in run.tensor_keys():
+        written.extend(_export_key(run, key, folder, progress))
+    return written
+
+
+def _export_key(run: StoredRun, key: str, folder: Path,
+                progress: Callable[[int], None] | None) -> list[Path]:
+    stem = key.replace("/", ".")
+    writers: dict[tuple, tuple[pq.ParquetWriter, list]] = {}
+    paths: list[Path] = []
+    pending_bytes = 0
+
+    def flush(variant: tuple) -> None:
+        writer, rows = writers[variant]
+        if rows:
+            steps = [s for s, _ in rows]
+            raw = _arrow.tensor_ipc(key, steps, np.stack([a for _, a in rows]), rows[0][1].dtype,
+                                    rows[0][1].shape)
+            writer.write_batch(pa.ipc.open_stream(raw).read_next_batch())
+            rows.clear()
+
+    try:
+        for step, arr in run.tensors(key):
+            if not arr.dtype.isnative and arr.dtype.kind != "V":
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            variant = (arr.dtype.str if arr.dtype.kind != "V" else arr.dtype.name, arr.shape)
+            if variant not in writers:
+                name = f"{stem}.parquet" if not writers else f"{stem}.{len(writers)}.parquet"
+                path = folder / name
+                raw = _arrow.tensor_ipc(key, [step], arr[None], arr.dtype, arr.shape)
+                schema = pa.ipc.open_stream(raw).schema
+                writers[variant] = (pq.ParquetWriter(path, schema, compression="zstd",
+                                                     use_dictionary=False), [])
+                paths.append(path)
+            writers[variant][1].append((step, arr))
+            pending_bytes += arr.nbytes
+            if pending_bytes >= _ROW_GROUP_BYTES:
+                for v in writers:
+                    flush(v)
+                pending_bytes = 0
+            if progress is not None:
+                progress(arr.nbytes)
+        for v in writers:
+            flush(v)
+    finally:
+        for writer, _ in writers.values():
+            writer.close()
+    return paths

@@ -1,0 +1,66 @@
+"""Small durable-file helpers: atomic JSON writes and the run folder's names."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RUN_JSON = "run.json"
+CONFIG_JSON = "config.json"
+SUMMARY_JSON = "summary.json"
+LOCK = "run.lock"
+PARTS = "parts"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(what: str, value: Any) -> str:
+    """Project names and run ids become folder names: letters, digits, '.', '_', '-' only."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str; got {type(value).__name__}")
+    if not _NAME.match(value) or value in (".", ".."):
+        raise ValueError(f"{what} {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return value
+
+
+def to_jsonable(value: Any) -> Any:
+    """``json.dumps(default=...)`` hook: NumPy scalars and small arrays, paths."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON via a temp file and rename, so readers never see half a file."""
+    text = json.dumps(data, indent=2, default=to_jsonable, allow_nan=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default

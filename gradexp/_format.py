@@ -1,0 +1,360 @@
+"""Part files and frames: write, seal, scan, read, recover (docs/format.md is the spec).
+
+A part is ``MAGIC_PART`` followed by frames. A frame is a fixed header, the key,
+a CRC-32 of both, and a zstd frame (with content checksum) around an Arrow IPC
+stream, optionally byte-shuffled first. A sealed part ends with an index frame
+and a 16-byte trailer pointing at it. This module holds no policy (when to
+flush or seal): the writer decides that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import zstandard
+
+from ._errors import CorruptPartError
+
+MAGIC_PART = b"GXPART01"
+MAGIC_FRAME = b"GXFR"
+MAGIC_TRAILER = b"GXPEND01"
+OPEN_SUFFIX = ".open"
+PART_SUFFIX = ".gxp"
+
+KIND_HISTORY = 1
+KIND_TENSOR = 2
+KIND_INDEX = 3
+CODEC_ZSTD = 1
+FILTER_NONE = 0
+FILTER_SHUFFLE = 1
+
+_HEAD = struct.Struct("<4sBBBBQQqqIHH")  # 48 bytes, then key, then CRC-32
+_CRC = struct.Struct("<I")
+_TRAILER = struct.Struct("<Q8s")
+HEAD_SIZE = _HEAD.size
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FrameInfo:
+    """Where a frame sits and what it holds, as read from its header or the part index."""
+
+    offset: int
+    kind: int
+    filter: int
+    elem: int
+    stored: int
+    raw: int
+    step_min: int
+    step_max: int
+    rows: int
+    key: str
+
+    @property
+    def header_len(self) -> int:
+        return HEAD_SIZE + len(self.key.encode()) + _CRC.size
+
+    @property
+    def data_offset(self) -> int:
+        return self.offset + self.header_len
+
+    @property
+    def end(self) -> int:
+        return self.data_offset + self.stored
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Damage:
+    """A byte range of a part that could not be read, and why."""
+
+    path: str
+    offset: int
+    length: int
+    reason: str
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=1, write_checksum=True,
+                                                   write_content_size=True)
+    return c
+
+
+def shuffle(raw: memoryview | bytes, elem: int) -> np.ndarray:
+    """Byte-shuffle: all first bytes of each ``elem``-byte element, then all second bytes..."""
+    src = np.frombuffer(raw, dtype=np.uint8)
+    out = np.empty(src.size, dtype=np.uint8)
+    n = src.size // elem
+    np.copyto(out[: n * elem].reshape(elem, n), src[: n * elem].reshape(n, elem).T)
+    out[n * elem:] = src[n * elem:]
+    return out
+
+
+def unshuffle(data: np.ndarray, elem: int) -> np.ndarray:
+    out = np.empty(data.size, dtype=np.uint8)
+    n = data.size // elem
+    np.copyto(out[: n * elem].reshape(n, elem), data[: n * elem].reshape(elem, n).T)
+    out[n * elem:] = data[n * elem:]
+    return out
+
+
+def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min: int = 0,
+                 step_max: int = 0, rows: int = 0, shuffle_elem: int = 0) -> tuple[bytes, bytes]:
+    """Compress ``raw`` (an Arrow IPC stream) and return (header, payload) for one frame."""
+    filt, elem = FILTER_NONE, 1
+    data: memoryview | bytes | np.ndarray = raw
+    if shuffle_elem > 1:
+        filt, elem = FILTER_SHUFFLE, shuffle_elem
+        data = shuffle(raw, elem)
+    payload = _compressor().compress(data)
+    kb = key.encode()
+    head = _HEAD.pack(MAGIC_FRAME, kind, CODEC_ZSTD, filt, elem, len(payload), len(raw),
+                      step_min, step_max, rows, len(kb), 0) + kb
+    return head + _CRC.pack(zlib.crc32(head)), payload
+
+
+def decode_payload(info: FrameInfo, payload: bytes | memoryview, path: str = "?") -> np.ndarray:
+    """Decompress (and unshuffle) a frame payload into a writable uint8 array."""
+    out = np.empty(info.raw, dtype=np.uint8)
+    try:
+        n = zstandard.ZstdDecompressor().stream_reader(payload).readinto(out)
+    except zstandard.ZstdError as e:
+        raise CorruptPartError(path, info.offset, f"frame payload: {e}") from None
+    if n != info.raw:
+        raise CorruptPartError(path, info.offset, f"frame decodes to {n} bytes, header says {info.raw}")
+    return unshuffle(out, info.elem) if info.filter == FILTER_SHUFFLE else out
+
+
+def parse_header(buf: bytes | memoryview | mmap.mmap, offset: int, size: int) -> FrameInfo | None:
+    """Parse the header at ``offset``; None if it is incomplete, raise ValueError if invalid."""
+    if offset + HEAD_SIZE > size:
+        return None
+    magic, kind, codec, filt, elem, stored, raw, smin, smax, rows, klen, _ = _HEAD.unpack_from(buf, offset)
+    if magic != MAGIC_FRAME:
+        raise ValueError("no frame magic")
+    end = offset + HEAD_SIZE + klen + _CRC.size
+    if end > size:
+        return None
+    (crc,) = _CRC.unpack_from(buf, end - _CRC.size)
+    if zlib.crc32(buf[offset:end - _CRC.size]) != crc:
+        raise ValueError("frame header checksum mismatch")
+    if codec != CODEC_ZSTD or filt not in (FILTER_NONE, FILTER_SHUFFLE) or kind not in (1, 2, 3):
+        raise ValueError(f"unknown codec {codec}, filter {filt} or kind {kind}")
+    key = bytes(buf[offset + HEAD_SIZE:end - _CRC.size]).decode()
+    return FrameInfo(offset, kind, filt, elem, stored, raw, smin, smax, rows, key)
+
+
+# -- writing ----------------------------------------------------------------------------
+
+def part_name(stream: str, seq: int) -> str:
+    return f"{stream}-{seq:06d}{PART_SUFFIX}"
+
+
+class PartWriter:
+    """Appends frames to ``<stream>-<seq>.gxp.open``; ``seal()`` indexes and renames it."""
+
+    def __init__(self, folder: Path, stream: str, seq: int) -> None:
+        self.stream = stream
+        self.seq = seq
+        self.final_path = folder / part_name(stream, seq)
+        self.path = self.final_path.with_name(self.final_path.name + OPEN_SUFFIX)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.frames: list[FrameInfo] = []
+        self.created = time.monotonic()
+        self.size = 0
+        self._write([MAGIC_PART])
+
+    def _write(self, bufs: Sequence[bytes | memoryview]) -> None:
+        # One writev per frame: a reader of the live file sees whole frames or a short tail.
+        total = sum(len(b) for b in bufs)
+        done = os.writev(self._fd, bufs)
+        while done < total:  # short write: finish the rest
+            flat = b"".join(bytes(b) for b in bufs)[done:]
+            done += os.write(self._fd, flat)
+        self.size += total
+
+    def append(self, kind: int, header: bytes, payload: bytes, *, step_min: int, step_max: int,
+               rows: int, key: str, raw: int, filt: int, elem: int) -> FrameInfo:
+        info = FrameInfo(self.size, kind, filt, elem, len(payload), raw, step_min, step_max, rows, key)
+        self._write([header, payload])
+        self.frames.append(info)
+        return info
+
+    def fsync(self) -> None:
+        os.fsync(self._fd)
+
+    def seal(self) -> Path:
+        """Append the index frame and trailer, fsync, and rename to the final name."""
+        from ._arrow import index_to_ipc
+
+        raw = index_to_ipc(self.frames)
+        header, payload = encode_frame(KIND_INDEX, raw, rows=len(self.frames))
+        offset = self.size
+        self._write([header, payload, _TRAILER.pack(offset, MAGIC_TRAILER)])
+        os.fsync(self._fd)
+        os.close(self._fd)
+        os.replace(self.path, self.final_path)
+        _fsync_dir(self.final_path.parent)
+        return self.final_path
+
+    def close(self) -> None:
+        """Close without sealing (the part stays ``.open`` for recovery)."""
+        os.close(self._fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(slots=True)
+class PartScan:
+    path: Path
+    frames: list[FrameInfo]
+    damage: list[Damage]
+    sealed: bool
+    valid_end: int
+    """Offset just past the last intact frame (where recovery truncates)."""
+
+
+def scan_part(path: Path) -> PartScan:
+    """Index a part: from its index frame when sealed, else by walking its frame headers.
+
+    Walking resynchronises on the next valid header after a damaged one, so intact
+    frames after damage are still found. An incomplete last frame of an open part is
+    the expected result of a crash or a live writer and is not reported as damage.
+    """
+    sealed = not path.name.endswith(OPEN_SUFFIX)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return PartScan(path, [], [], False, 0)
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+            if sealed:
+                scan = _read_index(path, mm, size)
+                if scan is not None:
+                    return scan
+            return _walk(path, mm, size, sealed)
+
+
+def _read_index(path: Path, mm: mmap.mmap, size: int) -> PartScan | None:
+    from ._arrow import index_from_ipc
+
+    if size < len(MAGIC_PART) + _TRAILER.size:
+        return None
+    offset, magic = _TRAILER.unpack_from(mm, size - _TRAILER.size)
+    if magic != MAGIC_TRAILER or mm[: len(MAGIC_PART)] != MAGIC_PART:
+        return None
+    try:
+        info = parse_header(mm, offset, size - _TRAILER.size)
+        if info is None or info.kind != KIND_INDEX or info.end != size - _TRAILER.size:
+            return None
+        frames = index_from_ipc(decode_payload(info, mm[info.data_offset:info.end], str(path)))
+    except (ValueError, CorruptPartError):
+        return None
+    return PartScan(path, frames, [], True, offset)
+
+
+def _walk(path: Path, mm: mmap.mmap, size: int, sealed: bool) -> PartScan:
+    frames: list[FrameInfo] = []
+    damage: list[Damage] = []
+    if mm[: len(MAGIC_PART)] != MAGIC_PART:
+        damage.append(Damage(str(path), 0, len(MAGIC_PART), "not a gradexp part (bad magic)"))
+    pos = len(MAGIC_PART)
+    valid_end = pos
+    while pos < size:
+        try:
+            info = parse_header(mm, pos, size)
+            if info is not None and info.end > size:
+                info = None
+        except ValueError as e:
+            nxt = _resync(mm, pos + 1, size)
+            damage.append(Damage(str(path), pos, (nxt if nxt >= 0 else size) - pos, str(e)))
+            if nxt < 0:
+                break
+            pos = nxt
+            continue
+        if info is None:  # incomplete tail
+            if sealed:
+                damage.append(Damage(str(path), pos, size - pos, "truncated frame"))
+            break
+        if info.kind == KIND_INDEX:  # a sealed part's own index; the trailer follows
+            break
+        frames.append(info)
+        pos = valid_end = info.end
+    return PartScan(path, frames, damage, sealed, valid_end)
+
+
+def _resync(mm: mmap.mmap, start: int, size: int) -> int:
+    """Offset of the next frame header that parses, or -1."""
+    pos = start
+    while True:
+        pos = mm.find(MAGIC_FRAME, pos)
+        if pos < 0:
+            return -1
+        try:
+            info = parse_header(mm, pos, size)
+            if info is not None:
+                return pos
+        except ValueError:
+            pass
+        pos += 1
+
+
+def read_frame(path: Path, info: FrameInfo) -> np.ndarray:
+    """One range read of the frame's payload, decoded."""
+    with open(path, "rb") as f:
+        payload = os.pread(f.fileno(), info.stored, info.data_offset)
+    if len(payload) != info.stored:
+        raise CorruptPartError(str(path), info.offset, "part is shorter than its index says")
+    return decode_payload(info, payload, str(path))
+
+
+def list_parts(folder: Path, stream: str | None = None) -> list[Path]:
+    """Sealed and open parts in (stream, seq) order."""
+    if not folder.is_dir():
+        return []
+    prefix = f"{stream}-" if stream else ""
+    found = [p for p in folder.iterdir() if p.name.startswith(prefix)
+             and (p.name.endswith(PART_SUFFIX) or p.name.endswith(PART_SUFFIX + OPEN_SUFFIX))]
+    return sorted(found, key=lambda p: p.name)
+
+
+def iter_frames(scans: Sequence[PartScan], kind: int) -> Iterator[tuple[Path, FrameInfo]]:
+    for scan in scans:
+        for info in scan.frames:
+            if info.kind == kind:
+                yield scan.path, info
+
+
+def recover_part(path: Path) -> Path:
+    """Seal an ``.open`` part left by a crash: keep intact frames, drop a torn tail."""
+    scan = scan_part(path)
+    with open(path, "r+b") as f:
+        f.truncate(scan.valid_end)
+    writer = PartWriter.__new__(PartWriter)
+    writer.final_path = path.with_name(path.name[: -len(OPEN_SUFFIX)])
+    writer.path = path
+    writer.frames = scan.frames
+    writer.size = scan.valid_end
+    writer._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    return writer.seal()

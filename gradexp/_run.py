@@ -1,0 +1,420 @@
+"""Run: config, summary, step bookkeeping and lifecycle; the module-level run stack."""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import platform
+import secrets
+import socket
+import string
+import sys
+import threading
+import time
+import warnings
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from ._errors import GradexpWarning, UsageError
+from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
+from ._settings import Settings, resolve
+from ._values import Prepared, prepare
+from ._version import __version__
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+DEFAULT_PROJECT = "uncategorized"
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_run_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+
+
+class Config(MutableMapping):
+    """The run's configuration; every change is saved to ``config.json`` at once."""
+
+    def __init__(self, path: Path | None, data: Mapping[str, Any]) -> None:
+        self._path = path
+        self._data = dict(data)
+        self._check(self._data)
+        self._save()
+
+    @staticmethod
+    def _check(data: Mapping[str, Any]) -> None:
+        for key, value in data.items():
+            if not isinstance(key, str):
+                raise TypeError(f"config keys must be str; got {key!r}")
+            try:
+                json.dumps(value, default=to_jsonable)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"config key {key!r}: value cannot be saved as JSON ({e})") from None
+
+    def _save(self) -> None:
+        if self._path is not None:
+            write_json(self._path, self._data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.update({key: value})
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+        self._save()
+
+    def update(self, other: Any = (), /, **kw: Any) -> None:  # type: ignore[override]
+        """Merge and save once (not once per key)."""
+        new = dict(other, **kw)
+        self._check(new)
+        self._data.update(new)
+        self._save()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["_data"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __repr__(self) -> str:
+        return f"Config({self._data!r})"
+
+
+class Summary(MutableMapping):
+    """Last value of each logged scalar, unless assigned; saved at each flush and at finish."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] = {}
+        self.dirty = False
+
+    def _logged(self, scalars: Mapping[str, Any]) -> None:
+        self._data.update(scalars)
+        self.dirty = True
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._data[key] = value
+        self.dirty = True
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+        self.dirty = True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def snapshot(self) -> dict[str, Any]:
+        self.dirty = False
+        return self._data.copy()
+
+    def __repr__(self) -> str:
+        return f"Summary({self._data!r})"
+
+
+class Run:
+    """One training run. Create with :func:`gradexp.init`."""
+
+    def __init__(self, project: str | None = None, *, name: str | None = None, id: str | None = None,
+                 config: Mapping[str, Any] | argparse.Namespace | None = None,
+                 tags: list[str] | tuple[str, ...] | None = None, notes: str | None = None,
+                 settings: Settings) -> None:
+        self.settings = settings
+        self.project = check_name("project", project or DEFAULT_PROJECT)
+        self.id = check_name("run id", id) if id is not None else new_run_id()
+        self.name = name if name is not None else self.id
+        self.tags = [str(t) for t in (tags or ())]
+        self.notes = notes
+        self.start_time = time.time()
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._kinds: dict[str, str] = {}
+        self._step = 0
+        self._max_step = -1
+        self._pending: Prepared | None = None
+        self._warned: set[str] = set()
+        self._finished = False
+        self.summary = Summary()
+        if isinstance(config, argparse.Namespace):
+            config = vars(config)
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict or argparse.Namespace; got {type(config).__name__}")
+        self.disabled = settings.mode == "disabled"
+        if self.disabled:
+            self.dir = None
+            self.config = Config(None, config or {})
+            self._writer = None
+            return
+        self.dir = (settings.dir / self.project / self.id).absolute()
+        try:
+            (self.dir / PARTS).mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise FileExistsError(f"run folder {self.dir} exists already; pick another run id") from None
+        self._lock_fd = _hold_lock(self.dir / LOCK)
+        self._meta: dict[str, Any] = {
+            "id": self.id, "name": self.name, "project": self.project, "tags": self.tags,
+            "notes": notes, "status": "running", "created_at": self.start_time,
+            "host": socket.gethostname(), "pid": self._pid, "python": platform.python_version(),
+            "gradexp": __version__, "format": 1, "argv": sys.argv,
+        }
+        write_json(self.dir / RUN_JSON, self._meta)
+        self.config = Config(self.dir / CONFIG_JSON, config or {})
+        from ._writer import Writer
+
+        self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary)
+
+    # -- logging ---------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """The step the next ``log()`` without ``step=`` goes to."""
+        return self._step
+
+    def log(self, data: Mapping[str, Any], step: int | None = None, commit: bool = True) -> None:
+        """Record ``data`` at ``step`` (default: the current step).
+
+        Nested dicts flatten to ``a/b`` keys. ``commit=False`` keeps the row open so
+        later calls at the same step merge into it. A step lower than the current one
+        is recorded with one warning; readers return rows in step order and keep the
+        last write of a (step, key).
+        """
+        if self._finished or self.disabled or self._pid != os.getpid() or self._writer.error:
+            return self._inactive_log()
+        if step is not None and (type(step) is not int or step < 0):
+            step = _check_step(step)
+        with self._lock:
+            p = prepare(data, self._kinds)
+            cur = self._step
+            s = cur if step is None else step
+            if s > cur:
+                if self._pending is not None:
+                    self._emit(cur, self._pending)
+                    self._pending = None
+                self._step = cur = s
+            elif s < cur:
+                if s < self._max_step and "step" not in self._warned:
+                    self._warned.add("step")
+                    warnings.warn(f"gradexp: step {s} is lower than the current step {cur}; the "
+                                  "row is recorded, and readers merge rows by step (last write "
+                                  "wins). This is warned about once.", GradexpWarning, stacklevel=2)
+                self._emit(s, p)
+                return
+            pending = self._pending
+            if pending is None:
+                pending = p
+            else:
+                _merge(pending, p)
+            if commit:
+                self._emit(cur, pending)
+                self._pending = None
+                self._step = cur + 1
+            else:
+                self._pending = pending
+
+    def _emit(self, step: int, p: Prepared) -> None:
+        if step > self._max_step:
+            self._max_step = step
+        if p.scalars:
+            self.summary._logged(p.scalars)
+        self._writer.put_row(step, time.time(), p)
+
+    def _inactive_log(self) -> None:
+        if self.disabled:
+            return
+        if self._pid != os.getpid():
+            reason = ("log() in a forked child process is ignored; the run belongs to the parent "
+                      "(call gradexp.init() in the child for a run of its own)")
+        elif self._finished:
+            raise UsageError(f"run {self.id} is finished; call gradexp.init() for a new run")
+        else:
+            reason = "log() is ignored because the background writer failed (warned above)"
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"gradexp: {reason}", GradexpWarning, stacklevel=3)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def flush(self, *, fsync: bool = False) -> None:
+        """Write everything logged so far to the part files (and ``fsync`` them if asked)."""
+        if self.disabled or self._pid != os.getpid() or self._finished:
+            return
+        self._writer.flush(fsync=fsync)  # an open commit=False row stays open
+
+    def _save_summary(self) -> None:
+        if self.summary.dirty:
+            write_json(self.dir / SUMMARY_JSON, self.summary.snapshot())
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Flush, seal the part files and mark the run finished (or failed if ``exit_code``)."""
+        if self._finished or self._pid != os.getpid():
+            return
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            if self._pending is not None and not self.disabled:
+                self._emit(self._step, self._pending)
+                self._pending = None
+        _forget(self)
+        if self.disabled:
+            return
+        self._writer.flush(fsync=True, close=True)
+        self.summary.dirty = True
+        self._save_summary()
+        now = time.time()
+        self._meta.update(status="finished" if exit_code == 0 else "failed", exit_code=exit_code,
+                          finished_at=now, runtime=now - self.start_time)
+        if self._writer.error is not None:
+            self._meta["writer_error"] = repr(self._writer.error)
+        write_json(self.dir / RUN_JSON, self._meta)
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
+
+    def __repr__(self) -> str:
+        return f"<gradexp.Run {self.project}/{self.id} name={self.name!r} dir={self.dir}>"
+
+
+def _check_step(step: Any) -> int:
+    import numpy as np
+
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int; got {type(step).__name__} {step!r}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0; got {step}")
+    return int(step)
+
+
+def _merge(into: Prepared, p: Prepared) -> None:
+    into.scalars.update(p.scalars)
+    for key, t in p.tensors.items():
+        old = into.tensors.get(key)
+        if old is not None:
+            into.nbytes -= old.array.nbytes
+        into.tensors[key] = t
+    into.nbytes += p.nbytes
+
+
+def _hold_lock(path: Path) -> int:
+    """Hold an exclusive lock for the life of the run: a reader that can take it knows we died."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def is_locked(path: Path) -> bool:
+    """True while a live process holds the run's lock."""
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing our own descriptor drops a lock we took
+    return False
+
+
+# -- the module-level run stack -------------------------------------------------------------
+
+_runs: list[Run] = []
+_runs_lock = threading.Lock()
+_uncaught: list[BaseException] = []
+
+
+def init(project: str | None = None, *, name: str | None = None, id: str | None = None,
+         config: Mapping[str, Any] | argparse.Namespace | None = None,
+         tags: list[str] | tuple[str, ...] | None = None, notes: str | None = None,
+         dir: str | os.PathLike[str] | None = None, mode: str | None = None,
+         **settings: Any) -> Run:
+    """Start a run and make it the target of :func:`gradexp.log`.
+
+    Returns in milliseconds and needs no network. ``mode`` is ``"offline"`` (the
+    default) or ``"disabled"`` (every call a no-op). The run folder is
+    ``<dir>/<project>/<id>``, ``dir`` defaulting to ``$GRADEXP_DIR`` or ``./gradexp-runs``.
+    Further keyword arguments are :class:`gradexp.Settings` fields.
+    """
+    s = resolve({"dir": dir, "mode": mode, **settings})
+    run = Run(project, name=name, id=id, config=config, tags=tags, notes=notes, settings=s)
+    with _runs_lock:
+        _runs.append(run)
+    _install_hooks()
+    return run
+
+
+def current() -> Run:
+    with _runs_lock:
+        for run in reversed(_runs):
+            if run._pid == os.getpid():
+                return run
+    raise UsageError("no active run: call gradexp.init() before gradexp.log()")
+
+
+def _forget(run: Run) -> None:
+    with _runs_lock:
+        if run in _runs:
+            _runs.remove(run)
+
+
+def _finish_all() -> None:
+    code = 1 if _uncaught else 0
+    for run in list(reversed(_runs)):
+        try:
+            run.finish(exit_code=code)
+        except Exception as e:
+            warnings.warn(f"gradexp: could not finish run {run.id} at exit: {e!r}", GradexpWarning)
+
+
+_hooks_installed = False
+
+
+def _install_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_finish_all)
+    previous = sys.excepthook
+
+    def hook(tp: Any, value: BaseException, tb: Any) -> None:
+        _uncaught.append(value)  # an uncaught exception marks forgotten runs failed at exit
+        previous(tp, value, tb)
+
+    sys.excepthook = hook
+
+
+def _after_fork_in_child() -> None:
+    global _runs_lock
+    _runs_lock = threading.Lock()
+    for run in _runs:
+        run._lock = threading.Lock()  # a parent thread may have held it at fork time
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

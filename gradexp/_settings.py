@@ -1,0 +1,75 @@
+"""Settings from keyword arguments, then ``GRADEXP_*`` environment variables, then defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+MODES = ("offline", "disabled")
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of a run; ``init(**settings)`` takes these names."""
+
+    dir: Path = Path("gradexp-runs")
+    mode: str = "offline"
+    flush_interval: float = 1.0
+    """Seconds within which a logged record reaches the OS (is written to its part file)."""
+    queue_max_bytes: int = 512 * MiB
+    """Bytes of tensor snapshots that may wait for the writer before ``log()`` blocks."""
+    queue_max_rows: int = 100_000
+    """Rows that may wait for the writer before ``log()`` blocks."""
+    part_max_bytes: int = 64 * MiB
+    """A part is sealed once it holds this many bytes..."""
+    part_max_age: float = 60.0
+    """...or once it is this many seconds old."""
+    workers: int = 2
+    """Threads that summarise and compress large tensors (NumPy and zstd release the GIL)."""
+    small_tensor_bytes: int = 256 * 1024
+    """Tensors below this size are batched, several steps to a frame."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        for name in ("flush_interval", "part_max_age"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
+        for name in ("queue_max_bytes", "queue_max_rows", "part_max_bytes", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = _FIELDS[name].default
+    if isinstance(default, Path):
+        return Path(value).expanduser()
+    kind = type(default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {name!r}: cannot use {value!r} as {kind.__name__}") from None
+
+
+def resolve(overrides: Mapping[str, Any], *, environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge ``overrides`` (None means unset) over ``GRADEXP_<NAME>`` variables over defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        raw = overrides.get(name)
+        if raw is None:
+            raw = env.get(f"GRADEXP_{name.upper()}") or None
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    unknown = set(overrides) - set(_FIELDS)
+    if unknown:
+        raise TypeError(
+            f"unknown setting {sorted(unknown)[0]!r}; known settings: {', '.join(sorted(_FIELDS))}"
+        )
+    return Settings(**values)

@@ -1,0 +1,196 @@
+"""What ``log()`` accepts: flatten nested dicts, check keys and types, snapshot tensors.
+
+Everything here runs on the caller's thread, so it does the least that keeps the
+contract: validate before anything is queued, copy tensor memory once (the caller
+may mutate it right after), and leave every costlier step to the writer thread.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+# Kinds a key keeps for the life of a run: history columns need one type per key.
+NUMBER = "number"
+TEXT = "text"
+TENSOR = "tensor"
+
+MAX_KEY_LENGTH = 1024
+RESERVED_KEYS = frozenset({"step"})
+_NUMBER_TYPES = frozenset({int, float, bool})
+_REAL_KINDS = frozenset("biuf")
+_TENSOR_KINDS = frozenset("biufc")
+
+
+def _is_ml_dtype(dtype: np.dtype) -> bool:
+    """bfloat16, float8_* and friends from ml_dtypes (recognised without importing it)."""
+    return dtype.kind == "V" and dtype.type.__module__.startswith("ml_dtypes")
+
+
+def check_key(key: Any, *, top_level: bool) -> str:
+    """Validate one key segment (or a whole flat key) and return it."""
+    if type(key) is not str:
+        if isinstance(key, str):
+            return check_key(str(key), top_level=top_level)
+        raise TypeError(f"log() keys must be str; got {type(key).__name__} {key!r}")
+    if not key or "\x00" in key or key.startswith("/") or key.endswith("/") or "//" in key:
+        raise ValueError(f"log() key {key!r} is empty, has an empty '/' segment or a NUL byte")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"log() key {key[:40]!r}... is longer than {MAX_KEY_LENGTH} characters")
+    if top_level and (key[0] == "_" or key in RESERVED_KEYS):
+        raise ValueError(
+            f"log() key {key!r} is reserved: keys starting with '_' and 'step' are gradexp's "
+            "own history columns (pass the step as log(..., step=N))"
+        )
+    return key
+
+
+def tensor_from(value: Any, key: str) -> np.ndarray | None:
+    """Return a NumPy view of an array-like (no copy where avoidable), or None if it is not one.
+
+    Duck typing only: torch, jax and cupy are never imported here. A GPU tensor is
+    copied to host by its own ``.cpu()``/``.get()``; that is the one device sync.
+    """
+    if type(value) is np.ndarray:
+        return value
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor
+        return _torch_to_numpy(value, key)
+    if hasattr(value, "__cuda_array_interface__") and hasattr(value, "get"):  # cupy
+        return np.asarray(value.get())
+    if isinstance(value, (list, tuple)):
+        arr = np.asarray(value)
+        return arr if arr.dtype.kind in _TENSOR_KINDS else None
+    if hasattr(value, "__array__"):
+        return np.asarray(value)
+    if hasattr(value, "__dlpack__"):
+        return np.from_dlpack(value)
+    return None
+
+
+def _torch_to_numpy(t: Any, key: str) -> np.ndarray:
+    t = t.detach()
+    if getattr(t.device, "type", "cpu") != "cpu":
+        t = t.cpu()
+    torch = sys.modules.get(type(t).__module__.split(".")[0])
+    name = str(t.dtype).rpartition(".")[2]
+    if torch is not None and name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        import ml_dtypes  # only reached when the user logs such a tensor
+
+        raw = t.view(torch.int16 if name == "bfloat16" else torch.uint8)
+        return raw.numpy().view(getattr(ml_dtypes, name))
+    if hasattr(t, "resolve_conj"):
+        t = t.resolve_conj().resolve_neg()
+    return t.numpy()
+
+
+def storage_dtype(dtype: np.dtype) -> np.dtype:
+    """The native-order dtype a snapshot of ``dtype`` is copied into."""
+    if _is_ml_dtype(dtype):
+        return dtype
+    return dtype.newbyteorder("=")
+
+
+def snapshot(arr: np.ndarray, key: str) -> np.ndarray:
+    """Copy ``arr`` into fresh native-order C-contiguous memory (the one copy ``log()`` makes)."""
+    dtype = arr.dtype
+    if dtype.kind not in _TENSOR_KINDS and not _is_ml_dtype(dtype):
+        raise TypeError(
+            f"log() key {key!r}: arrays of dtype {dtype} cannot be logged "
+            "(numeric, bool, complex, bfloat16 and float8 arrays can)"
+        )
+    out = np.empty(arr.shape, dtype=storage_dtype(dtype))
+    np.copyto(out, arr, casting="equiv")  # also swaps big-endian input to native order
+    return out
+
+
+class Prepared:
+    """One ``log()`` call, validated: flat scalars, tensor snapshots and their byte count."""
+
+    __slots__ = ("scalars", "tensors", "nbytes")
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, Any] = {}
+        self.tensors: dict[str, Tensor] = {}
+        self.nbytes = 0
+
+
+class Tensor:
+    """A snapshot plus the dtype the user logged (which may be big-endian)."""
+
+    __slots__ = ("array", "logical")
+
+    def __init__(self, array: np.ndarray, logical: np.dtype) -> None:
+        self.array = array
+        self.logical = logical
+
+
+def prepare(data: Mapping[str, Any], kinds: dict[str, str]) -> Prepared:
+    """Flatten, validate and snapshot ``data``; raise before anything is queued.
+
+    ``kinds`` is the run's key registry (key -> kind); a key may not change kind.
+    New keys are registered only once the whole call has validated.
+    """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"log() takes a dict of values; got {type(data).__name__}")
+    out = Prepared()
+    new_kinds: dict[str, str] = {}
+    _walk(data, "", kinds, new_kinds, out)
+    if new_kinds:
+        kinds.update(new_kinds)
+    return out
+
+
+def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict[str, str],
+          out: Prepared) -> None:
+    scalars = out.scalars
+    for key, value in data.items():
+        if prefix:
+            key = prefix + check_key(key, top_level=False)
+        elif key not in kinds:
+            key = check_key(key, top_level=True)
+        tv = type(value)
+        if tv in _NUMBER_TYPES:
+            kind = NUMBER
+        elif tv is str:
+            kind = TEXT
+        elif tv is dict or isinstance(value, Mapping):
+            _walk(value, key + "/", kinds, new, out)
+            continue
+        elif isinstance(value, np.generic) and value.dtype.kind != "c":
+            kind = _scalar_kind(value, key)
+        else:
+            arr = tensor_from(value, key)
+            if arr is None:
+                raise TypeError(
+                    f"log() key {key!r}: cannot log a value of type {tv.__module__}.{tv.__qualname__} "
+                    "(log numbers, strings, arrays or tensors; nest dicts for groups)"
+                )
+            if arr.ndim == 0 and arr.dtype.kind in _REAL_KINDS:
+                value = arr[()]
+                kind = NUMBER
+            else:
+                kind = TENSOR
+                snap = snapshot(arr, key)
+                out.tensors[key] = Tensor(snap, arr.dtype)
+                out.nbytes += snap.nbytes
+        seen = kinds.get(key) or new.get(key)
+        if seen is None:
+            new[key] = kind
+        elif seen != kind:
+            raise TypeError(
+                f"log() key {key!r} was logged as a {seen} before and is a {kind} now; "
+                "a key keeps one kind for the whole run"
+            )
+        if kind is not TENSOR:
+            scalars[key] = value
+
+
+def _scalar_kind(value: np.generic, key: str) -> str:
+    k = value.dtype.kind
+    if k in _REAL_KINDS:
+        return NUMBER
+    if k == "U":
+        return TEXT
+    raise TypeError(f"log() key {key!r}: cannot log a NumPy {value.dtype} scalar")

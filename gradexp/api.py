@@ -1,0 +1,243 @@
+"""Read runs back: history as Arrow, tensors as NumPy, from finished, running or crashed runs.
+
+Reading never modifies a run folder. Sealed parts are indexed from their index
+frame, open parts by walking frame headers, so one tensor at one step costs one
+range read and one frame's decompression, whatever the size of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from . import _arrow, _format
+from ._errors import CorruptPartError, CorruptPartWarning, RunNotFoundError
+from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, read_json
+from ._run import is_locked
+from ._settings import resolve
+from ._writer import HISTORY, TENSORS
+
+__all__ = ["Api", "StoredRun"]
+
+_BASE_COLUMNS = ("step", "_timestamp", "_runtime")
+
+
+class Api:
+    """Entry point of the read side. ``Api(dir=...)`` reads runs under that folder."""
+
+    def __init__(self, *, dir: str | os.PathLike[str] | None = None) -> None:
+        self.dir = resolve({"dir": dir}).dir.absolute()
+
+    def run(self, ref: str | os.PathLike[str]) -> StoredRun:
+        """A run by folder path, ``"project/run_id"`` or a bare run id under :attr:`dir`."""
+        path = Path(ref)
+        candidates = [path]
+        if not path.is_absolute():
+            candidates.append(self.dir / path)
+            if len(path.parts) == 1:
+                candidates.extend(sorted(self.dir.glob(f"*/{path.name}")))
+        for c in candidates:
+            if (c / RUN_JSON).is_file():
+                return StoredRun(c)
+        raise RunNotFoundError(f"no run {str(ref)!r}: not a run folder, and not found under {self.dir} "
+                               "(refer to a run as a folder path, 'project/run_id' or a run id)")
+
+    def runs(self, project: str | None = None) -> list[StoredRun]:
+        """Every run under :attr:`dir` (of one project if given), newest first."""
+        pattern = f"{project}/*/{RUN_JSON}" if project else f"*/*/{RUN_JSON}"
+        runs = [StoredRun(p.parent) for p in self.dir.glob(pattern)]
+        return sorted(runs, key=lambda r: r.meta.get("created_at", 0), reverse=True)
+
+
+class StoredRun:
+    """A run folder, read-only."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.dir = Path(path).absolute()
+        meta = read_json(self.dir / RUN_JSON)
+        if meta is None:
+            raise RunNotFoundError(f"{self.dir} is not a gradexp run folder (no {RUN_JSON})")
+        self.meta: dict[str, Any] = meta
+        self._scans: dict[Path, tuple[tuple[int, int], _format.PartScan]] = {}
+        self._warned_damage: set[tuple[str, int]] = set()
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    id = property(lambda self: self.meta["id"])
+    name = property(lambda self: self.meta.get("name"))
+    project = property(lambda self: self.meta.get("project"))
+    tags = property(lambda self: self.meta.get("tags", []))
+    notes = property(lambda self: self.meta.get("notes"))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return read_json(self.dir / CONFIG_JSON, {})
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return read_json(self.dir / SUMMARY_JSON, {})
+
+    @property
+    def status(self) -> str:
+        """``running``, ``finished``, ``failed`` or ``crashed`` (its process died unfinished)."""
+        self.meta = read_json(self.dir / RUN_JSON, self.meta)
+        status = self.meta.get("status", "running")
+        if status == "running" and not is_locked(self.dir / LOCK):
+            return "crashed"
+        return status
+
+    def __repr__(self) -> str:
+        return f"<gradexp.StoredRun {self.project}/{self.id} {self.dir}>"
+
+    # -- indexes -------------------------------------------------------------------------------
+
+    def _parts(self, stream: str) -> list[_format.PartScan]:
+        for _ in range(3):
+            try:
+                return [self._scan(p) for p in _format.list_parts(self.dir / PARTS, stream)]
+            except FileNotFoundError:
+                continue  # an open part was sealed (renamed) while we listed: list again
+        return [self._scan(p) for p in _format.list_parts(self.dir / PARTS, stream)]
+
+    def _scan(self, path: Path) -> _format.PartScan:
+        st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+        cached = self._scans.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        scan = _format.scan_part(path)
+        self._scans[path] = (stamp, scan)
+        for d in scan.damage:
+            self._report(d.path, d.offset, d.reason)
+        return scan
+
+    def _report(self, path: str, offset: int, reason: str) -> None:
+        if (path, offset) not in self._warned_damage:
+            self._warned_damage.add((path, offset))
+            warnings.warn(f"gradexp: skipped damaged data in {path} at byte {offset}: {reason}",
+                          CorruptPartWarning, stacklevel=4)
+
+    @property
+    def damage(self) -> list[_format.Damage]:
+        """Byte ranges that could not be read (found by indexing; decode errors are raised)."""
+        return [d for s in self._parts(HISTORY) + self._parts(TENSORS) for d in s.damage]
+
+    def _tensor_frames(self, key: str | None = None) -> list[tuple[Path, _format.FrameInfo]]:
+        frames = _format.iter_frames(self._parts(TENSORS), _format.KIND_TENSOR)
+        return [(p, f) for p, f in frames if key is None or f.key == key]
+
+    # -- history -------------------------------------------------------------------------------
+
+    def history(self, keys: Sequence[str] | None = None) -> pa.Table:
+        """The scalar history as an Arrow table: ``step``, ``_timestamp``, ``_runtime`` and a
+        column per key (tensor keys hold a struct of summaries), one row per step in step
+        order; where a (step, key) was logged twice the last write wins."""
+        tables = []
+        for path, info in _format.iter_frames(self._parts(HISTORY), _format.KIND_HISTORY):
+            try:
+                raw = _format.read_frame(path, info)
+            except CorruptPartError as e:
+                self._report(e.path, e.offset, e.reason)
+                continue
+            batch = _arrow.history_batch(raw)
+            tables.append(pa.Table.from_batches([batch]))
+        if not tables:
+            table = pa.table({"step": pa.array([], pa.int64()), "_timestamp": pa.array([], pa.float64()),
+                              "_runtime": pa.array([], pa.float64())})
+        else:
+            table = pa.concat_tables(tables, promote_options="permissive")
+        if keys is not None:
+            missing = [k for k in keys if k not in table.column_names]
+            if missing:
+                raise KeyError(f"no key {missing[0]!r} in the history of run {self.id}; keys: "
+                               f"{', '.join(c for c in table.column_names if c not in _BASE_COLUMNS)}")
+            table = table.select(list(_BASE_COLUMNS) + [k for k in keys if k not in _BASE_COLUMNS])
+        return merge_steps(table)
+
+    def keys(self) -> list[str]:
+        """Every logged key: scalars (history columns) and tensors."""
+        names = dict.fromkeys(n for n in self.history().column_names if n not in _BASE_COLUMNS)
+        names.update(dict.fromkeys(self.tensor_keys()))
+        return list(names)
+
+    def tensor_keys(self) -> list[str]:
+        return list(dict.fromkeys(f.key for _, f in self._tensor_frames()))
+
+    # -- tensors -------------------------------------------------------------------------------
+
+    def _rows(self, key: str) -> dict[int, tuple[Path, _format.FrameInfo]]:
+        """step -> the frame holding its last write, for one key."""
+        frames = self._tensor_frames(key)
+        if not frames:
+            raise KeyError(f"no tensor {key!r} in run {self.id}; tensor keys: "
+                           f"{', '.join(self.tensor_keys()) or '(none)'}")
+        where: dict[int, tuple[Path, _format.FrameInfo]] = {}
+        for path, info in frames:
+            if info.rows == 1 or info.step_min == info.step_max:
+                where[info.step_min] = (path, info)
+            else:
+                try:
+                    steps, _ = _arrow.tensor_rows(_format.read_frame(path, info))
+                except CorruptPartError as e:
+                    self._report(e.path, e.offset, e.reason)
+                    continue
+                for s in steps.tolist():
+                    where[s] = (path, info)
+        return where
+
+    def steps(self, key: str) -> list[int]:
+        """The steps at which tensor ``key`` was logged, ascending."""
+        return sorted(self._rows(key))
+
+    def tensor(self, key: str, step: int) -> np.ndarray:
+        """Tensor ``key`` at ``step``: bit-exact, in the dtype and shape it was logged with."""
+        frames = self._tensor_frames(key)
+        if not frames:
+            self._rows(key)  # raises the KeyError that names the keys
+        for path, info in reversed(frames):  # last write wins
+            if info.step_min <= step <= info.step_max:
+                steps, arrays = _arrow.tensor_rows(_format.read_frame(path, info))
+                hits = np.flatnonzero(steps == step)
+                if hits.size:
+                    return arrays[int(hits[-1])]
+        raise KeyError(f"tensor {key!r} of run {self.id} has no step {step}")
+
+    def tensors(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, array)`` for every logged step of ``key``, in step order."""
+        where = self._rows(key)
+        cache: tuple[_format.FrameInfo | None, Any] = (None, None)
+        for step in sorted(where):
+            path, info = where[step]
+            if cache[0] is not info:
+                cache = (info, _arrow.tensor_rows(_format.read_frame(path, info)))
+            steps, arrays = cache[1]
+            yield step, arrays[int(np.flatnonzero(steps == step)[-1])]
+
+
+def merge_steps(table: pa.Table) -> pa.Table:
+    """Sort rows by step; rows sharing a step merge, each column keeping its last non-null."""
+    n = table.num_rows
+    if n < 2:
+        return table
+    steps = table.column("step").to_numpy()
+    if bool(np.all(steps[1:] > steps[:-1])):
+        return table
+    order = np.argsort(steps, kind="stable")  # stable: write order survives within a step
+    table = table.take(order)
+    steps = steps[order]
+    starts = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])
+    if starts.size == n:
+        return table
+    rows = np.arange(n)
+    columns = []
+    for col in table.columns:
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        last = np.maximum.reduceat(np.where(valid, rows, -1), starts)
+        missing = last < 0
+        columns.append(col.take(pa.array(np.where(missing, 0, last), mask=missing)))
+    return pa.table(columns, schema=table.schema)
