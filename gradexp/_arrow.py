@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._format import FrameInfo
+from ._values import is_ml_dtype
 
 META_DTYPE = b"gradexp.dtype"
 META_SHAPE = b"gradexp.shape"
@@ -36,7 +37,7 @@ SUMMARY_TYPE = pa.struct([
 
 def dtype_token(dtype: np.dtype) -> str:
     """What goes in ``gradexp.dtype``: NumPy's ``dtype.str``, or the ml_dtypes name."""
-    return dtype.name if dtype.kind == "V" else dtype.str
+    return dtype.name if is_ml_dtype(dtype) else dtype.str
 
 
 def dtype_from_token(token: str) -> np.dtype:
@@ -50,13 +51,14 @@ def dtype_from_token(token: str) -> np.dtype:
 def storage_view(arr: np.ndarray) -> np.ndarray:
     """Reinterpret a native snapshot as an Arrow-representable array (no copy)."""
     k = arr.dtype.kind
+    if is_ml_dtype(arr.dtype):
+        uint = np.dtype(f"u{arr.dtype.itemsize}")
+        return arr.view(uint) if arr.size else np.empty(arr.shape, uint)  # (an empty view keeps V)
     if k == "b":
         return arr.view(np.uint8)
     if k == "c":
         part = np.dtype(f"f{arr.dtype.itemsize // 2}")
         return arr.reshape(-1).view(part).reshape(arr.shape + (2,))
-    if k == "V":
-        return arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
     return arr
 
 
@@ -96,7 +98,7 @@ def tensor_rows(raw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     values = batch.column(1).storage.values
     buf = values.buffers()[1]
     start = buf.address - raw.ctypes.data if buf is not None else 0
-    native = logical.newbyteorder("=") if logical.kind != "V" else logical
+    native = logical if is_ml_dtype(logical) else logical.newbyteorder("=")
     per_row = int(np.prod(shape, dtype=np.int64)) * native.itemsize
     steps = batch.column(0).to_numpy()
     flat = raw[start + values.offset * values.type.byte_width:
@@ -104,7 +106,7 @@ def tensor_rows(raw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     arrays = []
     for i in range(len(steps)):
         a = flat[i * per_row:(i + 1) * per_row].view(native).reshape(shape)
-        if not logical.isnative and logical.kind != "V":
+        if not logical.isnative and not is_ml_dtype(logical):
             a = a.astype(logical)
         arrays.append(a)
     return steps, arrays

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import _arrow
+from ._values import is_ml_dtype
 from .api import StoredRun
 
 _ROW_GROUP_BYTES = 64 << 20
@@ -73,9 +74,9 @@ def _export_key(run: StoredRun, key: str, folder: Path,
 
     try:
         for step, arr in run.tensors(key):
-            if not arr.dtype.isnative and arr.dtype.kind != "V":
+            if not arr.dtype.isnative and not is_ml_dtype(arr.dtype):
                 arr = arr.astype(arr.dtype.newbyteorder("="))
-            variant = (arr.dtype.str if arr.dtype.kind != "V" else arr.dtype.name, arr.shape)
+            variant = (_arrow.dtype_token(arr.dtype), arr.shape)
             if variant not in writers:
                 name = f"{stem}.parquet" if not writers else f"{stem}.{len(writers)}.parquet"
                 path = folder / name

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._arrow import HIST_BINS
+from ._values import is_ml_dtype
 
 
 def summarize(arr: np.ndarray) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def summarize(arr: np.ndarray) -> dict[str, Any]:
         x = np.abs(x)
     elif k == "b":
         x = x.view(np.uint8).astype(np.float32)
-    elif k == "V" or (k == "f" and x.dtype.itemsize < 4):
+    elif is_ml_dtype(x.dtype) or (k == "f" and x.dtype.itemsize < 4):
         x = x.astype(np.float32)
     elif k in "iu":
         x = x.astype(np.float64)

@@ -24,9 +24,13 @@ _REAL_KINDS = frozenset("biuf")
 _TENSOR_KINDS = frozenset("biufc")
 
 
-def _is_ml_dtype(dtype: np.dtype) -> bool:
-    """bfloat16, float8_* and friends from ml_dtypes (recognised without importing it)."""
-    return dtype.kind == "V" and dtype.type.__module__.startswith("ml_dtypes")
+def is_ml_dtype(dtype: np.dtype) -> bool:
+    """bfloat16, float8_* and friends from ml_dtypes (recognised without importing it).
+
+    Their ``kind`` varies by type and version ('V' for bfloat16, 'f' for float8), so
+    they are told apart by module; Arrow knows none of them.
+    """
+    return dtype.type.__module__.startswith("ml_dtypes")
 
 
 def check_key(key: Any, *, top_level: bool) -> str:
@@ -87,7 +91,7 @@ def _torch_to_numpy(t: Any, key: str) -> np.ndarray:
 
 def storage_dtype(dtype: np.dtype) -> np.dtype:
     """The native-order dtype a snapshot of ``dtype`` is copied into."""
-    if _is_ml_dtype(dtype):
+    if is_ml_dtype(dtype):
         return dtype
     return dtype.newbyteorder("=")
 
@@ -95,7 +99,8 @@ def storage_dtype(dtype: np.dtype) -> np.dtype:
 def snapshot(arr: np.ndarray, key: str) -> np.ndarray:
     """Copy ``arr`` into fresh native-order C-contiguous memory (the one copy ``log()`` makes)."""
     dtype = arr.dtype
-    if dtype.kind not in _TENSOR_KINDS and not _is_ml_dtype(dtype):
+    too_wide = dtype.itemsize > (16 if dtype.kind == "c" else 8)  # float128 has no Arrow type
+    if (dtype.kind not in _TENSOR_KINDS or too_wide) and not is_ml_dtype(dtype):
         raise TypeError(
             f"log() key {key!r}: arrays of dtype {dtype} cannot be logged "
             "(numeric, bool, complex, bfloat16 and float8 arrays can)"
@@ -167,7 +172,7 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
                     f"log() key {key!r}: cannot log a value of type {tv.__module__}.{tv.__qualname__} "
                     "(log numbers, strings, arrays or tensors; nest dicts for groups)"
                 )
-            if arr.ndim == 0 and arr.dtype.kind in _REAL_KINDS:
+            if arr.ndim == 0 and (arr.dtype.kind in _REAL_KINDS or is_ml_dtype(arr.dtype)):
                 value = arr[()]
                 kind = NUMBER
             else:
@@ -189,7 +194,7 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
 
 def _scalar_kind(value: np.generic, key: str) -> str:
     k = value.dtype.kind
-    if k in _REAL_KINDS:
+    if k in _REAL_KINDS or is_ml_dtype(value.dtype):
         return NUMBER
     if k == "U":
         return TEXT

@@ -1,0 +1,140 @@
+"""What log() accepts and rejects, on the caller's thread, before anything is queued."""
+
+from __future__ import annotations
+
+import argparse
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import gradexp
+from gradexp._values import prepare
+
+
+def test_nested_dicts_flatten_with_slashes():
+    p = prepare({"loss": 1.0, "opt": {"lr": 1e-3, "sched": {"warm": True}}}, {})
+    assert p.scalars == {"loss": 1.0, "opt/lr": 1e-3, "opt/sched/warm": True}
+
+
+def test_numpy_scalars_and_0d_arrays_are_scalars():
+    p = prepare({"a": np.float32(0.5), "b": np.array(3, dtype=np.int16), "c": np.bool_(True)}, {})
+    assert set(p.scalars) == {"a", "b", "c"} and not p.tensors
+    assert p.scalars["b"] == 3
+
+
+@pytest.mark.parametrize("value, kind", [
+    ({1, 2}, "set"), (object(), "object"), (np.array(["a", "b"]), "dtype <U1"),
+    (np.array([object()]), "dtype object"), (b"bytes", "bytes"),
+    (np.array([1.0], dtype=np.float128) if hasattr(np, "float128") else set(), ""),
+])
+def test_bad_values_raise_typeerror_naming_the_key(value, kind):
+    kinds: dict[str, str] = {}
+    with pytest.raises(TypeError, match="'bad'"):
+        prepare({"ok": 1.0, "bad": value}, kinds)
+    assert kinds == {}, "nothing may be registered when the call fails"
+
+
+@pytest.mark.parametrize("key, exc", [
+    ("_private", ValueError), ("step", ValueError), ("", ValueError), ("a//b", ValueError),
+    ("a/", ValueError), ("x" * 2000, ValueError), (3, TypeError), (None, TypeError),
+])
+def test_bad_keys(key, exc):
+    with pytest.raises(exc):
+        prepare({key: 1.0}, {})
+
+
+def test_nested_private_segment_is_allowed():
+    assert prepare({"a": {"_b": 1}}, {}).scalars == {"a/_b": 1}
+
+
+def test_a_key_keeps_its_kind():
+    kinds: dict[str, str] = {}
+    prepare({"x": 1.0, "t": np.zeros(3)}, kinds)
+    prepare({"x": 2}, kinds)  # int after float is still a number
+    with pytest.raises(TypeError, match="'x'.*number.*text"):
+        prepare({"x": "hello"}, kinds)
+    with pytest.raises(TypeError, match="'t'"):
+        prepare({"t": 1.0}, kinds)
+
+
+def test_snapshot_is_a_copy():
+    a = np.arange(10, dtype=np.float32)
+    p = prepare({"a": a}, {})
+    a[:] = -1
+    assert np.array_equal(p.tensors["a"].array, np.arange(10, dtype=np.float32))
+
+
+def test_non_contiguous_and_big_endian_are_snapshotted_native():
+    a = np.arange(24, dtype=">f8").reshape(4, 6)[:, ::2]
+    t = prepare({"a": a}, {}).tensors["a"]
+    assert t.array.flags.c_contiguous and t.array.dtype.isnative
+    assert t.logical == np.dtype(">f8")
+    assert np.array_equal(t.array, a)
+
+
+class DLPackOnly:
+    def __init__(self, arr):
+        self._arr = arr
+
+    def __dlpack__(self, **kw):
+        return self._arr.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._arr.__dlpack_device__()
+
+
+class ArrayOnly:
+    def __init__(self, arr):
+        self._arr = arr
+
+    def __array__(self, dtype=None, copy=None):
+        return self._arr
+
+
+class FakeTorch:
+    """Quacks like a torch.Tensor on a device: detach() / cpu() / numpy()."""
+
+    def __init__(self, arr, device="cuda"):
+        self._arr = arr
+        self.device = type("Device", (), {"type": device})()
+        self.dtype = "torch.float32"
+        self.calls = []
+
+    def detach(self):
+        self.calls.append("detach")
+        return self
+
+    def cpu(self):
+        self.calls.append("cpu")
+        return FakeTorch(self._arr.copy(), "cpu")
+
+    def numpy(self):
+        return self._arr
+
+
+def test_duck_typed_array_likes():
+    base = np.arange(6, dtype=np.int32).reshape(2, 3)
+    t = FakeTorch(base)
+    p = prepare({"d": DLPackOnly(base), "a": ArrayOnly(base), "t": t, "l": [1.0, 2.0]}, {})
+    for key in "dat":
+        assert np.array_equal(p.tensors[key].array, base)
+    assert t.calls == ["detach", "cpu"]
+    assert p.tensors["l"].array.dtype == np.float64
+
+
+def test_real_torch_tensors_if_installed():
+    torch = pytest.importorskip("torch")
+    x = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3).requires_grad_(False)
+    p = prepare({"bf": x, "f": torch.ones(3, requires_grad=True) * 2}, {})
+    assert p.tensors["bf"].array.dtype == ml_dtypes.bfloat16
+    assert np.array_equal(p.tensors["bf"].array.astype(np.float32), x.float().numpy())
+    assert np.array_equal(p.tensors["f"].array, np.full(3, 2, np.float32))
+
+
+def test_config_accepts_namespace(tmp_path):
+    ns = argparse.Namespace(lr=0.1, layers=[1, 2])
+    with gradexp.init("p", config=ns, dir=tmp_path) as run:
+        assert run.config["lr"] == 0.1 and run.config.layers == [1, 2]
+        with pytest.raises(TypeError, match="'bad'"):
+            run.config.update(bad=object())
