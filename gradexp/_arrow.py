@@ -166,9 +166,9 @@ def _column(values: list[Any]) -> pa.Array:
     if present and all(isinstance(v, (bool, np.bool_)) for v in present):
         return pa.array([None if v is None else bool(v) for v in values], pa.bool_())
     items = [None if v is None else (v.item() if isinstance(v, np.generic) else v) for v in values]
-    if all(type(v) is int for v in items if v is not None):
+    if all(type(v) is int or type(v) is bool for v in items if v is not None):
         try:
-            return pa.array(items, pa.int64())
+            return pa.array([None if v is None else int(v) for v in items], pa.int64())
         except OverflowError:
             pass
     return pa.array([None if v is None else float(v) for v in items], pa.float64())

@@ -16,21 +16,61 @@ from ._arrow import HIST_BINS
 from ._values import is_ml_dtype
 
 
-def summarize(arr: np.ndarray) -> dict[str, Any]:
-    x = arr.reshape(-1)
+_EMPTY = {"count": 0, "nonfinite": 0, "zero_frac": None, "mean": None, "std": None,
+          "min": None, "max": None, "norm": None, "hist": []}
+
+
+def _as_real(x: np.ndarray) -> np.ndarray:
+    """The values statistics are taken over: magnitudes, 0/1, at least float32."""
     k = x.dtype.kind
     if k == "c":
-        x = np.abs(x)
-    elif k == "b":
-        x = x.view(np.uint8).astype(np.float32)
-    elif is_ml_dtype(x.dtype) or (k == "f" and x.dtype.itemsize < 4):
-        x = x.astype(np.float32)
-    elif k in "iu":
-        x = x.astype(np.float64)
+        return np.abs(x)
+    if k == "b":
+        return x.view(np.uint8).astype(np.float32)
+    if is_ml_dtype(x.dtype) or (k == "f" and x.dtype.itemsize < 4):
+        return x.astype(np.float32)
+    if k in "iu":
+        return x.astype(np.float64)
+    return x
+
+
+def summarize_rows(stacked: np.ndarray) -> list[dict[str, Any]]:
+    """Summaries of many small tensors at once (``stacked`` is ``(rows, *shape)``).
+
+    Vectorised over rows, so the writer's Python work per small tensor stays near
+    zero: that work holds the GIL the training loop also needs.
+    """
+    rows = stacked.shape[0]
+    x = _as_real(stacked.reshape(rows, -1)).astype(np.float64)
+    n = x.shape[1]
+    if n == 0:
+        return [dict(_EMPTY) for _ in range(rows)]
+    if not np.isfinite(x).all():
+        return [summarize(a) for a in stacked]  # rare: per-row masking
+    lo = x.min(axis=1)
+    hi = x.max(axis=1)
+    mean = x.mean(axis=1)
+    std = x.std(axis=1)
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x))
+    zero_frac = (n - np.count_nonzero(x, axis=1)) / n
+    span = hi - lo
+    scale = np.divide(HIST_BINS, span, out=np.zeros_like(span), where=span > 0)
+    bins = ((x - lo[:, None]) * scale[:, None]).astype(np.intp)
+    np.clip(bins, 0, HIST_BINS - 1, out=bins)
+    bins += (np.arange(rows) * HIST_BINS)[:, None]
+    hist = np.bincount(bins.reshape(-1), minlength=rows * HIST_BINS).reshape(rows, HIST_BINS)
+    cols = zip(lo.tolist(), hi.tolist(), mean.tolist(), std.tolist(), norm.tolist(),
+               zero_frac.tolist(), hist.tolist())
+    return [{"count": n, "nonfinite": 0, "zero_frac": z, "mean": m, "std": sd, "min": a, "max": b,
+             "norm": nm, "hist": h} for a, b, m, sd, nm, z, h in cols]
+
+
+def summarize(arr: np.ndarray) -> dict[str, Any]:
+    """Summary of one tensor, without copying it to float64 (it may be large)."""
+    x = _as_real(arr.reshape(-1))
     n = int(x.size)
     if n == 0:
-        return {"count": 0, "nonfinite": 0, "zero_frac": None, "mean": None, "std": None,
-                "min": None, "max": None, "norm": None, "hist": []}
+        return dict(_EMPTY)
     finite = np.isfinite(x)
     m = int(np.count_nonzero(finite))
     if m < n:

@@ -92,7 +92,7 @@ def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical
 class _Group:
     """Small tensors of one key (same dtype and shape) waiting to share a frame."""
 
-    __slots__ = ("logical", "shape", "dtype", "steps", "arrays", "nbytes")
+    __slots__ = ("logical", "shape", "dtype", "steps", "arrays", "nbytes", "_summaries")
 
     def __init__(self, t: Tensor) -> None:
         self.logical = t.logical
@@ -101,6 +101,15 @@ class _Group:
         self.steps: list[int] = []
         self.arrays: list[np.ndarray] = []
         self.nbytes = 0
+        self._summaries: list[dict[str, Any]] | None = None
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Computed once for the whole group (before its arrays are dropped)."""
+        if self._summaries is None:
+            from ._summary import summarize_rows
+
+            self._summaries = summarize_rows(np.stack(self.arrays))
+        return self._summaries
 
     def fits(self, t: Tensor) -> bool:
         return t.array.shape == self.shape and t.array.dtype == self.dtype and t.logical == self.logical
@@ -238,21 +247,19 @@ class Writer:
             while len(self._inflight) > 2 * self._s.workers:
                 self._write_one(self._inflight.popleft())
             return fut
-        from ._summary import summarize
-
         g = self._groups.get(key)
         if g is not None and not g.fits(t):
             self._write_group(key)
             g = None
         if g is None:
             g = self._groups[key] = _Group(t)
+        ref = (g, len(g.steps))  # resolved to a summary when the history is written
         g.steps.append(step)
         g.arrays.append(arr)
         g.nbytes += arr.nbytes
-        summary = summarize(arr)
         if g.nbytes >= _GROUP_MAX_BYTES:
             self._write_group(key)
-        return summary
+        return ref
 
     def _write_ready(self) -> None:
         while self._inflight and self._inflight[0][0].done():
@@ -266,7 +273,9 @@ class Writer:
 
     def _write_group(self, key: str) -> None:
         g = self._groups.pop(key)
+        g.summaries()
         _, header, payload, raw, elem = _encode_tensor(key, g.steps, g.arrays, g.logical, False)
+        g.arrays = []
         self._append(TENSORS, header, payload, key=key, steps=(min(g.steps), max(g.steps)),
                      rows=len(g.steps), raw=raw, elem=elem)
         self._release(g.nbytes)
@@ -344,4 +353,9 @@ class Writer:
 
 
 def _resolve(s: Any) -> Any:
-    return s.result()[0] if isinstance(s, Future) else s
+    """A history cell's summary: from a worker's future, or from a small-tensor group."""
+    if isinstance(s, Future):
+        return s.result()[0]
+    if isinstance(s, tuple):
+        return s[0].summaries()[s[1]]
+    return s

@@ -150,7 +150,7 @@ class StoredRun:
             table = pa.table({"step": pa.array([], pa.int64()), "_timestamp": pa.array([], pa.float64()),
                               "_runtime": pa.array([], pa.float64())})
         else:
-            table = pa.concat_tables(tables, promote_options="permissive")
+            table = pa.concat_tables(unify_types(tables), promote_options="permissive")
         if keys is not None:
             missing = [k for k in keys if k not in table.column_names]
             if missing:
@@ -217,6 +217,31 @@ class StoredRun:
                 cache = (info, _arrow.tensor_rows(_format.read_frame(path, info)))
             steps, arrays = cache[1]
             yield step, arrays[int(np.flatnonzero(steps == step)[-1])]
+
+
+def unify_types(tables: list[pa.Table]) -> list[pa.Table]:
+    """Give a column one type across history frames: a key logged as bool, int and float
+    in different flushes becomes int64 (bool and int only) or float64 (any float)."""
+    types: dict[str, set[pa.DataType]] = {}
+    for t in tables:
+        for f in t.schema:
+            types.setdefault(f.name, set()).add(f.type)
+    target = {}
+    for name, ts in types.items():
+        if len(ts) > 1 and all(pa.types.is_integer(t) or pa.types.is_boolean(t) or
+                               pa.types.is_floating(t) for t in ts):
+            exact = all(pa.types.is_boolean(t) or t == pa.int64() for t in ts)
+            target[name] = pa.int64() if exact else pa.float64()
+    if not target:
+        return tables
+    out = []
+    for t in tables:
+        for name, typ in target.items():
+            i = t.schema.get_field_index(name)
+            if i >= 0 and t.schema.field(i).type != typ:
+                t = t.set_column(i, name, t.column(i).cast(typ, safe=False))
+        out.append(t)
+    return out
 
 
 def merge_steps(table: pa.Table) -> pa.Table:

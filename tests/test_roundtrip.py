@@ -68,27 +68,31 @@ scalars = st.one_of(finite, st.integers(-(2**63), 2**63 - 1), st.booleans())
 
 
 @SETTINGS
-@given(st.lists(st.dictionaries(st.sampled_from(["a", "b", "c/d", "e"]), scalars, max_size=4),
-                min_size=1, max_size=30))
+@given(st.lists(st.tuples(st.dictionaries(st.sampled_from(["a", "b", "c/d", "e"]), scalars, max_size=4),
+                          st.booleans()), min_size=1, max_size=30))
 def test_scalar_history_round_trip(tmp_path_factory, rows):
+    """A key's column is bool if it only saw bools, int64 if it saw ints (and bools), else
+    float64, whether the values share a history frame or not (``flush`` splits frames)."""
     d = tmp_path_factory.mktemp("h")
-    kinds: dict[str, type] = {}
-    kept = []
-    for row in rows:  # one kind per key for the run: numbers stay numbers
-        kept.append(row)
     with gradexp.init("p", dir=d) as run:
-        for row in kept:
+        for row, flush in rows:
             run.log(row)
+            if flush:
+                run.flush()
     table = gradexp.Api().run(run.dir).history()
-    assert table.column("step").to_pylist() == list(range(len(kept)))
-    for i, row in enumerate(kept):
+    assert table.column("step").to_pylist() == list(range(len(rows)))
+    seen: dict[str, set[type]] = {}
+    for row, _ in rows:
+        for k, v in row.items():
+            seen.setdefault(k, set()).add(type(v))
+    for i, (row, _) in enumerate(rows):
         for k, v in row.items():
             got = table.column(k)[i].as_py()
+            expect = float(v) if float in seen[k] else int(v) if int in seen[k] else v
             if isinstance(v, float) and math.isnan(v):
                 assert math.isnan(got)
             else:
-                assert got == v, (k, v, got)
-    del kinds
+                assert got == expect and type(got) is type(expect), (k, v, got)
 
 
 def test_nan_and_inf_are_values(tmp_path):
