@@ -35,6 +35,54 @@ SUMMARY_TYPE = pa.struct([
 ])
 
 
+# -- NumPy <-> Arrow without pandas ----------------------------------------------------------
+# pa.array() and Array.to_numpy() import pandas whenever it is installed (0.25 s, and a
+# heavy module the user never asked for), so arrays are built from and read as buffers.
+
+def from_numpy(values: np.ndarray, valid: np.ndarray | None = None,
+               type: pa.DataType | None = None) -> pa.Array:
+    """A primitive Arrow array over ``values`` (zero-copy where the dtype allows)."""
+    values = np.ascontiguousarray(values)
+    typ = type if type is not None else pa.from_numpy_dtype(values.dtype)
+    data = np.packbits(values, bitorder="little") if values.dtype == np.bool_ else values
+    bitmap = None if valid is None or valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(typ, len(values), [bitmap, pa.py_buffer(data)])
+
+
+def strings(values: Sequence[str | None]) -> pa.Array:
+    encoded = [b"" if v is None else str(v).encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
+    bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(pa.large_string(), len(encoded),
+                                 [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
+
+
+_NUMPY_TYPES = {pa.from_numpy_dtype(np.dtype(c)): np.dtype(c) for c in "bBhHiIlLqQefd"}
+
+
+def to_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Values of a primitive, null-free numeric array, read from its buffer."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    dtype = _NUMPY_TYPES[arr.type]
+    buf = arr.buffers()[1]
+    return np.frombuffer(buf, dtype=dtype, count=len(arr) + arr.offset)[arr.offset:] if buf else \
+        np.empty(0, dtype)
+
+
+def validity(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """True where ``arr`` holds a value."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    bitmap = arr.buffers()[0]
+    if bitmap is None or arr.null_count == 0:
+        return np.ones(len(arr), bool)
+    bits = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")
+    return bits[arr.offset:arr.offset + len(arr)].astype(bool)
+
+
 def dtype_token(dtype: np.dtype) -> str:
     """What goes in ``gradexp.dtype``: NumPy's ``dtype.str``, or the ml_dtypes name."""
     return dtype.name if is_ml_dtype(dtype) else dtype.str
@@ -79,11 +127,11 @@ def tensor_ipc(key: str, steps: Sequence[int], stacked: np.ndarray, logical: np.
     value_type = pa.from_numpy_dtype(store.dtype)
     ttype = pa.fixed_shape_tensor(value_type, list(phys_shape))
     storage = pa.Array.from_buffers(pa.list_(value_type, size), len(steps), [None],
-                                    children=[pa.array(store.reshape(-1))])
+                                    children=[from_numpy(store.reshape(-1))])
     field = pa.field(key, ttype, nullable=False, metadata={
         META_DTYPE: dtype_token(logical), META_SHAPE: json.dumps(list(shape))})
     schema = pa.schema([pa.field("step", pa.int64(), nullable=False), field])
-    batch = pa.record_batch([pa.array(steps, pa.int64()),
+    batch = pa.record_batch([from_numpy(np.asarray(steps, np.int64)),
                              pa.ExtensionArray.from_storage(ttype, storage)], schema=schema)
     return _ipc(batch)
 
@@ -100,7 +148,7 @@ def tensor_rows(raw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     start = buf.address - raw.ctypes.data if buf is not None else 0
     native = logical if is_ml_dtype(logical) else logical.newbyteorder("=")
     per_row = int(np.prod(shape, dtype=np.int64)) * native.itemsize
-    steps = batch.column(0).to_numpy()
+    steps = to_numpy(batch.column(0))
     flat = raw[start + values.offset * values.type.byte_width:
                start + values.offset * values.type.byte_width + per_row * len(steps)]
     arrays = []
@@ -143,7 +191,10 @@ _INDEX_SCHEMA = pa.schema([
 
 
 def index_to_ipc(frames: Sequence[FrameInfo]) -> pa.Buffer:
-    cols = [[getattr(f, name) for f in frames] for name in _INDEX_SCHEMA.names]
+    cols = [strings([f.key for f in frames]).cast(pa.string()) if field.name == "key" else
+            from_numpy(np.array([getattr(f, field.name) for f in frames],
+                                dtype=_NUMPY_TYPES[field.type]))
+            for field in _INDEX_SCHEMA]
     return _ipc(pa.record_batch(cols, schema=_INDEX_SCHEMA))
 
 
@@ -153,7 +204,30 @@ def index_from_ipc(raw: np.ndarray) -> list[FrameInfo]:
 
 
 def summaries_array(items: Sequence[dict[str, Any] | None]) -> pa.Array:
-    return pa.array(items, type=SUMMARY_TYPE)
+    """The history cells of a tensor key: a summary struct per row (null where not logged)."""
+    present = np.fromiter((s is not None for s in items), bool, len(items))
+    rows = [s if s is not None else _NULL_SUMMARY for s in items]
+    children = []
+    for field in SUMMARY_TYPE:
+        if field.name == "hist":
+            lists = [r["hist"] for r in rows]
+            offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+            np.cumsum([len(h) for h in lists], out=offsets[1:])
+            flat = np.fromiter((c for h in lists for c in h), np.int64, int(offsets[-1]))
+            children.append(pa.Array.from_buffers(field.type, len(lists),
+                                                  [None, pa.py_buffer(offsets)],
+                                                  children=[from_numpy(flat)]))
+            continue
+        vals = [r[field.name] for r in rows]
+        valid = np.fromiter((v is not None for v in vals), bool, len(vals))
+        dtype = np.int64 if field.type == pa.int64() else np.float64
+        data = np.array([0 if v is None else v for v in vals], dtype=dtype)
+        children.append(from_numpy(data, valid, field.type))
+    mask = None if present.all() else from_numpy(~present)
+    return pa.StructArray.from_arrays(children, fields=list(SUMMARY_TYPE), mask=mask)
+
+
+_NULL_SUMMARY = {f.name: (None if f.name != "hist" else []) for f in SUMMARY_TYPE}
 
 
 # -- history rows -> record batch ---------------------------------------------------------
@@ -161,17 +235,18 @@ def summaries_array(items: Sequence[dict[str, Any] | None]) -> pa.Array:
 def _column(values: list[Any]) -> pa.Array:
     """One history column from Python/NumPy scalars (None where a row lacks the key)."""
     present = [v for v in values if v is not None]
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
     if present and all(type(v) is str or isinstance(v, np.str_) for v in present):
-        return pa.array([None if v is None else str(v) for v in values], pa.string())
+        return strings(values).cast(pa.string())
     if present and all(isinstance(v, (bool, np.bool_)) for v in present):
-        return pa.array([None if v is None else bool(v) for v in values], pa.bool_())
+        return from_numpy(np.array([bool(v) if v is not None else False for v in values]), valid)
     items = [None if v is None else (v.item() if isinstance(v, np.generic) else v) for v in values]
     if all(type(v) is int or type(v) is bool for v in items if v is not None):
         try:
-            return pa.array([None if v is None else int(v) for v in items], pa.int64())
+            return from_numpy(np.array([0 if v is None else v for v in items], np.int64), valid)
         except OverflowError:
-            pass
-    return pa.array([None if v is None else float(v) for v in items], pa.float64())
+            pass  # beyond int64: float64, like every other tool that reads this
+    return from_numpy(np.array([np.nan if v is None else float(v) for v in items], np.float64), valid)
 
 
 def rows_to_batch(steps: list[int], times: list[float], start: float,
@@ -181,7 +256,7 @@ def rows_to_batch(steps: list[int], times: list[float], start: float,
     for row in rows:
         keys.update(dict.fromkeys(row))
     ts = np.asarray(times, dtype=np.float64)
-    arrays = [pa.array(steps, pa.int64()), pa.array(ts), pa.array(ts - start)]
+    arrays = [from_numpy(np.asarray(steps, np.int64)), from_numpy(ts), from_numpy(ts - start)]
     names = ["step", "_timestamp", "_runtime"]
     for key in keys:
         names.append(key)

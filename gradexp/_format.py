@@ -349,12 +349,16 @@ def iter_frames(scans: Sequence[PartScan], kind: int) -> Iterator[tuple[Path, Fr
 def recover_part(path: Path) -> Path:
     """Seal an ``.open`` part left by a crash: keep intact frames, drop a torn tail."""
     scan = scan_part(path)
+    end = max(scan.valid_end, len(MAGIC_PART))
     with open(path, "r+b") as f:
-        f.truncate(scan.valid_end)
+        if not scan.frames:  # maybe killed before its magic was (fully) written: start it over
+            f.truncate(0)
+            f.write(MAGIC_PART)
+        f.truncate(end)
     writer = PartWriter.__new__(PartWriter)
     writer.final_path = path.with_name(path.name[: -len(OPEN_SUFFIX)])
     writer.path = path
     writer.frames = scan.frames
-    writer.size = scan.valid_end
+    writer.size = end
     writer._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     return writer.seal()

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 from ._errors import GradexpWarning, UsageError
 from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
 from ._settings import Settings, resolve
-from ._values import Prepared, prepare
+from ._values import Keys, Prepared, prepare
 from ._version import __version__
 
 try:
@@ -145,7 +145,7 @@ class Run:
         self.start_time = time.time()
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._kinds: dict[str, str] = {}
+        self._keys = Keys()
         self._step = 0
         self._max_step = -1
         self._pending: Prepared | None = None
@@ -195,12 +195,12 @@ class Run:
         is recorded with one warning; readers return rows in step order and keep the
         last write of a (step, key).
         """
-        if self._finished or self.disabled or self._pid != os.getpid() or self._writer.error:
+        if self._finished or self.disabled or self._pid != _pid or self._writer.error:
             return self._inactive_log()
         if step is not None and (type(step) is not int or step < 0):
             step = _check_step(step)
         with self._lock:
-            p = prepare(data, self._kinds)
+            p = prepare(data, self._keys)
             cur = self._step
             s = cur if step is None else step
             if s > cur:
@@ -369,9 +369,15 @@ def init(project: str | None = None, *, name: str | None = None, id: str | None 
 
 
 def current() -> Run:
+    """The most recent unfinished run of this process."""
+    runs = _runs
+    if runs:
+        run = runs[-1]
+        if run._pid == _pid:
+            return run
     with _runs_lock:
         for run in reversed(_runs):
-            if run._pid == os.getpid():
+            if run._pid == _pid:
                 return run
     raise UsageError("no active run: call gradexp.init() before gradexp.log()")
 
@@ -409,8 +415,12 @@ def _install_hooks() -> None:
     sys.excepthook = hook
 
 
+_pid = os.getpid()  # os.getpid() is a system call; log() compares against this instead
+
+
 def _after_fork_in_child() -> None:
-    global _runs_lock
+    global _runs_lock, _pid
+    _pid = os.getpid()
     _runs_lock = threading.Lock()
     for run in _runs:
         run._lock = threading.Lock()  # a parent thread may have held it at fork time

@@ -110,6 +110,20 @@ def snapshot(arr: np.ndarray, key: str) -> np.ndarray:
     return out
 
 
+class Keys:
+    """A run's key registry: each key's kind, and the keys known to hold numbers."""
+
+    __slots__ = ("kinds", "numbers")
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, str] = {}
+        self.numbers: set[str] = set()
+
+    def add(self, new: Mapping[str, str]) -> None:
+        self.kinds.update(new)
+        self.numbers.update(k for k, kind in new.items() if kind is NUMBER)
+
+
 class Prepared:
     """One ``log()`` call, validated: flat scalars, tensor snapshots and their byte count."""
 
@@ -131,19 +145,28 @@ class Tensor:
         self.logical = logical
 
 
-def prepare(data: Mapping[str, Any], kinds: dict[str, str]) -> Prepared:
+def prepare(data: Mapping[str, Any], keys: Keys) -> Prepared:
     """Flatten, validate and snapshot ``data``; raise before anything is queued.
 
-    ``kinds`` is the run's key registry (key -> kind); a key may not change kind.
-    New keys are registered only once the whole call has validated.
+    A key may not change kind; new keys are registered only once the whole call
+    has validated.
     """
-    if not isinstance(data, Mapping):
-        raise TypeError(f"log() takes a dict of values; got {type(data).__name__}")
     out = Prepared()
+    if type(data) is dict:
+        # Fast path, the common training-loop call: flat, Python numbers, keys seen before.
+        numbers = keys.numbers
+        for k, v in data.items():
+            if type(v) not in _NUMBER_TYPES or k not in numbers:
+                break
+        else:
+            out.scalars = data.copy()
+            return out
+    elif not isinstance(data, Mapping):
+        raise TypeError(f"log() takes a dict of values; got {type(data).__name__}")
     new_kinds: dict[str, str] = {}
-    _walk(data, "", kinds, new_kinds, out)
+    _walk(data, "", keys.kinds, new_kinds, out)
     if new_kinds:
-        kinds.update(new_kinds)
+        keys.add(new_kinds)
     return out
 
 

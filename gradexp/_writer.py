@@ -191,6 +191,10 @@ class Writer:
     def _main(self) -> None:
         tick = min(self._s.flush_interval / 4, 0.25)
         try:
+            # Import pyarrow here, in the background, right after init(): `import gradexp`
+            # stays light, and the first flush (or a quick finish()) does not pay for it.
+            from . import _arrow, _summary  # noqa: F401
+
             while True:
                 self._wake.wait(tick)
                 self._wake.clear()

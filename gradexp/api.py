@@ -147,8 +147,8 @@ class StoredRun:
             batch = _arrow.history_batch(raw)
             tables.append(pa.Table.from_batches([batch]))
         if not tables:
-            table = pa.table({"step": pa.array([], pa.int64()), "_timestamp": pa.array([], pa.float64()),
-                              "_runtime": pa.array([], pa.float64())})
+            table = pa.schema([("step", pa.int64()), ("_timestamp", pa.float64()),
+                               ("_runtime", pa.float64())]).empty_table()
         else:
             table = pa.concat_tables(unify_types(tables), promote_options="permissive")
         if keys is not None:
@@ -249,7 +249,7 @@ def merge_steps(table: pa.Table) -> pa.Table:
     n = table.num_rows
     if n < 2:
         return table
-    steps = table.column("step").to_numpy()
+    steps = _arrow.to_numpy(table.column("step"))
     if bool(np.all(steps[1:] > steps[:-1])):
         return table
     order = np.argsort(steps, kind="stable")  # stable: write order survives within a step
@@ -261,8 +261,8 @@ def merge_steps(table: pa.Table) -> pa.Table:
     rows = np.arange(n)
     columns = []
     for col in table.columns:
-        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        valid = _arrow.validity(col)
         last = np.maximum.reduceat(np.where(valid, rows, -1), starts)
         missing = last < 0
-        columns.append(col.take(pa.array(np.where(missing, 0, last), mask=missing)))
+        columns.append(col.take(_arrow.from_numpy(np.where(missing, 0, last), ~missing)))
     return pa.table(columns, schema=table.schema)
