@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 
 import gradexp
-from gradexp._values import prepare
+from gradexp._values import Keys
+from gradexp._values import prepare as _prepare
+
+
+def prepare(data, keys):
+    """prepare() with a plain dict standing in for the run's key registry."""
+    reg = Keys()
+    reg.add(keys)
+    out = _prepare(data, reg)
+    keys.update(reg.kinds)
+    return out
 
 
 def test_nested_dicts_flatten_with_slashes():
