@@ -200,7 +200,7 @@ class Run:
         if step is not None and (type(step) is not int or step < 0):
             step = _check_step(step)
         with self._lock:
-            p = prepare(data, self._keys)
+            p = prepare(data, self._keys, self._writer.pool)
             cur = self._step
             s = cur if step is None else step
             if s > cur:

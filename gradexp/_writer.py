@@ -23,7 +23,7 @@ import numpy as np
 
 from ._errors import GradexpWarning
 from ._settings import Settings
-from ._values import Prepared, Tensor
+from ._values import BufferPool, Prepared, Tensor
 
 HISTORY = "history"
 TENSORS = "tensors"
@@ -129,6 +129,7 @@ class Writer:
         self._cv = threading.Condition()
         self._queued_bytes = 0
         self._warned_full = False
+        self.pool = BufferPool(min(settings.queue_max_bytes, 256 << 20))
         self.error: BaseException | None = None
         # Writer-thread state.
         self._parts: dict[str, Any] = {}
@@ -247,7 +248,7 @@ class Writer:
             if self._workers is None:
                 self._workers = _Workers(self._s.workers)
             fut = self._workers.submit(_encode_tensor, key, [step], [arr], t.logical, True)
-            self._inflight.append((fut, key, step, arr.nbytes))
+            self._inflight.append((fut, key, step, t))
             while len(self._inflight) > 2 * self._s.workers:
                 self._write_one(self._inflight.popleft())
             return fut
@@ -269,11 +270,12 @@ class Writer:
         while self._inflight and self._inflight[0][0].done():
             self._write_one(self._inflight.popleft())
 
-    def _write_one(self, item: tuple[Future, str, int, int]) -> None:
-        fut, key, step, nbytes = item
+    def _write_one(self, item: tuple[Future, str, int, Tensor]) -> None:
+        fut, key, step, t = item
         _, header, payload, raw, elem = fut.result()
         self._append(TENSORS, header, payload, key=key, steps=(step, step), rows=1, raw=raw, elem=elem)
-        self._release(nbytes)
+        self.pool.give(t.buffer)  # encoded: the snapshot's memory can take the next one
+        self._release(t.array.nbytes)
 
     def _write_group(self, key: str) -> None:
         g = self._groups.pop(key)
