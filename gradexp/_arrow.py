@@ -244,8 +244,8 @@ def _column(values: list[Any]) -> pa.Array:
     if all(type(v) is int or type(v) is bool for v in items if v is not None):
         try:
             return from_numpy(np.array([0 if v is None else v for v in items], np.int64), valid)
-        except OverflowError:
-            pass  # beyond int64: float64, like every other tool that reads this
+        except OverflowError:  # beyond int64: float64, like every other tool that reads this
+            return from_numpy(np.array([np.nan if v is None else float(v) for v in items]), valid)
     return from_numpy(np.array([np.nan if v is None else float(v) for v in items], np.float64), valid)
 
 

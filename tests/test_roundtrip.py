@@ -127,3 +127,10 @@ def test_summaries_match_numpy(tmp_path):
         assert sum(s["hist"]) == x.size and len(s["hist"]) == 64
         ref, _ = np.histogram(x64, bins=64, range=(float(x.min()), float(x.max())))
         assert np.abs(np.array(s["hist"]) - ref).sum() <= x.size * 1e-4  # edge rounding only
+
+
+def test_ints_beyond_int64_become_float64(tmp_path):
+    with gradexp.init("p", dir=tmp_path) as run:
+        run.log({"x": 2**70})
+        run.log({"x": 1})
+    assert gradexp.Api().run(run.dir).history().column("x").to_pylist() == [float(2**70), 1.0]
