@@ -35,6 +35,17 @@ def _as_real(x: np.ndarray) -> np.ndarray:
 
 
 def summarize_rows(stacked: np.ndarray) -> list[dict[str, Any]]:
+    with np.errstate(all="ignore"):  # overflow to inf is a value here, not news for the user
+        return _summarize_rows(stacked)
+
+
+def summarize(arr: np.ndarray) -> dict[str, Any]:
+    """Summary of one tensor, without copying it to float64 (it may be large)."""
+    with np.errstate(all="ignore"):
+        return _summarize(arr)
+
+
+def _summarize_rows(stacked: np.ndarray) -> list[dict[str, Any]]:
     """Summaries of many small tensors at once (``stacked`` is ``(rows, *shape)``).
 
     Vectorised over rows, so the writer's Python work per small tensor stays near
@@ -65,8 +76,7 @@ def summarize_rows(stacked: np.ndarray) -> list[dict[str, Any]]:
              "norm": nm, "hist": h} for a, b, m, sd, nm, z, h in cols]
 
 
-def summarize(arr: np.ndarray) -> dict[str, Any]:
-    """Summary of one tensor, without copying it to float64 (it may be large)."""
+def _summarize(arr: np.ndarray) -> dict[str, Any]:
     x = _as_real(arr.reshape(-1))
     n = int(x.size)
     if n == 0:
