@@ -265,3 +265,11 @@ def rows_to_batch(steps: list[int], times: list[float], start: float,
         names.append(key)
         arrays.append(summaries_array(items))
     return pa.record_batch(arrays, names=names)
+
+
+def table_ipc(table: pa.Table) -> pa.Buffer:
+    """An Arrow IPC stream of a whole table (what the server sends for history)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()

@@ -27,3 +27,12 @@ class GradexpWarning(UserWarning):
 
 class CorruptPartWarning(GradexpWarning):
     """Reading skipped damaged frames; the intact ones were returned."""
+
+
+class ApiError(RuntimeError):
+    """The server answered an API call with an error."""
+
+    def __init__(self, status: int, message: str, url: str = "") -> None:
+        super().__init__(f"{status} from {url}: {message}" if url else f"{status}: {message}")
+        self.status = status
+        self.message = message

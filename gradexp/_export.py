@@ -15,7 +15,7 @@ run gets one file per variant, ``<key>.<n>.parquet``. ``/`` in keys becomes ``.`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -23,13 +23,18 @@ import pyarrow.parquet as pq
 
 from . import _arrow
 from ._values import is_ml_dtype
-from .api import StoredRun
 
 _ROW_GROUP_BYTES = 64 << 20
 
 
-def export_history(run: StoredRun, out: Path) -> pa.Table:
+def export_history(run: Any, out: Path) -> pa.Table:
     table = run.history()
+    write_history_parquet(table, out)
+    return table
+
+
+def write_history_parquet(table: pa.Table, where: Path | pa.NativeFile) -> None:
+    """The history as Parquet, encoded for its columns (see the module docstring)."""
     encodings: dict[str, str] = {}
     for field in table.schema:
         if field.name in ("step",) and pa.types.is_integer(field.type):
@@ -37,17 +42,16 @@ def export_history(run: StoredRun, out: Path) -> pa.Table:
         elif pa.types.is_floating(field.type):
             encodings[field.name] = "BYTE_STREAM_SPLIT"
     dictionary = [f.name for f in table.schema if f.name not in encodings]
-    pq.write_table(table, out, compression="zstd", use_dictionary=dictionary,
+    pq.write_table(table, where, compression="zstd", use_dictionary=dictionary,
                    column_encoding=encodings, row_group_size=1 << 20)
-    return table
 
 
-def tensor_bytes(run: StoredRun) -> int:
-    """Raw bytes of every tensor frame (for a progress bar)."""
-    return sum(info.raw for _, info in run._tensor_frames())
+def tensor_count(run: Any) -> int:
+    """How many (key, step) tensors the run holds (for a progress bar)."""
+    return sum(len(run.steps(key)) for key in run.tensor_keys())
 
 
-def export_tensors(run: StoredRun, folder: Path, *,
+def export_tensors(run: Any, folder: Path, *,
                    progress: Callable[[int], None] | None = None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -56,7 +60,7 @@ def export_tensors(run: StoredRun, folder: Path, *,
     return written
 
 
-def _export_key(run: StoredRun, key: str, folder: Path,
+def _export_key(run: Any, key: str, folder: Path,
                 progress: Callable[[int], None] | None) -> list[Path]:
     stem = key.replace("/", ".")
     writers: dict[tuple, tuple[pq.ParquetWriter, list]] = {}
@@ -92,7 +96,7 @@ def _export_key(run: StoredRun, key: str, folder: Path,
                     flush(v)
                 pending_bytes = 0
             if progress is not None:
-                progress(arr.nbytes)
+                progress(1)
         for v in writers:
             flush(v)
     finally:

@@ -284,6 +284,9 @@ def _walk(path: Path, mm: mmap.mmap, size: int, sealed: bool) -> PartScan:
     while pos < size:
         try:
             info = parse_header(mm, pos, size)
+            if info is None and _resync(mm, pos + 1, size) >= 0:
+                # Not a torn tail after all: a damaged key length ran the header past the end.
+                raise ValueError("frame header runs past the end of the part")
             if info is not None and info.end > size:
                 info = None
         except ValueError as e:
@@ -322,8 +325,17 @@ def _resync(mm: mmap.mmap, start: int, size: int) -> int:
 
 def read_frame(path: Path, info: FrameInfo) -> np.ndarray:
     """One range read of the frame's payload, decoded."""
-    with open(path, "rb") as f:
-        payload = os.pread(f.fileno(), info.stored, info.data_offset)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if not path.name.endswith(OPEN_SUFFIX):
+            raise
+        # Sealed (renamed) since it was indexed: sealing only appends, so offsets still hold.
+        fd = os.open(path.with_name(path.name[: -len(OPEN_SUFFIX)]), os.O_RDONLY)
+    try:
+        payload = os.pread(fd, info.stored, info.data_offset)
+    finally:
+        os.close(fd)
     if len(payload) != info.stored:
         raise CorruptPartError(str(path), info.offset, "part is shorter than its index says")
     return decode_payload(info, payload, str(path))
@@ -362,3 +374,11 @@ def recover_part(path: Path) -> Path:
     writer.size = end
     writer._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     return writer.seal()
+
+
+def scan_sealed_bytes(data: bytes, label: str) -> PartScan:
+    """Index a sealed part held in memory (an upload); ValueError if it is not one."""
+    scan = _read_index(Path(label), data, len(data))  # type: ignore[arg-type]
+    if scan is None:
+        raise ValueError(f"{label}: not a sealed gradexp part (bad magic, trailer or index)")
+    return scan

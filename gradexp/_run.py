@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import json
 import os
 import platform
@@ -156,7 +157,15 @@ class Run:
             config = vars(config)
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config must be a dict or argparse.Namespace; got {type(config).__name__}")
+        if settings.mode == "online" and not (settings.host and settings.api_key):
+            missing = "GRADEXP_API_KEY (or api_key=)" if settings.host else "GRADEXP_HOST (or host=)"
+            warnings.warn(f"gradexp: online mode needs a server and an API key; {missing} is not set, "
+                          "so this run is offline. Upload it later with `gradexp sync`.",
+                          GradexpWarning, stacklevel=3)
+            settings = dataclasses.replace(settings, mode="offline")
+            self.settings = settings
         self.disabled = settings.mode == "disabled"
+        self._sender: Any = None
         if self.disabled:
             self.dir = None
             self.config = Config(None, config or {})
@@ -179,6 +188,12 @@ class Run:
         from ._writer import Writer
 
         self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary)
+        if settings.mode == "online":
+            from ._spawn import Sender
+
+            # A separate process: uploads never make the training loop wait, and it
+            # finishes the upload (marking the run crashed) if this process dies.
+            self._sender = Sender(self.dir, settings.host, settings.api_key)
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -285,6 +300,8 @@ class Run:
             self._meta["writer_error"] = repr(self._writer.error)
         write_json(self.dir / RUN_JSON, self._meta)
         os.close(self._lock_fd)
+        if self._sender is not None:
+            self._sender.finish(exit_code, timeout=self.settings.finish_timeout)
 
     def __enter__(self) -> Run:
         return self

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-MODES = ("offline", "disabled")
+MODES = ("online", "offline", "disabled")
 MiB = 1 << 20
 
 
@@ -17,6 +17,14 @@ class Settings:
 
     dir: Path = Path("gradexp-runs")
     mode: str = "offline"
+    """``online`` streams to ``host``; the default when a host and an API key are configured."""
+    host: str = ""
+    """The gradexp server, e.g. ``http://127.0.0.1:8080``."""
+    api_key: str = dataclasses.field(default="", repr=False)
+    finish_timeout: float = 120.0
+    """Seconds ``finish()`` waits for the upload before leaving the rest for ``gradexp sync``."""
+    live_interval: float = 0.5
+    """Online: history parts are sealed, and so uploaded, at least this often."""
     flush_interval: float = 1.0
     """Seconds within which a logged record reaches the OS (is written to its part file)."""
     queue_max_bytes: int = 512 * MiB
@@ -26,7 +34,7 @@ class Settings:
     part_max_bytes: int = 64 * MiB
     """A part is sealed once it holds this many bytes..."""
     part_max_age: float = 60.0
-    """...or once it is this many seconds old."""
+    """...or once it is this many seconds old (online runs: 2 s unless set)."""
     workers: int = 2
     """Threads that summarise and compress large tensors (NumPy and zstd release the GIL)."""
     small_tensor_bytes: int = 256 * 1024
@@ -35,7 +43,7 @@ class Settings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        for name in ("flush_interval", "part_max_age"):
+        for name in ("flush_interval", "part_max_age", "live_interval", "finish_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         for name in ("queue_max_bytes", "queue_max_rows", "part_max_bytes", "workers"):
@@ -72,4 +80,8 @@ def resolve(overrides: Mapping[str, Any], *, environ: Mapping[str, str] | None =
         raise TypeError(
             f"unknown setting {sorted(unknown)[0]!r}; known settings: {', '.join(sorted(_FIELDS))}"
         )
+    if "mode" not in values:
+        values["mode"] = "online" if values.get("host") and values.get("api_key") else "offline"
+    if values["mode"] == "online" and "part_max_age" not in values:
+        values["part_max_age"] = 2.0
     return Settings(**values)

@@ -139,6 +139,12 @@ class Writer:
         self._inflight: collections.deque = collections.deque()
         self._workers: _Workers | None = None
         self._last_flush = time.monotonic()
+        live = settings.mode == "online"
+        # Online, history parts are sealed (and so uploaded) every live_interval: the server
+        # cannot see an open part, and history should be visible within about two seconds.
+        self._max_age = {HISTORY: settings.live_interval if live else settings.part_max_age,
+                         TENSORS: settings.part_max_age}
+        self._flush_every = min(settings.flush_interval / 2, settings.live_interval if live else 1e9)
         self._thread = threading.Thread(target=self._main, name="gradexp-writer", daemon=True)
         self._thread.start()
 
@@ -190,7 +196,7 @@ class Writer:
     # -- writer thread -------------------------------------------------------------------
 
     def _main(self) -> None:
-        tick = min(self._s.flush_interval / 4, 0.25)
+        tick = min(self._flush_every / 2, 0.25)
         try:
             # Import pyarrow here, in the background, right after init(): `import gradexp`
             # stays light, and the first flush (or a quick finish()) does not pay for it.
@@ -202,7 +208,7 @@ class Writer:
                 if self._drain():
                     return
                 self._write_ready()
-                if time.monotonic() - self._last_flush >= self._s.flush_interval / 2:
+                if time.monotonic() - self._last_flush >= self._flush_every:
                     self._flush()
         except BaseException as e:  # never reaches the training loop
             self.error = e
@@ -332,7 +338,7 @@ class Writer:
         self._write_history()
         now = time.monotonic()
         for stream, part in list(self._parts.items()):
-            if seal or now - part.created >= self._s.part_max_age:
+            if seal or now - part.created >= self._max_age[stream]:
                 self._seal(stream)
             elif fsync:
                 part.fsync()

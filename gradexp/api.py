@@ -28,14 +28,39 @@ _BASE_COLUMNS = ("step", "_timestamp", "_runtime")
 
 
 class Api:
-    """Entry point of the read side. ``Api(dir=...)`` reads runs under that folder."""
+    """Entry point of the read side.
 
-    def __init__(self, *, dir: str | os.PathLike[str] | None = None) -> None:
-        self.dir = resolve({"dir": dir}).dir.absolute()
+    Local runs live under ``dir`` (default ``$GRADEXP_DIR`` or ``./gradexp-runs``);
+    runs on a server (``host``, ``api_key``, defaulting to ``$GRADEXP_HOST`` and
+    ``$GRADEXP_API_KEY``) are named ``"entity/project/run_id"``.
+    """
 
-    def run(self, ref: str | os.PathLike[str]) -> StoredRun:
-        """A run by folder path, ``"project/run_id"`` or a bare run id under :attr:`dir`."""
+    def __init__(self, *, dir: str | os.PathLike[str] | None = None, host: str | None = None,
+                 api_key: str | None = None) -> None:
+        s = resolve({"dir": dir, "host": host, "api_key": api_key})
+        self.dir = s.dir.absolute()
+        self.host = s.host
+        self._api_key = s.api_key
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The HTTP client for :attr:`host` (made on first use)."""
+        if self._client is None:
+            from ._client import Client
+
+            self._client = Client(self.host, self._api_key)
+        return self._client
+
+    def run(self, ref: str | os.PathLike[str]) -> Any:
+        """A run: a folder path, ``"project/run_id"`` or a bare run id under :attr:`dir`, or
+        ``"entity/project/run_id"`` on :attr:`host`. Returns a :class:`StoredRun` for local
+        runs and a :class:`gradexp._remote.RemoteRun` for remote ones; both read alike."""
         path = Path(ref)
+        if self.host and isinstance(ref, str) and ref.count("/") == 2 and not path.exists():
+            from ._remote import RemoteRun
+
+            return RemoteRun(self.client, ref)
         candidates = [path]
         if not path.is_absolute():
             candidates.append(self.dir / path)
@@ -146,18 +171,7 @@ class StoredRun:
                 continue
             batch = _arrow.history_batch(raw)
             tables.append(pa.Table.from_batches([batch]))
-        if not tables:
-            table = pa.schema([("step", pa.int64()), ("_timestamp", pa.float64()),
-                               ("_runtime", pa.float64())]).empty_table()
-        else:
-            table = pa.concat_tables(unify_types(tables), promote_options="permissive")
-        if keys is not None:
-            missing = [k for k in keys if k not in table.column_names]
-            if missing:
-                raise KeyError(f"no key {missing[0]!r} in the history of run {self.id}; keys: "
-                               f"{', '.join(c for c in table.column_names if c not in _BASE_COLUMNS)}")
-            table = table.select(list(_BASE_COLUMNS) + [k for k in keys if k not in _BASE_COLUMNS])
-        return merge_steps(table)
+        return select_keys(combine_history(tables), keys, self.id)
 
     def keys(self) -> list[str]:
         """Every logged key: scalars (history columns) and tensors."""
@@ -217,6 +231,24 @@ class StoredRun:
                 cache = (info, _arrow.tensor_rows(_format.read_frame(path, info)))
             steps, arrays = cache[1]
             yield step, arrays[int(np.flatnonzero(steps == step)[-1])]
+
+
+def combine_history(tables: list[pa.Table]) -> pa.Table:
+    """History frames (or already combined pieces, in write order) as one table in step order."""
+    if not tables:
+        return pa.schema([("step", pa.int64()), ("_timestamp", pa.float64()),
+                          ("_runtime", pa.float64())]).empty_table()
+    return merge_steps(pa.concat_tables(unify_types(tables), promote_options="permissive"))
+
+
+def select_keys(table: pa.Table, keys: Sequence[str] | None, run_id: str) -> pa.Table:
+    if keys is None:
+        return table
+    missing = [k for k in keys if k not in table.column_names]
+    if missing:
+        raise KeyError(f"no key {missing[0]!r} in the history of run {run_id}; keys: "
+                       f"{', '.join(c for c in table.column_names if c not in _BASE_COLUMNS)}")
+    return table.select(list(_BASE_COLUMNS) + [k for k in keys if k not in _BASE_COLUMNS])
 
 
 def unify_types(tables: list[pa.Table]) -> list[pa.Table]:

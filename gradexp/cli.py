@@ -30,14 +30,18 @@ def main() -> None:
 @click.option("--tensors", is_flag=True,
               help="Also write every tensor, one Parquet file per key, to <output stem>.tensors/.")
 @_DIR_OPTION
-def export(run: str, fmt: str, output: Path | None, tensors: bool, base_dir: Path | None) -> None:
-    """Export RUN (a run folder, project/run_id, or run id) to Parquet."""
+@click.option("--host", default=None, help="Server for entity/project/run_id refs (default: $GRADEXP_HOST).")
+@click.option("--api-key", default=None, help="API key (default: $GRADEXP_API_KEY).")
+def export(run: str, fmt: str, output: Path | None, tensors: bool, base_dir: Path | None,
+           host: str | None, api_key: str | None) -> None:
+    """Export RUN to Parquet: a run folder, project/run_id or a run id under --dir, or
+    entity/project/run_id on the server."""
     from . import _export
     from ._errors import RunNotFoundError
     from .api import Api
 
     try:
-        stored = Api(dir=base_dir).run(run)
+        stored = Api(dir=base_dir, host=host, api_key=api_key).run(run)
     except RunNotFoundError as e:
         raise click.ClickException(str(e)) from None
     out = output or Path(f"{stored.project}-{stored.id}.parquet")
@@ -47,11 +51,11 @@ def export(run: str, fmt: str, output: Path | None, tensors: bool, base_dir: Pat
                f"({out.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - t0:.2f} s)", err=True)
     if tensors:
         folder = out.with_name(out.stem + ".tensors")
-        total = _export.tensor_bytes(stored)
-        with click.progressbar(length=total, label="tensors", file=sys.stderr,
-                               show_pos=False, show_percent=True) as bar:
+        total = _export.tensor_count(stored)
+        with click.progressbar(length=max(total, 1), label="tensors", file=sys.stderr,
+                               show_pos=True, show_percent=True) as bar:
             paths = _export.export_tensors(stored, folder, progress=bar.update)
-        click.echo(f"tensors: {len(paths)} files, {total / 1e6:.1f} MB raw -> {folder}/", err=True)
+        click.echo(f"tensors: {total} in {len(paths)} files -> {folder}/", err=True)
 
 
 @main.command("runs")
@@ -69,6 +73,106 @@ def runs_(project: str | None, base_dir: Path | None) -> None:
     for r in found:
         created = datetime.datetime.fromtimestamp(r.meta.get("created_at", 0)).strftime("%Y-%m-%d %H:%M")
         click.echo(f"{r.project}/{r.id}\t{r.status:<9}\t{created}\t{r.name}")
+
+
+_HOST_OPTION = click.option("--host", default=None, help="gradexp server (default: $GRADEXP_HOST).")
+_KEY_OPTION = click.option("--api-key", default=None, help="API key (default: $GRADEXP_API_KEY).")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@_HOST_OPTION
+@_KEY_OPTION
+@_DIR_OPTION
+def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base_dir: Path | None) -> None:
+    """Upload offline, crashed or interrupted runs (default: every run under --dir).
+
+    Idempotent: parts already uploaded are not sent again, and a run that is
+    fully synced is skipped. Runs that are still running are left to their sender.
+    """
+    from . import _service
+    from ._errors import ApiError
+    from ._files import LOCK, RUN_JSON
+    from ._run import is_locked
+    from .api import Api
+
+    api = Api(dir=base_dir, host=host, api_key=api_key)
+    if not api.host:
+        raise click.ClickException("no server: pass --host or set GRADEXP_HOST")
+    try:
+        client = api.client
+        entity = client.json("GET", "/viewer", retry=False)["entity"]
+    except (ValueError, ApiError) as e:
+        raise click.ClickException(str(e)) from None
+    except Exception as e:  # connection refused and friends
+        raise click.ClickException(f"cannot reach {api.host}: {e}") from None
+    dirs = list(run_dirs) or sorted(p.parent for p in api.dir.glob(f"*/*/{RUN_JSON}"))
+    if not dirs:
+        click.echo(f"no runs under {api.dir}", err=True)
+        return
+    synced = skipped = 0
+    for d in dirs:
+        if (d / LOCK).exists() and is_locked(d / LOCK):
+            click.echo(f"{d}: still running; its own sender uploads it", err=True)
+            skipped += 1
+            continue
+        up = _service.Uploader(d, client, entity)
+        if up.finished and not up.pending():
+            skipped += 1
+            continue
+        with click.progressbar(length=max(up.pending_bytes(), 1), label=f"{up.meta['project']}/{up.meta['id']}",
+                               file=sys.stderr, show_percent=True) as bar:
+            try:
+                n, _ = _service.sync(d, client, entity, progress=bar.update)
+            except ApiError as e:
+                raise click.ClickException(f"{d}: {e}") from None
+        click.echo(f"{up.url}  ({n} parts uploaded)")
+        synced += 1
+    click.echo(f"synced {synced} run(s); {skipped} already synced or still running", err=True)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--host", "bind", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 to serve other machines.")
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--db", "db_url", default=None,
+              help="SQLAlchemy URL (default: SQLite in the data dir), e.g. postgresql+psycopg://u@h/db.")
+@click.option("--store", "store_url", default=None,
+              help="Object store: a folder or s3://bucket/prefix?endpoint_override=... "
+                   "(default: a folder in the data dir).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the embedded defaults live (default: the user data dir).")
+@click.pass_context
+def server(ctx: click.Context, bind: str, port: int, db_url: str | None, store_url: str | None,
+           data_dir: Path | None) -> None:
+    """Run the gradexp server (needs `pip install 'gradexp[server]'`)."""
+    from .server import cli as server_cli
+
+    ctx.obj = server_cli.Paths.resolve(db_url, store_url, data_dir)
+    if ctx.invoked_subcommand is None:
+        server_cli.serve(ctx.obj, bind, port)
+
+
+@server.command("create-user")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="Make the user an administrator.")
+@click.pass_obj
+def create_user(paths: object, name: str, admin: bool) -> None:
+    """Create a user (and their entity) in the server's database."""
+    from .server import cli as server_cli
+
+    server_cli.create_user(paths, name, admin=admin)
+
+
+@server.command("create-key")
+@click.argument("user")
+@click.option("--name", default="default", show_default=True, help="A name to recognise the key by.")
+@click.pass_obj
+def create_key(paths: object, user: str, name: str) -> None:
+    """Create an API key for USER and print it (it is stored only as a hash)."""
+    from .server import cli as server_cli
+
+    server_cli.create_key(paths, user, name=name)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,96 @@
+"""The training process's end of the sender: spawn it, tell it to finish, wait with progress.
+
+Kept apart from ``_service`` so that ``import gradexp`` never imports requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class Sender:
+    """A running ``python -m gradexp._service`` for one run."""
+
+    def __init__(self, run_dir: Path, host: str, api_key: str) -> None:
+        self.run_dir = run_dir
+        self.events: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        log = open(run_dir / "sender.log", "ab")
+        env = dict(os.environ)
+        env.pop("GRADEXP_API_KEY", None)  # the key travels over the pipe, not in the environment
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gradexp._service"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=log, env=env, start_new_session=True, close_fds=True, text=True, bufsize=1)
+        log.close()
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"run_dir": str(run_dir), "host": host, "api_key": api_key}) + "\n")
+        self.proc.stdin.flush()
+        threading.Thread(target=self._read, args=(self.proc.stdout,), name="gradexp-sender-events",
+                         daemon=True).start()
+
+    def _read(self, out: TextIO) -> None:
+        for line in out:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+        with self._changed:
+            self.events.append({"event": "exit"})
+            self._changed.notify_all()
+
+    def last(self, *names: str) -> dict[str, Any] | None:
+        for e in reversed(self.events):
+            if e["event"] in names:
+                return e
+        return None
+
+    def finish(self, exit_code: int, *, timeout: float, out: TextIO = sys.stderr) -> bool:
+        """Ask the sender to upload the rest and finish the run; True if it did within ``timeout``."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(f"finish {exit_code}\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        deadline = time.monotonic() + timeout
+        shown = 0.0
+        with self._changed:
+            while self.last("done", "error", "exit") is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(min(left, 1.0))
+                p = self.last("progress")
+                if p and p["total"] and time.monotonic() - shown >= 1.0:
+                    shown = time.monotonic()
+                    out.write(f"\rgradexp: uploading {p['sent'] / 1e6:.1f}/{p['total'] / 1e6:.1f} MB")
+                    out.flush()
+        if shown:
+            out.write("\n")
+        done = self.last("done") is not None
+        if not done:
+            err = self.last("error")
+            why = err["message"] if err else f"the upload did not finish within {timeout:.0f} s"
+            out.write(f"gradexp: {why}; what is left stays in {self.run_dir}. "
+                      f"Upload it with: gradexp sync {self.run_dir}\n")
+            self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        if self.proc.stdin:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        return done

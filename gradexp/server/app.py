@@ -1,0 +1,392 @@
+"""The ASGI application: the gradexp API under ``/api/v1``.
+
+Every endpoint but the health check and the OpenAPI document needs
+``Authorization: Bearer <key>``; a user sees only their own entity (another
+entity's runs answer 404, as if they did not exist). The server keeps no state
+between requests beyond the database and the object store, so several processes
+can serve one database and one bucket behind a load balancer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import sqlalchemy as sa
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import _arrow, _format
+from .._version import __version__
+from . import db, history
+from .openapi import openapi
+from .store import STREAMS, Store
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+FRAME = "application/x-gradexp-frame"
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class Config:
+    db_url: str
+    store_url: str
+    max_body_bytes: int = 2 << 30
+
+
+class Server:
+    """Shared handles of one server process (engine, store) and the request handlers."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.engine = db.connect(config.db_url)
+        db.migrate(self.engine)
+        self.store = Store(config.store_url)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def viewer(self, request: Request) -> db.Viewer:
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise HTTPError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                            {"WWW-Authenticate": "Bearer"})
+        viewer = await run_in_threadpool(db.authenticate, self.engine, key.strip())
+        if viewer is None:
+            raise HTTPError(401, "invalid or revoked API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return viewer
+
+    def address(self, request: Request, viewer: db.Viewer) -> tuple[str, str]:
+        p = request.path_params
+        entity, project, run_id = p["entity"], p["project"], p["run_id"]
+        for what, value in (("entity", entity), ("project", project), ("run id", run_id)):
+            if not _NAME.match(value):
+                raise HTTPError(400, f"invalid {what} {value!r}")
+        if entity != viewer.entity:
+            raise HTTPError(404, f"no run {entity}/{project}/{run_id}")
+        return project, run_id
+
+    def run_pk(self, viewer: db.Viewer, project: str, run_id: str) -> tuple[int, int]:
+        with self.engine.connect() as conn:
+            pk = db.run_pk(conn, viewer.entity_id, project, run_id)
+            pid = db.project_id(conn, viewer.entity_id, project, create=False)
+        if pk is None or pid is None:
+            raise HTTPError(404, f"no run {viewer.entity}/{project}/{run_id}")
+        return pk, pid
+
+    async def body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and int(declared) > limit:
+            raise HTTPError(413, f"request body over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def json_body(self, request: Request) -> dict[str, Any]:
+        raw = await self.body(request)
+        try:
+            data = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise HTTPError(400, f"request body is not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise HTTPError(400, "request body must be a JSON object")
+        return data
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"ok": True, "version": __version__})
+
+    async def schema(self, request: Request) -> Response:
+        return JSONResponse(openapi())
+
+    async def get_viewer(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        return JSONResponse({"user": v.user, "entity": v.entity})
+
+    async def list_projects(self, request: Request) -> Response:
+        v = await self.viewer(request)
+
+        def work() -> list[dict[str, Any]]:
+            with self.engine.connect() as conn:
+                return db.list_projects(conn, v.entity_id)
+        return JSONResponse({"projects": await run_in_threadpool(work)})
+
+    async def list_runs(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        q = request.query_params
+
+        def work() -> list[dict[str, Any]]:
+            with self.engine.connect() as conn:
+                return db.list_runs(conn, v.entity_id, project=q.get("project"), status=q.get("status"),
+                                    tags=q.getlist("tag"))
+        return JSONResponse({"runs": await run_in_threadpool(work)})
+
+    async def put_run(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        fields = await self.json_body(request)
+        allowed = {"name", "tags", "notes", "config", "summary", "created_at"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise HTTPError(400, f"unknown run field {sorted(unknown)[0]!r}")
+
+        def work() -> dict[str, Any]:
+            with self.engine.begin() as conn:
+                pk = db.upsert_run(conn, v.entity_id, project, run_id, fields)
+                return db.run_row(conn, pk)
+        return JSONResponse(await run_in_threadpool(work))
+
+    async def get_run(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+
+        def work() -> dict[str, Any]:
+            pk, _ = self.run_pk(v, project, run_id)
+            with self.engine.connect() as conn:
+                row = db.run_row(conn, pk)
+                row["parts"] = db.part_counts(conn, pk)
+            return row
+        return JSONResponse(await run_in_threadpool(work))
+
+    async def patch_run(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        fields = await self.json_body(request)
+        unknown = set(fields) - {"config", "summary", "name", "tags", "notes"}
+        if unknown:
+            raise HTTPError(400, f"unknown run field {sorted(unknown)[0]!r}")
+
+        def work() -> dict[str, Any]:
+            pk, _ = self.run_pk(v, project, run_id)
+            with self.engine.begin() as conn:
+                values = db._run_values(fields)
+                db.update_run(conn, pk, heartbeat_at=time.time(), **values)
+                return db.run_row(conn, pk)
+        return JSONResponse(await run_in_threadpool(work))
+
+    async def put_part(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        stream = request.path_params["stream"]
+        seq = request.path_params["seq"]
+        if stream not in STREAMS:
+            raise HTTPError(400, f"unknown stream {stream!r}; streams: {', '.join(STREAMS)}")
+        data = await self.body(request)
+        digest = hashlib.sha256(data).hexdigest()
+        claimed = request.headers.get("x-gradexp-sha256")
+        if claimed and claimed.lower() != digest:
+            raise HTTPError(400, "body does not match its X-Gradexp-SHA256 header (corrupted in transit?)")
+
+        def work() -> tuple[int, dict[str, Any]]:
+            pk, pid = self.run_pk(v, project, run_id)
+            with self.engine.connect() as conn:
+                existing = db.part(conn, pk, stream, seq)
+            if existing is not None:
+                if existing["sha256"] == digest:
+                    return 200, {"stored": False, "sha256": digest}
+                raise HTTPError(409, f"part {stream}/{seq} of this run exists with other content")
+            try:
+                scan = _format.scan_sealed_bytes(data, f"{stream}-{seq}")
+            except ValueError as e:
+                raise HTTPError(400, str(e)) from None
+            key = Store.part_key(v.entity_id, pid, run_id, stream, seq)
+            self.store.put(key, data)
+            with self.engine.begin() as conn:
+                if not db.add_part(conn, pk, stream, seq, digest, len(data), key, scan.frames):
+                    again = db.part(conn, pk, stream, seq)  # a concurrent upload won the race
+                    if again is None or again["sha256"] != digest:
+                        raise HTTPError(409, f"part {stream}/{seq} of this run exists with other content")
+                    return 200, {"stored": False, "sha256": digest}
+                db.update_run(conn, pk, heartbeat_at=time.time())
+            return 201, {"stored": True, "sha256": digest}
+        status, body = await run_in_threadpool(work)
+        return JSONResponse(body, status_code=status)
+
+    async def finish_run(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        body = await self.json_body(request)
+        exit_code = body.get("exit_code", 0)
+        declared = body.get("parts", {})
+        if not isinstance(exit_code, (int, type(None))) or not isinstance(declared, dict):
+            raise HTTPError(400, "finish takes {'exit_code': int, 'parts': {stream: count}, "
+                                 "'status': 'finished' | 'failed' | 'crashed'}")
+
+        status = str(body.get("status") or ("finished" if exit_code == 0 else "failed"))
+        if status not in ("finished", "failed", "crashed"):
+            raise HTTPError(400, f"invalid final status {status!r}")
+
+        def work() -> dict[str, Any]:
+            pk, pid = self.run_pk(v, project, run_id)
+            with self.engine.connect() as conn:
+                have = db.part_counts(conn, pk)
+            missing = {s: n - have.get(s, 0) for s, n in declared.items() if have.get(s, 0) < n}
+            if missing:
+                raise HTTPError(409, f"parts missing: {missing}; upload them, then finish again")
+            history.finalize(self.engine, self.store, pk, address=(v.entity_id, pid, run_id))
+            with self.engine.begin() as conn:
+                db.update_run(conn, pk, status=status, exit_code=exit_code, finished_at=time.time())
+                return db.run_row(conn, pk)
+        return JSONResponse(await run_in_threadpool(work))
+
+    async def get_history(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        fmt = request.query_params.get("format", "arrow")
+        keys = request.query_params.get("keys")
+
+        def work() -> Any:
+            pk, pid = self.run_pk(v, project, run_id)
+            table = history.read(self.engine, self.store, pk, address=(v.entity_id, pid, run_id))
+            if keys:
+                from ..api import select_keys
+
+                try:
+                    table = select_keys(table, keys.split(","), run_id)
+                except KeyError as e:
+                    raise HTTPError(404, str(e.args[0])) from None
+            return table
+
+        table = await run_in_threadpool(work)
+        if fmt == "arrow":
+            return Response(_arrow.table_ipc(table).to_pybytes(), media_type=ARROW_STREAM)
+        if fmt == "parquet":
+            data = await run_in_threadpool(history.to_parquet, table)
+            return Response(data, media_type="application/vnd.apache.parquet", headers={
+                "Content-Disposition": f'attachment; filename="{project}-{run_id}.parquet"'})
+        if fmt == "json":
+            return JSONResponse({"columns": {name: [_json_safe(x) for x in col.to_pylist()]
+                                             for name, col in zip(table.column_names, table.columns)}})
+        raise HTTPError(400, f"unknown format {fmt!r}; formats: arrow, json, parquet")
+
+    async def list_tensor_keys(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+
+        def work() -> list[str]:
+            pk, _ = self.run_pk(v, project, run_id)
+            with self.engine.connect() as conn:
+                return db.tensor_keys(conn, pk)
+        return JSONResponse({"keys": await run_in_threadpool(work)})
+
+    async def tensor_steps(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        key = request.path_params["key"]
+
+        def work() -> list[int]:
+            pk, _ = self.run_pk(v, project, run_id)
+            with self.engine.connect() as conn:
+                rows = db.tensor_frames(conn, pk, key)
+            if not rows:
+                raise HTTPError(404, f"no tensor {key!r} in run {run_id}")
+            steps: set[int] = set()
+            for r in rows:
+                if r["rows"] == 1:
+                    steps.add(r["step_min"])
+                else:
+                    got, _ = self._decode(r)
+                    steps.update(got.tolist())
+            return sorted(steps)
+        return JSONResponse({"steps": await run_in_threadpool(work)})
+
+    def _decode(self, row: dict[str, Any]) -> tuple[np.ndarray, bytes]:
+        frame = self.store.get_range(row["object_key"], row["offset"], row["length"])
+        info = _format.parse_header(frame, 0, len(frame))
+        if info is None:
+            raise HTTPError(500, "stored frame is truncated")
+        raw = _format.decode_payload(info, memoryview(frame)[info.header_len:], row["object_key"])
+        steps, _ = _arrow.tensor_rows(raw)
+        return steps, frame
+
+    async def get_tensor(self, request: Request) -> Response:
+        """The frame holding tensor ``key`` at ``step``: header and payload, as in the part."""
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        key = request.path_params["key"]
+        try:
+            step = int(request.query_params["step"])
+        except (KeyError, ValueError):
+            raise HTTPError(400, "pass the step as ?step=N") from None
+
+        def work() -> bytes:
+            pk, _ = self.run_pk(v, project, run_id)
+            with self.engine.connect() as conn:
+                rows = db.tensor_frames(conn, pk, key, step)
+            for r in rows:  # last write first
+                if r["rows"] == 1:
+                    return self.store.get_range(r["object_key"], r["offset"], r["length"])
+                steps, frame = self._decode(r)
+                if (steps == step).any():
+                    return frame
+            raise HTTPError(404, f"tensor {key!r} of run {run_id} has no step {step}")
+        return Response(await run_in_threadpool(work), media_type=FRAME)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except HTTPError as e:
+            return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+        except sa.exc.OperationalError as e:  # database busy or briefly away: ask the client to retry
+            return JSONResponse({"error": f"database unavailable: {e.orig!r}"}, status_code=503,
+                                headers={"Retry-After": "1"})
+    return wrapped
+
+
+def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30) -> Starlette:
+    s = Server(Config(db_url=db_url, store_url=store_url, max_body_bytes=max_body_bytes))
+    run = "/api/v1/runs/{entity}/{project}/{run_id}"
+    routes = [
+        Route("/healthz", _handler(s.health)),
+        Route("/api/v1/openapi.json", _handler(s.schema)),
+        Route("/api/v1/viewer", _handler(s.get_viewer)),
+        Route("/api/v1/projects", _handler(s.list_projects)),
+        Route("/api/v1/runs", _handler(s.list_runs)),
+        Route(run, _handler(s.put_run), methods=["PUT"]),
+        Route(run, _handler(s.get_run), methods=["GET"]),
+        Route(run, _handler(s.patch_run), methods=["PATCH"]),
+        Route(run + "/parts/{stream}/{seq:int}", _handler(s.put_part), methods=["PUT"]),
+        Route(run + "/finish", _handler(s.finish_run), methods=["POST"]),
+        Route(run + "/history", _handler(s.get_history)),
+        Route(run + "/tensors", _handler(s.list_tensor_keys)),
+        Route(run + "/tensors/{key:path}/steps", _handler(s.tensor_steps)),
+        Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
+    ]
+    app = Starlette(routes=routes)
+    app.state.server = s
+    return app

@@ -1,0 +1,429 @@
+"""Metadata in SQL through SQLAlchemy 2: schema, in-place migrations, and the queries.
+
+SQLite (the embedded default), PostgreSQL (psycopg 3) and MySQL/MariaDB (PyMySQL)
+run the same code. The schema is versioned in ``gradexp_schema``; ``migrate()``
+applies the missing steps of ``MIGRATIONS`` in order, each in its own
+transaction, so an existing database is upgraded in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+def _define(md: sa.MetaData, version: int) -> None:
+    """The tables as of schema ``version`` (columns carry the version that added them)."""
+    def since(v: int, *cols: sa.Column) -> list[sa.Column]:
+        return list(cols) if version >= v else []
+
+    sa.Table("gradexp_schema", md, sa.Column("version", sa.Integer, nullable=False))
+    sa.Table(
+        "users", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("name", sa.String(64), nullable=False, unique=True),
+        sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+    )
+    sa.Table(
+        "entities", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("name", sa.String(64), nullable=False, unique=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    )
+    sa.Table(
+        "api_keys", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+        sa.Column("name", sa.String(128), nullable=False),
+        sa.Column("prefix", sa.String(16), nullable=False),
+        sa.Column("hash", sa.String(64), nullable=False, unique=True),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("revoked_at", sa.Float, nullable=True),
+        *since(2, sa.Column("last_used_at", sa.Float, nullable=True)),
+    )
+    sa.Table(
+        "projects", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("entity_id", sa.Integer, sa.ForeignKey("entities.id"), nullable=False),
+        sa.Column("name", sa.String(128), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.UniqueConstraint("entity_id", "name", name="uq_projects_entity_name"),
+    )
+    sa.Table(
+        "runs", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("project_id", sa.Integer, sa.ForeignKey("projects.id"), nullable=False),
+        sa.Column("run_id", sa.String(128), nullable=False),
+        sa.Column("name", sa.String(256), nullable=True),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("tags", sa.Text, nullable=False),
+        sa.Column("notes", sa.Text, nullable=True),
+        sa.Column("config", sa.Text, nullable=False),
+        sa.Column("summary", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("finished_at", sa.Float, nullable=True),
+        sa.Column("exit_code", sa.Integer, nullable=True),
+        sa.Column("history_object", sa.String(512), nullable=True),
+        *since(2, sa.Column("heartbeat_at", sa.Float, nullable=True)),
+        sa.UniqueConstraint("project_id", "run_id", name="uq_runs_project_run"),
+        *since(2, sa.Index("ix_runs_status", "status")),
+    )
+    sa.Table(
+        "parts", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("run_pk", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
+        sa.Column("stream", sa.String(16), nullable=False),
+        sa.Column("seq", sa.Integer, nullable=False),
+        sa.Column("sha256", sa.String(64), nullable=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("object_key", sa.String(512), nullable=False),
+        sa.Column("uploaded_at", sa.Float, nullable=False),
+        sa.UniqueConstraint("run_pk", "stream", "seq", name="uq_parts_run_stream_seq"),
+    )
+    sa.Table(
+        "frames", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("run_pk", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
+        sa.Column("part_id", sa.Integer, sa.ForeignKey("parts.id"), nullable=False),
+        sa.Column("kind", sa.SmallInteger, nullable=False),
+        sa.Column("key", sa.String(1024), nullable=False),
+        sa.Column("step_min", sa.BigInteger, nullable=False),
+        sa.Column("step_max", sa.BigInteger, nullable=False),
+        sa.Column("rows", sa.Integer, nullable=False),
+        sa.Column("offset", sa.BigInteger, nullable=False),
+        sa.Column("length", sa.BigInteger, nullable=False),
+        sa.Index("ix_frames_run_key_step", "run_pk", "kind", "key", "step_min", mysql_length={"key": 255}),
+    )
+    sa.Table(
+        "history_segments", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("run_pk", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
+        sa.Column("first_seq", sa.Integer, nullable=False),
+        sa.Column("last_seq", sa.Integer, nullable=False),
+        sa.Column("object_key", sa.String(512), nullable=False),
+        sa.UniqueConstraint("run_pk", "first_seq", name="uq_segments_run_first"),
+    )
+
+
+def _v1(conn: Connection) -> None:
+    """The first schema."""
+    md = sa.MetaData()
+    _define(md, 1)
+    md.create_all(conn, tables=[t for name, t in md.tables.items() if name != "gradexp_schema"])
+
+
+def _v2(conn: Connection) -> None:
+    """Key last-use times (shown to users) and run heartbeats (to mark vanished runs crashed)."""
+    md = sa.MetaData()
+    _define(md, 2)
+    for table, column in (("api_keys", "last_used_at"), ("runs", "heartbeat_at")):
+        col = md.tables[table].c[column]
+        type_sql = col.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {type_sql}"))
+    for idx in md.tables["runs"].indexes:
+        idx.create(conn)
+
+
+meta = sa.MetaData()
+SCHEMA_VERSION = 2
+_define(meta, SCHEMA_VERSION)
+schema_version = meta.tables["gradexp_schema"]
+users = meta.tables["users"]
+entities = meta.tables["entities"]
+api_keys = meta.tables["api_keys"]
+projects = meta.tables["projects"]
+runs = meta.tables["runs"]
+parts = meta.tables["parts"]
+frames = meta.tables["frames"]
+segments = meta.tables["history_segments"]
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+def connect(url: str) -> Engine:
+    """An engine for ``url``, with SQLite set up for several threads and processes."""
+    kw: dict[str, Any] = {"future": True, "pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kw["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = sa.create_engine(url, **kw)
+    if url.startswith("sqlite"):
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    return engine
+
+
+def current_version(conn: Connection) -> int:
+    if not sa.inspect(conn).has_table("gradexp_schema"):
+        return 0
+    return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+
+
+def migrate(engine: Engine, *, target: int = SCHEMA_VERSION) -> int:
+    """Bring the database to ``target``; return the version it was at."""
+    with engine.begin() as conn:
+        schema_version.create(conn, checkfirst=True)
+    with engine.begin() as conn:
+        # Serialise concurrent upgrades (two servers starting at once) where the database can.
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("LOCK TABLE gradexp_schema IN EXCLUSIVE MODE"))
+        start = current_version(conn)
+        for version in range(start + 1, target + 1):
+            MIGRATIONS[version - 1](conn)
+            conn.execute(sa.insert(schema_version).values(version=version))
+    return start
+
+
+# -- users and keys ---------------------------------------------------------------------------
+
+KEY_PREFIX = "gx_"
+
+
+def hash_key(key: str) -> str:
+    """Keys are 256-bit random tokens, so one SHA-256 is a sound one-way hash for them."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Viewer:
+    user_id: int
+    user: str
+    entity_id: int
+    entity: str
+    key_id: int
+
+
+def create_user(engine: Engine, name: str, *, admin: bool = False) -> int:
+    now = time.time()
+    with engine.begin() as conn:
+        uid = conn.execute(sa.insert(users).values(name=name, is_admin=admin, created_at=now)).inserted_primary_key[0]
+        conn.execute(sa.insert(entities).values(name=name, user_id=uid))
+    return uid
+
+
+def create_key(engine: Engine, user: str, *, name: str = "default") -> str:
+    """A new API key for ``user``; only its hash is stored, so this is the one chance to see it."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    with engine.begin() as conn:
+        uid = conn.execute(sa.select(users.c.id).where(users.c.name == user)).scalar()
+        if uid is None:
+            raise LookupError(f"no user {user!r}")
+        conn.execute(sa.insert(api_keys).values(user_id=uid, name=name, prefix=key[:8], hash=hash_key(key),
+                                                created_at=time.time()))
+    return key
+
+
+def user_count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(users)).scalar() or 0
+
+
+def authenticate(engine: Engine, key: str) -> Viewer | None:
+    h = hash_key(key)
+    with engine.begin() as conn:
+        row = conn.execute(
+            sa.select(api_keys.c.id, users.c.id, users.c.name, entities.c.id, entities.c.name,
+                      api_keys.c.last_used_at)
+            .join(users, users.c.id == api_keys.c.user_id)
+            .join(entities, entities.c.user_id == users.c.id)
+            .where(api_keys.c.hash == h, api_keys.c.revoked_at.is_(None))
+        ).first()
+        if row is None:
+            return None
+        now = time.time()
+        if row[5] is None or now - row[5] > 60:  # at most one write a minute per key
+            conn.execute(sa.update(api_keys).where(api_keys.c.id == row[0]).values(last_used_at=now))
+    return Viewer(user_id=row[1], user=row[2], entity_id=row[3], entity=row[4], key_id=row[0])
+
+
+# -- projects and runs ------------------------------------------------------------------------
+
+def entity_id(conn: Connection, name: str) -> int | None:
+    return conn.execute(sa.select(entities.c.id).where(entities.c.name == name)).scalar()
+
+
+def _insert_ignore(conn: Connection, table: sa.Table, values: dict[str, Any]) -> None:
+    """INSERT that tolerates a concurrent insert of the same unique row (several servers)."""
+    try:
+        with conn.begin_nested():
+            conn.execute(sa.insert(table).values(**values))
+    except sa.exc.IntegrityError:
+        pass
+
+
+def project_id(conn: Connection, entity: int, name: str, *, create: bool) -> int | None:
+    q = sa.select(projects.c.id).where(projects.c.entity_id == entity, projects.c.name == name)
+    pid = conn.execute(q).scalar()
+    if pid is None and create:
+        _insert_ignore(conn, projects, {"entity_id": entity, "name": name, "created_at": time.time()})
+        pid = conn.execute(q).scalar()
+    return pid
+
+
+def run_pk(conn: Connection, entity: int, project: str, run_id: str) -> int | None:
+    return conn.execute(
+        sa.select(runs.c.id).join(projects, projects.c.id == runs.c.project_id)
+        .where(projects.c.entity_id == entity, projects.c.name == project, runs.c.run_id == run_id)
+    ).scalar()
+
+
+def upsert_run(conn: Connection, entity: int, project: str, run_id: str, fields: dict[str, Any]) -> int:
+    pid = project_id(conn, entity, project, create=True)
+    assert pid is not None
+    now = time.time()
+    values = _run_values(fields)
+    q = sa.select(runs.c.id).where(runs.c.project_id == pid, runs.c.run_id == run_id)
+    pk = conn.execute(q).scalar()
+    if pk is None:
+        row = {"project_id": pid, "run_id": run_id, "status": "running", "tags": "[]", "config": "{}",
+               "summary": "{}", "created_at": fields.get("created_at") or now, "updated_at": now,
+               "heartbeat_at": now, **values}
+        _insert_ignore(conn, runs, row)
+        pk = conn.execute(q).scalar()
+        if pk is None:
+            raise RuntimeError(f"could not create run {project}/{run_id}")
+    else:
+        conn.execute(sa.update(runs).where(runs.c.id == pk).values(updated_at=now, heartbeat_at=now, **values))
+    return pk
+
+
+def _run_values(fields: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("name", "notes", "status"):
+        if name in fields:
+            out[name] = fields[name]
+    for name in ("tags", "config", "summary"):
+        if name in fields:
+            out[name] = json.dumps(fields[name])
+    return out
+
+
+def update_run(conn: Connection, pk: int, **values: Any) -> None:
+    conn.execute(sa.update(runs).where(runs.c.id == pk).values(updated_at=time.time(), **values))
+
+
+def run_row(conn: Connection, pk: int) -> dict[str, Any]:
+    row = conn.execute(
+        sa.select(runs, projects.c.name.label("project"), entities.c.name.label("entity"))
+        .join(projects, projects.c.id == runs.c.project_id)
+        .join(entities, entities.c.id == projects.c.entity_id)
+        .where(runs.c.id == pk)).mappings().one()
+    return _run_dict(row)
+
+
+STALE_AFTER = 120.0
+"""Seconds without a heartbeat after which a running run is reported crashed (its client
+sends one every 30 s while it lives)."""
+
+
+def _run_dict(row: Any) -> dict[str, Any]:
+    status = row["status"]
+    if status == "running" and (row["heartbeat_at"] or 0) < time.time() - STALE_AFTER:
+        status = "crashed"
+    return {
+        "entity": row["entity"], "project": row["project"], "id": row["run_id"], "name": row["name"],
+        "status": status, "tags": json.loads(row["tags"] or "[]"), "notes": row["notes"],
+        "config": json.loads(row["config"] or "{}"), "summary": json.loads(row["summary"] or "{}"),
+        "created_at": row["created_at"], "updated_at": row["updated_at"],
+        "finished_at": row["finished_at"], "exit_code": row["exit_code"],
+        "heartbeat_at": row["heartbeat_at"],
+    }
+
+
+def list_runs(conn: Connection, entity: int, *, project: str | None = None, status: str | None = None,
+              tags: Iterable[str] = (), limit: int = 1000) -> list[dict[str, Any]]:
+    q = (sa.select(runs, projects.c.name.label("project"), entities.c.name.label("entity"))
+         .join(projects, projects.c.id == runs.c.project_id)
+         .join(entities, entities.c.id == projects.c.entity_id)
+         .where(projects.c.entity_id == entity)
+         .order_by(runs.c.created_at.desc()).limit(limit))
+    if project:
+        q = q.where(projects.c.name == project)
+    if status:
+        q = q.where(runs.c.status == status)
+    out = [_run_dict(r) for r in conn.execute(q).mappings()]
+    wanted = set(tags)
+    return [r for r in out if wanted.issubset(r["tags"])]
+
+
+def list_projects(conn: Connection, entity: int) -> list[dict[str, Any]]:
+    q = (sa.select(projects.c.name, projects.c.created_at, sa.func.count(runs.c.id).label("runs"))
+         .outerjoin(runs, runs.c.project_id == projects.c.id)
+         .where(projects.c.entity_id == entity).group_by(projects.c.id, projects.c.name, projects.c.created_at)
+         .order_by(projects.c.name))
+    return [dict(r) for r in conn.execute(q).mappings()]
+
+
+# -- parts and frames --------------------------------------------------------------------------
+
+def part(conn: Connection, pk: int, stream: str, seq: int) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(parts).where(parts.c.run_pk == pk, parts.c.stream == stream,
+                                              parts.c.seq == seq)).mappings().first()
+    return dict(row) if row else None
+
+
+def add_part(conn: Connection, pk: int, stream: str, seq: int, sha256: str, size: int, object_key: str,
+             index: list[Any]) -> bool:
+    """Record an uploaded part and its frames; False if an identical part was already there."""
+    try:
+        with conn.begin_nested():
+            part_id = conn.execute(sa.insert(parts).values(
+                run_pk=pk, stream=stream, seq=seq, sha256=sha256, size=size, object_key=object_key,
+                uploaded_at=time.time())).inserted_primary_key[0]
+    except sa.exc.IntegrityError:
+        return False
+    if index:
+        conn.execute(sa.insert(frames), [
+            {"run_pk": pk, "part_id": part_id, "kind": f.kind, "key": f.key, "step_min": f.step_min,
+             "step_max": f.step_max, "rows": f.rows, "offset": f.offset, "length": f.end - f.offset}
+            for f in index])
+    return True
+
+
+def part_counts(conn: Connection, pk: int) -> dict[str, int]:
+    q = sa.select(parts.c.stream, sa.func.count()).where(parts.c.run_pk == pk).group_by(parts.c.stream)
+    return {s: n for s, n in conn.execute(q)}
+
+
+def history_parts(conn: Connection, pk: int) -> list[dict[str, Any]]:
+    q = sa.select(parts).where(parts.c.run_pk == pk, parts.c.stream == "history").order_by(parts.c.seq)
+    return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def tensor_frames(conn: Connection, pk: int, key: str, step: int | None = None) -> list[dict[str, Any]]:
+    """Frames of tensor ``key`` (holding ``step`` if given), last write first."""
+    q = (sa.select(frames.c.step_min, frames.c.step_max, frames.c.rows, frames.c.offset, frames.c.length,
+                   parts.c.object_key, parts.c.seq)
+         .join(parts, parts.c.id == frames.c.part_id)
+         .where(frames.c.run_pk == pk, frames.c.kind == 2, frames.c.key == key))
+    if step is not None:
+        q = q.where(frames.c.step_min <= step, frames.c.step_max >= step)
+    q = q.order_by(parts.c.seq.desc(), frames.c.offset.desc())
+    return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def tensor_keys(conn: Connection, pk: int) -> list[str]:
+    q = sa.select(frames.c.key).where(frames.c.run_pk == pk, frames.c.kind == 2).distinct().order_by(frames.c.key)
+    return [k for (k,) in conn.execute(q)]
+
+
+def history_segments(conn: Connection, pk: int) -> list[dict[str, Any]]:
+    q = sa.select(segments).where(segments.c.run_pk == pk).order_by(segments.c.first_seq)
+    return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def add_segment(conn: Connection, pk: int, first: int, last: int, object_key: str) -> None:
+    _insert_ignore(conn, segments, {"run_pk": pk, "first_seq": first, "last_seq": last,
+                                    "object_key": object_key})

@@ -1,0 +1,81 @@
+"""Server-side history: read it from uploaded parts, compact small parts, Parquet at finish.
+
+Object stores cannot append, and live history arrives as many small parts (one a
+second from a running client). Reads combine: compacted segments (Parquet objects
+covering a run of parts) plus the parts after them. Once ``COMPACT_AT`` parts have
+piled up after the last segment, the next read writes them into a new segment, so
+a read touches a bounded number of small objects however long the run. At finish
+the whole history becomes one Parquet object.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy.engine import Engine
+
+from .. import _arrow, _format
+from .._export import write_history_parquet
+from ..api import combine_history
+from . import db
+from .store import Store
+
+COMPACT_AT = 32
+
+
+def part_tables(data: bytes, label: str) -> list[pa.Table]:
+    """The history frames of one sealed part, decoded."""
+    scan = _format.scan_sealed_bytes(data, label)
+    out = []
+    for info in scan.frames:
+        if info.kind == _format.KIND_HISTORY:
+            raw = _format.decode_payload(info, memoryview(data)[info.data_offset:info.end], label)
+            out.append(pa.Table.from_batches([_arrow.history_batch(raw)]))
+    return out
+
+
+def to_parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    write_history_parquet(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def from_parquet(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
+
+
+def read(engine: Engine, store: Store, pk: int, *, address: tuple[int, int, str]) -> pa.Table:
+    """The run's history, combined in write order and merged by step."""
+    with engine.connect() as conn:
+        final = conn.execute(db.sa.select(db.runs.c.history_object).where(db.runs.c.id == pk)).scalar()
+        if final:
+            return from_parquet(store.get(final))
+        segs = db.history_segments(conn, pk)
+        parts = db.history_parts(conn, pk)
+    done = segs[-1]["last_seq"] if segs else -1
+    tail = [p for p in parts if p["seq"] > done]
+    pieces = [from_parquet(store.get(s["object_key"])) for s in segs]
+    tail_tables = [t for p in tail for t in part_tables(store.get(p["object_key"]), p["object_key"])]
+    if len(tail) >= COMPACT_AT:
+        _write_segment(engine, store, pk, address, tail[0]["seq"], tail[-1]["seq"], tail_tables)
+    return combine_history(pieces + tail_tables)
+
+
+def _write_segment(engine: Engine, store: Store, pk: int, address: tuple[int, int, str], first: int,
+                   last: int, tables: list[pa.Table]) -> None:
+    key = Store.history_key(*address, first, last)
+    store.put(key, to_parquet(combine_history(tables)))
+    with engine.begin() as conn:
+        db.add_segment(conn, pk, first, last, key)
+
+
+def finalize(engine: Engine, store: Store, pk: int, *, address: tuple[int, int, str]) -> str:
+    """Compact the whole history into one Parquet object and record it; returns its key."""
+    table = read(engine, store, pk, address=address)
+    key = Store.history_key(*address)
+    store.put(key, to_parquet(table))
+    with engine.begin() as conn:
+        db.update_run(conn, pk, history_object=key)
+    return key
