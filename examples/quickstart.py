@@ -1,17 +1,26 @@
-"""A small but real training loop in NumPy, logged with gradexp, then read back and exported.
+"""A small but real training loop in NumPy, streamed to a gradexp server, read back, exported.
 
-Trains a two-layer MLP on a synthetic two-spirals problem with plain SGD, logging
-loss, accuracy, the learning rate and the gradient tensors of both layers every
-step. Then it reads the run back (history as Arrow, gradients as NumPy, bit-exact)
-and exports the history to Parquet.
+Starts the embedded gradexp server (SQLite + a local folder, in ./gradexp-server),
+trains a two-layer MLP on a synthetic two-spirals problem with plain SGD while
+logging loss, accuracy, the learning rate and the gradient tensors every step,
+reads the live history back from the server while training goes on, finishes,
+reads gradients back bit-exact and exports the history to Parquet from the server.
 
-    python examples/quickstart.py [--steps 1000] [--dir gradexp-runs]
+    python examples/quickstart.py [--steps 1000] [--offline] [--dir gradexp-runs]
+
+With --offline it needs no server and reads the run folder instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +35,26 @@ def spirals(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return (x + rng.normal(0, 0.02, x.shape)).astype(np.float32), label
 
 
+def start_server(data_dir: Path) -> tuple[subprocess.Popen, str, str]:
+    """`gradexp server` on a free loopback port; returns (process, URL, API key)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gradexp", "server", "--port", str(port),
+                             "--data-dir", str(data_dir)], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                sys.exit("the server did not start; is the extra installed? pip install -e '.[server]'")
+            time.sleep(0.1)
+    key = (data_dir / "local-api-key").read_text().strip()
+    return proc, url, key
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1000)
@@ -33,8 +62,24 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dir", default=None, help="runs folder (default: $GRADEXP_DIR or ./gradexp-runs)")
+    ap.add_argument("--offline", action="store_true", help="no server: log to the run folder only")
     args = ap.parse_args()
 
+    server, host, key = None, None, None
+    if not args.offline:
+        t = time.perf_counter()
+        server, host, key = start_server(Path("gradexp-server").absolute())
+        print(f"gradexp server: {host} (embedded: SQLite + ./gradexp-server, "
+              f"started in {time.perf_counter() - t:.1f} s)")
+    try:
+        train(args, host, key)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+
+
+def train(args: argparse.Namespace, host: str | None, key: str | None) -> None:
     rng = np.random.default_rng(0)
     x_all, y_all = spirals(8192, rng)
     w1 = (rng.standard_normal((2, args.hidden)) * 1.0).astype(np.float32)
@@ -43,8 +88,12 @@ def main() -> None:
     b2 = np.zeros(2, np.float32)
 
     t0 = time.perf_counter()
-    run = gradexp.init("quickstart", config=args, dir=args.dir, tags=["numpy", "mlp"])
-    print(f"gradexp.init: run {run.project}/{run.id} in {run.dir} ({(time.perf_counter() - t0) * 1e3:.1f} ms)")
+    run = gradexp.init("quickstart", config=args, dir=args.dir, tags=["numpy", "mlp"], host=host, api_key=key,
+                       mode="offline" if host is None else "online")
+    print(f"gradexp.init: {run.settings.mode} run {run.project}/{run.id} in {run.dir} "
+          f"({(time.perf_counter() - t0) * 1e3:.1f} ms)")
+    api = gradexp.Api(host=host, api_key=key)
+    ref = str(run.dir) if host is None else f"{api.client.json('GET', '/viewer')['entity']}/{run.project}/{run.id}"
 
     log_time = 0.0
     for step in range(args.steps):
@@ -79,6 +128,11 @@ def main() -> None:
 
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {loss:.4f}  acc {acc:.3f}  lr {lr:.4f}")
+        if step == args.steps // 2 and host is not None:
+            time.sleep(1.5)  # history reaches the server within about two seconds of log()
+            live = api.run(ref).history(keys=["loss"])
+            print(f"  live from the server while training: {live.num_rows} steps so far, "
+                  f"last loss {live.column('loss')[-1].as_py():.4f}")
 
     run.summary["final_acc"] = acc
     t = time.perf_counter()
@@ -86,8 +140,8 @@ def main() -> None:
     print(f"logged {args.steps} steps x 7 keys; log() took {log_time / args.steps * 1e6:.1f} us per call "
           f"on average; finish() {(time.perf_counter() - t) * 1e3:.0f} ms")
 
-    # Read it back.
-    r = gradexp.Api().run(run.dir)
+    # Read it back (from the server when there is one, else from the run folder).
+    r = api.run(ref)
     hist = r.history()
     print(f"history: {hist.num_rows} rows, columns {hist.column_names}")
     last = hist.slice(hist.num_rows - 1).to_pylist()[0]
@@ -103,9 +157,12 @@ def main() -> None:
     out = run.dir / "history.parquet"
     _export.export_history(r, out)
     print(f"exported history to {out} ({out.stat().st_size / 1e3:.1f} kB); the same as "
-          f"`gradexp export {run.project}/{run.id} --parquet -o {out.name}`")
+          f"`gradexp export {ref} --parquet -o {out.name}`")
     size = sum(p.stat().st_size for p in (run.dir / "parts").iterdir())
     print(f"run folder: {len(list((run.dir / 'parts').iterdir()))} part files, {size / 1e6:.2f} MB")
+    if host is not None:
+        print(f"run on the server: {host}/api/v1/runs/{ref}  (server data in ./gradexp-server; start it "
+              f"again with `gradexp server --data-dir gradexp-server`)")
 
 
 if __name__ == "__main__":

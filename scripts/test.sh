@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what the tests need, then runs pytest.
+# The tests start real services themselves: PostgreSQL and MariaDB (from Debian packages,
+# installed here when missing), an S3-protocol server (moto, from the test extra) and
+# gradexp servers on loopback. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need+=(mariadb-server)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing ${need[*]} for the tests" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "tests need: ${need[*]} (apt-get install them, or the tests that use them fail in CI and skip elsewhere)" >&2
+  fi
+fi
+
+python -m pip install -q -e '.[test]'
+exec python -m pytest "$@"
