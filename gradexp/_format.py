@@ -167,16 +167,21 @@ def part_name(stream: str, seq: int) -> str:
 class PartWriter:
     """Appends frames to ``<stream>-<seq>.gxp.open``; ``seal()`` indexes and renames it."""
 
-    def __init__(self, folder: Path, stream: str, seq: int) -> None:
+    def __init__(self, folder: Path, stream: str, seq: int, *,
+                 resume: tuple[list[FrameInfo], int] | None = None) -> None:
         self.stream = stream
         self.seq = seq
         self.final_path = folder / part_name(stream, seq)
         self.path = self.final_path.with_name(self.final_path.name + OPEN_SUFFIX)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.frames: list[FrameInfo] = []
         self.created = time.monotonic()
-        self.size = 0
-        self._write([MAGIC_PART])
+        if resume is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self.frames: list[FrameInfo] = []
+            self.size = 0
+            self._write([MAGIC_PART])
+        else:  # an open part left by a crash, already cut to its intact frames
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self.frames, self.size = list(resume[0]), resume[1]
 
     def _write(self, bufs: Sequence[bytes | memoryview]) -> None:
         # One writev per frame: a reader of the live file sees whole frames or a short tail.
@@ -367,13 +372,8 @@ def recover_part(path: Path) -> Path:
             f.truncate(0)
             f.write(MAGIC_PART)
         f.truncate(end)
-    writer = PartWriter.__new__(PartWriter)
-    writer.final_path = path.with_name(path.name[: -len(OPEN_SUFFIX)])
-    writer.path = path
-    writer.frames = scan.frames
-    writer.size = end
-    writer._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    return writer.seal()
+    stream, _, seq = path.name[: -len(PART_SUFFIX + OPEN_SUFFIX)].rpartition("-")
+    return PartWriter(path.parent, stream, int(seq), resume=(scan.frames, end)).seal()
 
 
 def scan_sealed_bytes(data: bytes, label: str) -> PartScan:
