@@ -222,7 +222,6 @@ class Writer:
     def _drain(self) -> bool:
         """Process what is queued; True once a close has been handled."""
         q = self._q
-        rows = self._rows
         waiting = False
         while q:
             item = q.popleft()
@@ -239,8 +238,8 @@ class Writer:
             tsum: dict[str, Any] = {}
             for key, t in p.tensors.items():
                 tsum[key] = self._add_tensor(key, step, t)
-            rows.append((step, ts, p.scalars, tsum))
-            if len(rows) >= _HISTORY_MAX_ROWS:
+            self._rows.append((step, ts, p.scalars, tsum))  # not a cached local: writing swaps it
+            if len(self._rows) >= _HISTORY_MAX_ROWS:
                 self._write_history()
             waiting = True
         if waiting and len(q) < self._s.queue_max_rows:

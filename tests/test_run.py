@@ -197,3 +197,15 @@ def test_unknown_run_reference():
         r.tensor("t", 5)
     with pytest.raises(KeyError, match="nokey"):
         r.history(keys=["nokey"])
+
+
+def test_long_drains_keep_every_row(monkeypatch):
+    """Rows past the per-frame row limit within one drain of the queue were once lost."""
+    from gradexp import _writer
+
+    monkeypatch.setattr(_writer, "_HISTORY_MAX_ROWS", 1000)
+    with gradexp.init("p", flush_interval=30) as run:  # no timed flush: one long drain at finish
+        for s in range(5500):
+            run.log({"a": float(s)})
+    table = gradexp.Api().run(run.dir).history()
+    assert table.column("a").to_pylist() == [float(s) for s in range(5500)]
