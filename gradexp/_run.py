@@ -158,9 +158,10 @@ class Run:
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config must be a dict or argparse.Namespace; got {type(config).__name__}")
         if settings.mode == "online" and not (settings.host and settings.api_key):
-            missing = "GRADEXP_API_KEY (or api_key=)" if settings.host else "GRADEXP_HOST (or host=)"
-            warnings.warn(f"gradexp: online mode needs a server and an API key; {missing} is not set, "
-                          "so this run is offline. Upload it later with `gradexp sync`.",
+            missing = (f"no API key for {settings.host}" if settings.host else "no server (host) is set")
+            warnings.warn(f"gradexp: online mode needs a server and an API key, and there is {missing}; "
+                          "this run is offline. Run `gradexp login` (or set GRADEXP_HOST and "
+                          "GRADEXP_API_KEY), then upload it with `gradexp sync`.",
                           GradexpWarning, stacklevel=3)
             settings = dataclasses.replace(settings, mode="offline")
             self.settings = settings

@@ -17,7 +17,8 @@ class Settings:
 
     dir: Path = Path("gradexp-runs")
     mode: str = "offline"
-    """``online`` streams to ``host``; the default when a host and an API key are configured."""
+    """``online`` streams to ``host``: the default once a host is configured (argument,
+    ``GRADEXP_HOST`` or ``gradexp login``)."""
     host: str = ""
     """The gradexp server, e.g. ``http://127.0.0.1:8080``."""
     api_key: str = dataclasses.field(default="", repr=False)
@@ -80,8 +81,25 @@ def resolve(overrides: Mapping[str, Any], *, environ: Mapping[str, str] | None =
         raise TypeError(
             f"unknown setting {sorted(unknown)[0]!r}; known settings: {', '.join(sorted(_FIELDS))}"
         )
+    if "host" not in values or "api_key" not in values:
+        _from_credentials(values)
     if "mode" not in values:
-        values["mode"] = "online" if values.get("host") and values.get("api_key") else "offline"
+        # A host without a key still means online was wanted: init() says what is missing.
+        values["mode"] = "online" if values.get("host") else "offline"
     if values["mode"] == "online" and "part_max_age" not in values:
         values["part_max_age"] = 2.0
     return Settings(**values)
+
+
+def _from_credentials(values: dict[str, Any]) -> None:
+    """Fill host and key from what ``gradexp login`` stored (after arguments and env)."""
+    from . import _auth
+
+    host = values.get("host") or _auth.default_host()
+    if not host:
+        return
+    values["host"] = host
+    if "api_key" not in values:
+        entry = _auth.stored(host)
+        if entry:
+            values["api_key"] = entry["api_key"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import time
 from pathlib import Path
@@ -142,15 +143,17 @@ def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base
                    "(default: a folder in the data dir).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the embedded defaults live (default: the user data dir).")
+@click.option("--max-body", "max_body", type=click.IntRange(min=1), default=2 << 30, show_default=True,
+              help="Largest request body (an uploaded part) in bytes; larger ones get 413.")
 @click.pass_context
 def server(ctx: click.Context, bind: str, port: int, db_url: str | None, store_url: str | None,
-           data_dir: Path | None) -> None:
+           data_dir: Path | None, max_body: int) -> None:
     """Run the gradexp server (needs `pip install 'gradexp[server]'`)."""
     from .server import cli as server_cli
 
     ctx.obj = server_cli.Paths.resolve(db_url, store_url, data_dir)
     if ctx.invoked_subcommand is None:
-        server_cli.serve(ctx.obj, bind, port)
+        server_cli.serve(ctx.obj, bind, port, max_body_bytes=max_body)
 
 
 @server.command("create-user")
@@ -173,6 +176,75 @@ def create_key(paths: object, user: str, name: str) -> None:
     from .server import cli as server_cli
 
     server_cli.create_key(paths, user, name=name)
+
+
+@main.command()
+@click.option("--host", default=None, help="Server (default: GRADEXP_HOST, the last login's, "
+                                           "else http://127.0.0.1:8080).")
+@click.option("--key", "key", default=None, envvar="GRADEXP_API_KEY",
+              help="Store this API key without asking (for CI; also GRADEXP_API_KEY).")
+def login(host: str | None, key: str | None) -> None:
+    """Verify an API key against the server and store it for later runs.
+
+    The key is read at a hidden prompt unless --key or GRADEXP_API_KEY gives it.
+    It is stored per host in the user config dir (mode 0600) and never printed.
+    """
+    from . import _auth
+
+    host = _auth.normalize_host(host or os.environ.get("GRADEXP_HOST") or _auth.default_host()
+                                or _auth.DEFAULT_HOST)
+    if not key:
+        click.echo(f"Create an API key on {host} (`gradexp server create-key USER` on the server) "
+                   "and paste it here.", err=True)
+        key = click.prompt("API key", hide_input=True, err=True).strip()
+    viewer = _viewer(host, key)
+    path = _auth.store(host, key, user=viewer["user"], entity=viewer["entity"])
+    click.echo(f"Logged in to {host} as {viewer['user']} (entity {viewer['entity']}); key stored in {path}",
+               err=True)
+
+
+def _viewer(host: str, key: str) -> dict:
+    from ._client import Client
+    from ._errors import ApiError
+
+    try:
+        return Client(host, key, timeout=15).json("GET", "/viewer", retry=False)
+    except ApiError as e:
+        if e.status == 401:
+            raise click.ClickException(f"{host} does not accept that API key ({e.message})") from None
+        raise click.ClickException(str(e)) from None
+    except Exception as e:
+        raise click.ClickException(f"cannot reach {host}: {e}") from None
+
+
+@main.command()
+@click.option("--host", default=None, help="Server (default: GRADEXP_HOST or the last login's).")
+def whoami(host: str | None) -> None:
+    """Show the user, entity and host that runs go to."""
+    from ._settings import resolve
+
+    s = resolve({"host": host})
+    if not s.host:
+        raise click.ClickException("not logged in: run `gradexp login` (runs are offline until then)")
+    if not s.api_key:
+        raise click.ClickException(f"no API key for {s.host}: run `gradexp login --host {s.host}`")
+    viewer = _viewer(s.host, s.api_key)
+    click.echo(f"user {viewer['user']}, entity {viewer['entity']}, host {s.host}")
+
+
+@main.command()
+@click.option("--host", default=None, help="Server (default: GRADEXP_HOST or the last login's).")
+def logout(host: str | None) -> None:
+    """Forget the API key stored for a host."""
+    from . import _auth
+
+    host = host or os.environ.get("GRADEXP_HOST") or _auth.default_host()
+    if not host:
+        raise click.ClickException("not logged in anywhere")
+    if _auth.forget(host):
+        click.echo(f"Forgot the key for {_auth.normalize_host(host)}.", err=True)
+    else:
+        click.echo(f"No key was stored for {_auth.normalize_host(host)}.", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,7 +62,7 @@ def bootstrap(paths: Paths) -> Path | None:
     return path
 
 
-def serve(paths: Paths, bind: str, port: int) -> None:
+def serve(paths: Paths, bind: str, port: int, *, max_body_bytes: int = 2 << 30) -> None:
     try:
         import uvicorn
 
@@ -77,7 +77,7 @@ def serve(paths: Paths, bind: str, port: int) -> None:
         if key_file.exists():
             click.echo(f"Log runs here with:\n  export GRADEXP_HOST=http://{bind}:{port}\n"
                        f"  export GRADEXP_API_KEY=$(cat {key_file})", err=True)
-    app = create_app(db_url=paths.db_url, store_url=paths.store_url)
+    app = create_app(db_url=paths.db_url, store_url=paths.store_url, max_body_bytes=max_body_bytes)
     click.echo(f"gradexp server on http://{bind}:{port}  (database {_safe(paths.db_url)}, "
                f"store {_safe(paths.store_url)})", err=True)
     uvicorn.run(app, host=bind, port=port, log_level="warning", access_log=False)
