@@ -17,7 +17,7 @@ SUMMARY_JSON = "summary.json"
 LOCK = "run.lock"
 PARTS = "parts"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 
 
 def check_name(what: str, value: Any) -> str:

@@ -13,6 +13,12 @@ from ._client import Client
 from ._errors import ApiError, RunNotFoundError
 
 
+def _quote_key(key: str) -> str:
+    """A tensor key as URL path segments. Dots are escaped too: HTTP clients resolve '.' and
+    '..' segments (a key "a/../b" would reach the server as "b"), the server decodes them back."""
+    return quote(key, safe="/").replace(".", "%2E")
+
+
 class RemoteRun:
     """A run on a server (``entity/project/run_id``); reads only, live runs included."""
 
@@ -73,7 +79,7 @@ class RemoteRun:
 
     def steps(self, key: str) -> list[int]:
         try:
-            return self.client.json("GET", f"{self.path}/tensors/{quote(key)}/steps")["steps"]
+            return self.client.json("GET", f"{self.path}/tensors/{_quote_key(key)}/steps")["steps"]
         except ApiError as e:
             if e.status == 404:
                 raise KeyError(e.message) from None
@@ -82,7 +88,7 @@ class RemoteRun:
     def tensor(self, key: str, step: int) -> np.ndarray:
         """One request; the server answers with one range read of the part holding it."""
         try:
-            r = self.client.request("GET", f"{self.path}/tensors/{quote(key)}", params={"step": step})
+            r = self.client.request("GET", f"{self.path}/tensors/{_quote_key(key)}", params={"step": step})
         except ApiError as e:
             if e.status == 404:
                 raise KeyError(e.message) from None

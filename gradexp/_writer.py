@@ -104,11 +104,13 @@ class _Group:
         self._summaries: list[dict[str, Any]] | None = None
 
     def summaries(self) -> list[dict[str, Any]]:
-        """Computed once for the whole group (before its arrays are dropped)."""
-        if self._summaries is None:
+        """Computed once per row (before the arrays are dropped); the history may be written
+        while the group is still filling, so rows added since are summarised on the next call."""
+        done = self._summaries or []
+        if len(done) < len(self.arrays):
             from ._summary import summarize_rows
 
-            self._summaries = summarize_rows(np.stack(self.arrays))
+            self._summaries = done + summarize_rows(np.stack(self.arrays[len(done):]))
         return self._summaries
 
     def fits(self, t: Tensor) -> bool:
@@ -220,10 +222,18 @@ class Writer:
             self._abandon()
 
     def _drain(self) -> bool:
-        """Process what is queued; True once a close has been handled."""
+        """Process what is queued; True once a close has been handled.
+
+        Returns early once a flush is due, so a log() loop that never pauses (the queue is
+        never empty) cannot hold back flushes: they are the flush_interval guarantee.
+        """
         q = self._q
         waiting = False
+        due = self._last_flush + self._flush_every
         while q:
+            if waiting and time.monotonic() >= due:
+                self._wake.set()  # more is queued: come straight back after the flush
+                break
             item = q.popleft()
             if len(item) == 3 and type(item[0]) is str:
                 kind, done, fsync = item

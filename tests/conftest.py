@@ -12,9 +12,40 @@ def _isolated(tmp_path, monkeypatch):
     for name in list(os.environ):
         if name.startswith("GRADEXP_"):
             monkeypatch.delenv(name)
+    # Credentials a developer stored with `gradexp login` must not turn test runs online.
+    monkeypatch.setenv("GRADEXP_CONFIG_DIR", str(tmp_path / ".gradexp-config"))
     monkeypatch.chdir(tmp_path)
     yield
     import gradexp._run as _run
 
     for run in list(_run._runs):  # a failing test must not leave a run open for the next one
         run.finish()
+
+
+# -- real services (tests/services.py): started once per session, on first use -----------------
+
+@pytest.fixture(scope="session")
+def postgres():
+    from services import Postgres
+
+    pg = Postgres()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb():
+    from services import MariaDB
+
+    db = MariaDB()
+    yield db
+    db.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from services import S3
+
+    server = S3()
+    yield server
+    server.stop()

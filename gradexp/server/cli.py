@@ -91,7 +91,7 @@ def _safe(url: str) -> str:
         return url
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
-    user = parts.username
+    user = parts.username if parts.scheme not in ("s3", "gs") else None  # there it is a credential
     if user:
         netloc = f"{user}@{netloc}"
     query = "&".join(q for q in parts.query.split("&") if not q.startswith(("secret_key", "access_key",

@@ -8,15 +8,26 @@ transaction, so an existing database is upgraded in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+_TIME = sa.Double
+"""Timestamps (Unix seconds). DOUBLE: MySQL/MariaDB's FLOAT is 4 bytes and reaches the
+client with 6 significant digits, an error of over an hour for a current timestamp."""
+
 
 def _define(md: sa.MetaData, version: int) -> None:
     """The tables as of schema ``version`` (columns carry the version that added them)."""
@@ -29,7 +40,7 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("name", sa.String(64), nullable=False, unique=True),
         sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
-        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("created_at", _TIME, nullable=False),
     )
     sa.Table(
         "entities", md,
@@ -44,16 +55,16 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("name", sa.String(128), nullable=False),
         sa.Column("prefix", sa.String(16), nullable=False),
         sa.Column("hash", sa.String(64), nullable=False, unique=True),
-        sa.Column("created_at", sa.Float, nullable=False),
-        sa.Column("revoked_at", sa.Float, nullable=True),
-        *since(2, sa.Column("last_used_at", sa.Float, nullable=True)),
+        sa.Column("created_at", _TIME, nullable=False),
+        sa.Column("revoked_at", _TIME, nullable=True),
+        *since(2, sa.Column("last_used_at", _TIME, nullable=True)),
     )
     sa.Table(
         "projects", md,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("entity_id", sa.Integer, sa.ForeignKey("entities.id"), nullable=False),
         sa.Column("name", sa.String(128), nullable=False),
-        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("created_at", _TIME, nullable=False),
         sa.UniqueConstraint("entity_id", "name", name="uq_projects_entity_name"),
     )
     sa.Table(
@@ -67,12 +78,12 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("notes", sa.Text, nullable=True),
         sa.Column("config", sa.Text, nullable=False),
         sa.Column("summary", sa.Text, nullable=False),
-        sa.Column("created_at", sa.Float, nullable=False),
-        sa.Column("updated_at", sa.Float, nullable=False),
-        sa.Column("finished_at", sa.Float, nullable=True),
+        sa.Column("created_at", _TIME, nullable=False),
+        sa.Column("updated_at", _TIME, nullable=False),
+        sa.Column("finished_at", _TIME, nullable=True),
         sa.Column("exit_code", sa.Integer, nullable=True),
         sa.Column("history_object", sa.String(512), nullable=True),
-        *since(2, sa.Column("heartbeat_at", sa.Float, nullable=True)),
+        *since(2, sa.Column("heartbeat_at", _TIME, nullable=True)),
         sa.UniqueConstraint("project_id", "run_id", name="uq_runs_project_run"),
         *since(2, sa.Index("ix_runs_status", "status")),
     )
@@ -85,7 +96,7 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("sha256", sa.String(64), nullable=False),
         sa.Column("size", sa.BigInteger, nullable=False),
         sa.Column("object_key", sa.String(512), nullable=False),
-        sa.Column("uploaded_at", sa.Float, nullable=False),
+        sa.Column("uploaded_at", _TIME, nullable=False),
         sa.UniqueConstraint("run_pk", "stream", "seq", name="uq_parts_run_stream_seq"),
     )
     sa.Table(
@@ -132,8 +143,21 @@ def _v2(conn: Connection) -> None:
         idx.create(conn)
 
 
+def _v3(conn: Connection) -> None:
+    """MySQL/MariaDB: timestamps as DOUBLE (databases made before were FLOAT); no-op elsewhere."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return
+    md = sa.MetaData()
+    _define(md, 3)
+    for table in md.sorted_tables:
+        for col in table.columns:
+            if isinstance(col.type, sa.Double):
+                null = "NULL" if col.nullable else "NOT NULL"
+                conn.execute(sa.text(f"ALTER TABLE {table.name} MODIFY COLUMN {col.name} DOUBLE {null}"))
+
+
 meta = sa.MetaData()
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _define(meta, SCHEMA_VERSION)
 schema_version = meta.tables["gradexp_schema"]
 users = meta.tables["users"]
@@ -145,7 +169,7 @@ parts = meta.tables["parts"]
 frames = meta.tables["frames"]
 segments = meta.tables["history_segments"]
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -171,8 +195,49 @@ def current_version(conn: Connection) -> int:
     return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
 
 
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Hold a lock across processes while migrating: servers (and CLI commands) starting at
+    once on a fresh database would otherwise race to create the same tables."""
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        path = engine.url.database
+        if not path or path == ":memory:" or fcntl is None:
+            yield
+            return
+        with open(f"{path}.migrate-lock", "a") as f:  # beside the database file
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+        return
+    if dialect not in ("postgresql", "mysql", "mariadb"):
+        yield
+        return
+    with engine.connect() as conn:  # a session-level lock, released with the session at worst
+        if dialect == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK})
+        elif conn.execute(sa.text("SELECT GET_LOCK('gradexp_migrate', 600)")).scalar() != 1:
+            raise RuntimeError("another process held the gradexp migration lock for 10 minutes")
+        conn.commit()
+        try:
+            yield
+        finally:
+            if dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK})
+            else:
+                conn.execute(sa.text("SELECT RELEASE_LOCK('gradexp_migrate')"))
+            conn.commit()
+
+
+_MIGRATION_LOCK = 0x6772616465787001  # "gradexp" + 1: a fixed advisory lock key
+
+
 def migrate(engine: Engine, *, target: int = SCHEMA_VERSION) -> int:
     """Bring the database to ``target``; return the version it was at."""
+    with _migration_lock(engine):
+        return _migrate(engine, target)
+
+
+def _migrate(engine: Engine, target: int) -> int:
     with engine.begin() as conn:
         schema_version.create(conn, checkfirst=True)
     with engine.begin() as conn:
@@ -348,14 +413,22 @@ def list_runs(conn: Connection, entity: int, *, project: str | None = None, stat
          .join(projects, projects.c.id == runs.c.project_id)
          .join(entities, entities.c.id == projects.c.entity_id)
          .where(projects.c.entity_id == entity)
-         .order_by(runs.c.created_at.desc()).limit(limit))
+         .order_by(runs.c.created_at.desc()))
     if project:
         q = q.where(projects.c.name == project)
-    if status:
-        q = q.where(runs.c.status == status)
+    if status:  # as _run_dict reports it: a running run without a recent heartbeat is crashed
+        stale = runs.c.heartbeat_at.is_(None) | (runs.c.heartbeat_at < time.time() - STALE_AFTER)
+        if status == "crashed":
+            q = q.where((runs.c.status == "crashed") | ((runs.c.status == "running") & stale))
+        elif status == "running":
+            q = q.where((runs.c.status == "running") & ~stale)
+        else:
+            q = q.where(runs.c.status == status)
+    wanted = set(tags)  # tags are JSON text: filtered here, so then the limit comes after
+    if not wanted:
+        q = q.limit(limit)
     out = [_run_dict(r) for r in conn.execute(q).mappings()]
-    wanted = set(tags)
-    return [r for r in out if wanted.issubset(r["tags"])]
+    return [r for r in out if wanted.issubset(r["tags"])][:limit]
 
 
 def list_projects(conn: Connection, entity: int) -> list[dict[str, Any]]:

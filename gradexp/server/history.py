@@ -57,9 +57,16 @@ def read(engine: Engine, store: Store, pk: int, *, address: tuple[int, int, str]
     done = segs[-1]["last_seq"] if segs else -1
     tail = [p for p in parts if p["seq"] > done]
     pieces = [from_parquet(store.get(s["object_key"])) for s in segs]
-    tail_tables = [t for p in tail for t in part_tables(store.get(p["object_key"]), p["object_key"])]
-    if len(tail) >= COMPACT_AT:
-        _write_segment(engine, store, pk, address, tail[0]["seq"], tail[-1]["seq"], tail_tables)
+    per_part = [part_tables(store.get(p["object_key"]), p["object_key"]) for p in tail]
+    tail_tables = [t for tables in per_part for t in tables]
+    # Compact only parts with no gap before them: a part still missing (uploaded late, out of
+    # order) must not end up behind a segment, where no read would look for it.
+    n = 0
+    while n < len(tail) and tail[n]["seq"] == done + 1 + n:
+        n += 1
+    if n >= COMPACT_AT:
+        _write_segment(engine, store, pk, address, tail[0]["seq"], tail[n - 1]["seq"],
+                       [t for tables in per_part[:n] for t in tables])
     return combine_history(pieces + tail_tables)
 
 

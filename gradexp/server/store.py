@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 STREAMS = ("history", "tensors")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 
 
 class Store:
