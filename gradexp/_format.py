@@ -94,10 +94,22 @@ def _compressor() -> zstandard.ZstdCompressor:
     return c
 
 
-def shuffle(raw: memoryview | bytes, elem: int) -> np.ndarray:
-    """Byte-shuffle: all first bytes of each ``elem``-byte element, then all second bytes..."""
+def _scratch(name: str, size: int) -> np.ndarray:
+    """A per-thread buffer reused across calls: fresh memory is slow to touch on first use."""
+    buf = getattr(_local, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(max(size, 1 << 20), dtype=np.uint8)
+        setattr(_local, name, buf)
+    return buf[:size]
+
+
+def shuffle(raw: memoryview | bytes, elem: int, *, reuse: bool = False) -> np.ndarray:
+    """Byte-shuffle: all first bytes of each ``elem``-byte element, then all second bytes...
+
+    With ``reuse`` the result lives in a per-thread buffer, valid until the next call.
+    """
     src = np.frombuffer(raw, dtype=np.uint8)
-    out = np.empty(src.size, dtype=np.uint8)
+    out = _scratch("shuffled", src.size) if reuse else np.empty(src.size, dtype=np.uint8)
     n = src.size // elem
     np.copyto(out[: n * elem].reshape(elem, n), src[: n * elem].reshape(n, elem).T)
     out[n * elem:] = src[n * elem:]
@@ -107,7 +119,9 @@ def shuffle(raw: memoryview | bytes, elem: int) -> np.ndarray:
 def unshuffle(data: np.ndarray, elem: int) -> np.ndarray:
     out = np.empty(data.size, dtype=np.uint8)
     n = data.size // elem
-    np.copyto(out[: n * elem].reshape(n, elem), data[: n * elem].reshape(elem, n).T)
+    cols = out[: n * elem].reshape(n, elem)
+    for j in range(elem):  # column by column: ~3x faster here than one transposed copy
+        cols[:, j] = data[j * n:(j + 1) * n]
     out[n * elem:] = data[n * elem:]
     return out
 
@@ -119,7 +133,7 @@ def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min:
     data: memoryview | bytes | np.ndarray = raw
     if shuffle_elem > 1:
         filt, elem = FILTER_SHUFFLE, shuffle_elem
-        data = shuffle(raw, elem)
+        data = shuffle(raw, elem, reuse=True)  # consumed by compress() right here
     payload = _compressor().compress(data)
     kb = key.encode()
     head = _HEAD.pack(MAGIC_FRAME, kind, CODEC_ZSTD, filt, elem, len(payload), len(raw),
@@ -129,14 +143,16 @@ def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min:
 
 def decode_payload(info: FrameInfo, payload: bytes | memoryview, path: str = "?") -> np.ndarray:
     """Decompress (and unshuffle) a frame payload into a writable uint8 array."""
-    out = np.empty(info.raw, dtype=np.uint8)
+    shuffled = info.filter == FILTER_SHUFFLE
+    # A shuffled payload decodes into a reused buffer, unshuffled into the caller's own memory.
+    out = _scratch("decoded", info.raw) if shuffled else np.empty(info.raw, dtype=np.uint8)
     try:
         n = zstandard.ZstdDecompressor().stream_reader(payload).readinto(out)
     except zstandard.ZstdError as e:
         raise CorruptPartError(path, info.offset, f"frame payload: {e}") from None
     if n != info.raw:
         raise CorruptPartError(path, info.offset, f"frame decodes to {n} bytes, header says {info.raw}")
-    return unshuffle(out, info.elem) if info.filter == FILTER_SHUFFLE else out
+    return unshuffle(out, info.elem) if shuffled else out
 
 
 def parse_header(buf: bytes | memoryview | mmap.mmap, offset: int, size: int) -> FrameInfo | None:

@@ -3,6 +3,10 @@
 Statistics are over the finite values (``nonfinite`` counts the rest); complex
 tensors are summarised by magnitude, bool as 0/1. The histogram has
 ``HIST_BINS`` equal bins from ``min`` to ``max`` (the last bin includes ``max``).
+Above ``HIST_EXACT`` finite elements the histogram is counted on an evenly spaced
+sample of about that many elements (a prime stride, so it does not line up with a
+tensor's rows) and scaled to the element count: a chart's worth of accuracy for a
+tenth of the cost. Every other statistic is exact.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from ._arrow import HIST_BINS
+
+HIST_EXACT = 1 << 18
 from ._values import is_ml_dtype
 
 
@@ -81,18 +87,22 @@ def _summarize(arr: np.ndarray) -> dict[str, Any]:
     n = int(x.size)
     if n == 0:
         return dict(_EMPTY)
-    finite = np.isfinite(x)
-    m = int(np.count_nonzero(finite))
-    if m < n:
-        x = x[finite]
-    zeros = m - int(np.count_nonzero(x))
-    out: dict[str, Any] = {"count": n, "nonfinite": n - m, "zero_frac": zeros / n}
+    total = float(x.sum(dtype=np.float64))
+    m = n
+    if not math.isfinite(total):  # NaN or inf somewhere (or a float64 sum overflowed): mask
+        finite = np.isfinite(x)
+        m = int(np.count_nonzero(finite))
+        if m < n:
+            x = x[finite]
+            total = float(x.sum(dtype=np.float64))
     if m == 0:
-        out.update(mean=None, std=None, min=None, max=None, norm=None, hist=[0] * HIST_BINS)
-        return out
+        return {"count": n, "nonfinite": n, "zero_frac": 0.0, "mean": None, "std": None, "min": None,
+                "max": None, "norm": None, "hist": [0] * HIST_BINS}
     lo = float(x.min())
     hi = float(x.max())
-    mean = float(x.sum(dtype=np.float64)) / m
+    zeros = m - int(np.count_nonzero(x)) if lo <= 0.0 <= hi else 0
+    out: dict[str, Any] = {"count": n, "nonfinite": n - m, "zero_frac": zeros / n}
+    mean = total / m
     sq = float(np.dot(x, x)) if x.dtype.itemsize >= 4 else float(np.dot(x, x.astype(np.float64)))
     var = sq / m - mean * mean
     if var < 1e-3 * mean * mean or not math.isfinite(sq):
@@ -109,6 +119,22 @@ def _histogram(x: np.ndarray, lo: float, hi: float) -> list[int]:
         counts = [0] * HIST_BINS
         counts[0] = int(x.size)
         return counts
+    if x.size > HIST_EXACT:
+        stride = _prime_at_least(x.size // HIST_EXACT)
+        sample = _bin_counts(x[::stride], lo, hi)
+        scaled = np.rint(np.asarray(sample, np.float64) * (x.size / max(sum(sample), 1)))
+        return scaled.astype(np.int64).tolist()
+    return _bin_counts(x, lo, hi)
+
+
+def _prime_at_least(k: int) -> int:
+    k = max(k, 2)
+    while any(k % d == 0 for d in range(2, int(k ** 0.5) + 1)):
+        k += 1
+    return k
+
+
+def _bin_counts(x: np.ndarray, lo: float, hi: float) -> list[int]:
     # Bin index by one multiply, then bincount: ~2x faster than np.histogram here.
     wide = x.dtype.kind != "f" or (hi - lo) > 1e30  # keep (x - lo) finite
     work = np.dtype(np.float64) if wide else x.dtype

@@ -69,7 +69,7 @@ class _Workers:
 
 
 def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical: np.dtype,
-                   summarise: bool) -> tuple[dict[str, Any] | None, bytes, bytes, int, int]:
+                   summarise: bool) -> list[Any]:
     """Summary (for a single large tensor) and the frame (header, payload) of the rows."""
     from ._arrow import shuffle_width, tensor_ipc
     from ._format import KIND_TENSOR, encode_frame
@@ -86,7 +86,7 @@ def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical
         elem = 0
     header, payload = encode_frame(KIND_TENSOR, raw, key=key, step_min=min(steps),
                                    step_max=max(steps), rows=len(steps), shuffle_elem=elem)
-    return summary, header, payload, len(raw), elem
+    return [summary, header, payload, len(raw), elem]  # a list: the writer drops the bytes once written
 
 
 class _Group:
@@ -287,8 +287,10 @@ class Writer:
 
     def _write_one(self, item: tuple[Future, str, int, Tensor]) -> None:
         fut, key, step, t = item
-        _, header, payload, raw, elem = fut.result()
+        result = fut.result()
+        _, header, payload, raw, elem = result
         self._append(TENSORS, header, payload, key=key, steps=(step, step), rows=1, raw=raw, elem=elem)
+        result[1] = result[2] = None  # the history row keeps this future for its summary only
         self.pool.give(t.buffer)  # encoded: the snapshot's memory can take the next one
         self._release(t.array.nbytes)
 

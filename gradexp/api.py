@@ -89,6 +89,7 @@ class StoredRun:
             raise RunNotFoundError(f"{self.dir} is not a gradexp run folder (no {RUN_JSON})")
         self.meta: dict[str, Any] = meta
         self._scans: dict[Path, tuple[tuple[int, int], _format.PartScan]] = {}
+        self._by_key: tuple[tuple[int, ...], dict[str, list[tuple[Path, _format.FrameInfo]]]] | None = None
         self._warned_damage: set[tuple[str, int]] = set()
 
     # -- metadata ------------------------------------------------------------------------------
@@ -132,11 +133,14 @@ class StoredRun:
     def _scan(self, path: Path) -> _format.PartScan:
         st = path.stat()
         stamp = (st.st_size, st.st_mtime_ns)
-        cached = self._scans.get(path)
+        cached = self._scans.get(path) or _SEALED.get(path)
         if cached is not None and cached[0] == stamp:
+            self._scans[path] = cached
             return cached[1]
         scan = _format.scan_part(path)
         self._scans[path] = (stamp, scan)
+        if scan.sealed and not scan.damage:
+            _remember_sealed(path, (stamp, scan))
         for d in scan.damage:
             self._report(d.path, d.offset, d.reason)
         return scan
@@ -153,8 +157,18 @@ class StoredRun:
         return [d for s in self._parts(HISTORY) + self._parts(TENSORS) for d in s.damage]
 
     def _tensor_frames(self, key: str | None = None) -> list[tuple[Path, _format.FrameInfo]]:
-        frames = _format.iter_frames(self._parts(TENSORS), _format.KIND_TENSOR)
-        return [(p, f) for p, f in frames if key is None or f.key == key]
+        """Tensor frames (of one key), in write order; indexed by key once per change of parts."""
+        scans = self._parts(TENSORS)
+        stamp = tuple(id(s) for s in scans)
+        if self._by_key is None or self._by_key[0] != stamp:
+            by_key: dict[str, list[tuple[Path, _format.FrameInfo]]] = {}
+            for path, info in _format.iter_frames(scans, _format.KIND_TENSOR):
+                by_key.setdefault(info.key, []).append((path, info))
+            self._by_key = (stamp, by_key)
+        index = self._by_key[1]
+        if key is None:
+            return [item for frames in index.values() for item in frames]
+        return index.get(key, [])
 
     # -- history -------------------------------------------------------------------------------
 
@@ -231,6 +245,17 @@ class StoredRun:
                 cache = (info, _arrow.tensor_rows(_format.read_frame(path, info)))
             steps, arrays = cache[1]
             yield step, arrays[int(np.flatnonzero(steps == step)[-1])]
+
+
+# Sealed parts never change: their indexes are shared by every reader in the process.
+_SEALED: dict[Path, tuple[tuple[int, int], _format.PartScan]] = {}
+_SEALED_MAX = 100_000
+
+
+def _remember_sealed(path: Path, entry: tuple[tuple[int, int], _format.PartScan]) -> None:
+    if len(_SEALED) >= _SEALED_MAX:
+        _SEALED.clear()
+    _SEALED[path] = entry
 
 
 def combine_history(tables: list[pa.Table]) -> pa.Table:
