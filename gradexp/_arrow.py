@@ -116,7 +116,7 @@ def shuffle_width(arr: np.ndarray) -> int:
 
 
 def tensor_ipc(key: str, steps: Sequence[int], stacked: np.ndarray, logical: np.dtype,
-               shape: tuple[int, ...]) -> pa.Buffer:
+               shape: tuple[int, ...], *, reuse: bool = False) -> pa.Buffer:
     """An IPC stream of one batch: ``step`` and ``key`` (fixed_shape_tensor), one row a step.
 
     ``stacked`` holds the rows' snapshots, shape ``(len(steps), *shape)``.
@@ -133,7 +133,7 @@ def tensor_ipc(key: str, steps: Sequence[int], stacked: np.ndarray, logical: np.
     schema = pa.schema([pa.field("step", pa.int64(), nullable=False), field])
     batch = pa.record_batch([from_numpy(np.asarray(steps, np.int64)),
                              pa.ExtensionArray.from_storage(ttype, storage)], schema=schema)
-    return _ipc(batch)
+    return _ipc(batch, reuse=reuse)
 
 
 def tensor_rows(raw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -168,11 +168,25 @@ def history_batch(raw: np.ndarray) -> pa.RecordBatch:
     return _read_batch(raw)
 
 
-def _ipc(batch: pa.RecordBatch) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
+def _ipc(batch: pa.RecordBatch, *, reuse: bool = False) -> pa.Buffer:
+    """The batch as an IPC stream; with ``reuse``, in a per-thread buffer valid until the
+    thread's next such call (the writer compresses it at once; fresh memory is slow here)."""
+    if not reuse:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as w:
+            w.write_batch(batch)
+        return sink.getvalue()
+    mock = pa.MockOutputStream()
+    with pa.ipc.new_stream(mock, batch.schema) as w:
+        w.write_batch(batch)
+    size = mock.size()
+    from ._format import _scratch
+
+    buf = pa.py_buffer(_scratch("ipc", size))
+    sink = pa.FixedSizeBufferWriter(buf)
     with pa.ipc.new_stream(sink, batch.schema) as w:
         w.write_batch(batch)
-    return sink.getvalue()
+    return buf
 
 
 def _read_batch(raw: np.ndarray) -> pa.RecordBatch:

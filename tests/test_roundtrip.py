@@ -134,3 +134,12 @@ def test_ints_beyond_int64_become_float64(tmp_path):
         run.log({"x": 2**70})
         run.log({"x": 1})
     assert gradexp.Api().run(run.dir).history().column("x").to_pylist() == [float(2**70), 1.0]
+
+
+def test_summary_of_values_whose_float32_sum_overflows(tmp_path):
+    big = np.array([3e38, 3e38, -1.0] * 100_000, dtype=np.float32)  # large: a worker summarises it
+    with gradexp.init("p", dir=tmp_path) as run:
+        run.log({"w": big})
+    s = gradexp.Api().run(run.dir).history().to_pylist()[0]["w"]
+    assert s["nonfinite"] == 0 and math.isfinite(s["mean"]) and math.isfinite(s["norm"])
+    assert math.isclose(s["mean"], big.astype(np.float64).mean(), rel_tol=1e-6)
