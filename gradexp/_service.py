@@ -48,6 +48,8 @@ class Uploader:
         self._meta_stamp: tuple[float, float] | None = None
         self._last_beat = 0.0
         self.sent_bytes = 0
+        self._lock = threading.Lock()
+        self._second: Client | None = None
 
     def _read_log(self) -> tuple[set[str], bool]:
         try:
@@ -105,27 +107,66 @@ class Uploader:
             self.client.request("PATCH", self.path, deadline=deadline, json={})
             self._last_beat = now
 
-    def upload(self, part: Path, *, deadline: float | None = None) -> None:
+    def upload(self, part: Path, *, deadline: float | None = None, client: Client | None = None) -> None:
         data = part.read_bytes()
         stream, _, seq = part.name[: -len(_format.PART_SUFFIX)].rpartition("-")
         # No client-side hash: every frame carries zstd's content checksum, which the server
         # checks for history frames, and TCP/TLS guard the transfer; the server's SHA-256
         # (returned) is what makes re-uploads idempotent. Hashing here cost ~1 ms/MB.
-        r = self.client.request("PUT", f"{self.path}/parts/{stream}/{int(seq)}", data=data, deadline=deadline,
-                                headers={"Content-Type": "application/octet-stream"})
-        self._append_log(f"{part.name} {r.json().get('sha256', '')}")
-        self.uploaded.add(part.name)
-        self.sent_bytes += len(data)
+        r = (client or self.client).request("PUT", f"{self.path}/parts/{stream}/{int(seq)}", data=data,
+                                            deadline=deadline,
+                                            headers={"Content-Type": "application/octet-stream"})
+        with self._lock:
+            self._append_log(f"{part.name} {r.json().get('sha256', '')}")
+            self.uploaded.add(part.name)
+            self.sent_bytes += len(data)
 
     def upload_pending(self, *, deadline: float | None = None,
                        progress: Callable[[int], None] | None = None) -> int:
-        n = 0
-        for part in self.pending():
+        """Upload every pending part: history in order on this thread, tensor parts two at a
+        time (a second connection keeps the server's other core busy: ~1.6x here)."""
+        pending = self.pending()
+        history = [p for p in pending if p.name.startswith("history-")]
+        tensors = [p for p in pending if not p.name.startswith("history-")]
+        for part in history:
             self.upload(part, deadline=deadline)
-            n += 1
             if progress is not None:
                 progress(part.stat().st_size)
-        return n
+        if len(tensors) < 2:
+            for part in tensors:
+                self.upload(part, deadline=deadline)
+                if progress is not None:
+                    progress(part.stat().st_size)
+            return len(pending)
+        if self._second is None:
+            self._second = Client(self.client.host, self.client.session.headers["Authorization"][7:],
+                                  timeout=self.client.timeout)
+            self._second.stop = self.client.stop
+        queue = list(reversed(tensors))
+        errors: list[BaseException] = []
+
+        def worker(client: Client) -> None:
+            while not errors:
+                with self._lock:
+                    if not queue:
+                        return
+                    part = queue.pop()
+                try:
+                    self.upload(part, deadline=deadline, client=client)
+                except BaseException as e:
+                    errors.append(e)
+                    return
+                if progress is not None:
+                    with self._lock:
+                        progress(part.stat().st_size)
+
+        helper = threading.Thread(target=worker, args=(self._second,), name="gradexp-upload", daemon=True)
+        helper.start()
+        worker(self.client)
+        helper.join()
+        if errors:
+            raise errors[0]
+        return len(pending)
 
     def finish(self, status: str, exit_code: int | None, *, deadline: float | None = None) -> None:
         counts: dict[str, int] = {}
