@@ -65,15 +65,14 @@ def available(module: str) -> bool:
         return False
 
 
-def version_of(module: str) -> str:
-    if not available(module):
-        return NOT_INSTALLED
-    try:
-        from importlib.metadata import version
+def version_of(dist: str) -> str:
+    """Installed version of a distribution (``protobuf``, ``tensorboardX``...)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        return version({"tensorboardX": "tensorboardX"}.get(module, module))
-    except Exception:
-        return "?"
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return NOT_INSTALLED
 
 
 def log(msg: str) -> None:
@@ -245,8 +244,8 @@ def ratio(peer: Any, base: Any) -> str:
     try:
         if peer is None or base is None or float(base) == 0:
             return "-"
-        return f"{float(peer) / float(base):.1f}x" if float(peer) / float(base) >= 10 else \
-            f"{float(peer) / float(base):.2f}x"
+        r = float(peer) / float(base)
+        return f"{r:,.0f}x" if r >= 100 else (f"{r:.1f}x" if r >= 10 else f"{r:.2f}x")
     except (TypeError, ValueError):
         return "-"
 

@@ -204,6 +204,7 @@ def bench_compaction(server: Server, root: Path, steps: int) -> dict[str, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     args = ap.parse_args()
     q = args.quick
     root = Path(tempfile.mkdtemp(prefix="gradexp-bench-server-"))
@@ -222,6 +223,11 @@ def main() -> None:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+    if args.json is not None:
+        import json
+
+        args.json.write_text(json.dumps({"upload": up, "visible": vis, "concurrent": conc,
+                                         "concurrent_burst": burst, "compaction": comp}, indent=2))
     ok = lambda b: "yes" if b else "**no**"  # noqa: E731
     print("### Server and streaming (embedded server: SQLite + local folder, one uvicorn process)\n")
     print("| measure | result | target | met |")

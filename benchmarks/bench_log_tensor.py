@@ -1,0 +1,206 @@
+"""Workload 2: log() of a 1,000,000-element float32 tensor, 200 steps; caller-side latency.
+
+The reference is ``arr.copy()`` of the same array, timed in the same process just
+before (result dropped, so its memory is reused, as NumPy users see it). Two
+phases per system:
+
+* back-to-back: 200 calls with nothing in between (the writer competes for the
+  CPU and, if it falls behind, ``log()`` waits on the bounded queue);
+* paced: 200 calls with ``time.sleep(0.01)`` in between, like a training step
+  that leaves the CPU to background threads.
+
+The arrays come from a pool of 4 distinct N(0, 1e-3) arrays generated up front.
+gradexp keeps every tensor bit-exact; the peers keep only a histogram:
+``wandb.log({"g": wandb.Histogram(arr)})``, tensorboardX ``add_histogram``. MLflow
+has no tensor type: its row is ``np.save`` to a new .npy file + ``log_artifact``.
+
+gradexp target: p50 <= 2x the copy.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+TARGET_RATIO = 2.0
+ELEMENTS = 1_000_000
+WARMUP = 10
+PACE_S = 0.01
+
+
+def _n(args) -> int:
+    return 40 if args.quick else 200
+
+
+def _pool():
+    return C.pool_normal(4, ELEMENTS, 1e-3, np.float32)
+
+
+def _copy_ref(pool, n) -> dict:
+    pc = time.perf_counter_ns
+    ns = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        a = pool[i % len(pool)]
+        t = pc()
+        a.copy()
+        ns[i] = pc() - t
+    return C.lat_stats(ns)
+
+
+def _phases(log, pool, n, flush=None) -> dict:
+    pc = time.perf_counter_ns
+    for i in range(WARMUP):
+        log(pool[i % len(pool)], i)
+    if flush:
+        flush()
+    out = {}
+    for phase, pace in (("b2b", 0.0), ("paced", PACE_S)):
+        ns = np.empty(n, dtype=np.int64)
+        base = WARMUP + (n if phase == "paced" else 0)
+        for i in range(n):
+            a = pool[i % len(pool)]
+            t = pc()
+            log(a, base + i)
+            ns[i] = pc() - t
+            if pace:
+                time.sleep(pace)
+        out[phase] = C.lat_stats(ns)
+        if flush:
+            flush()
+    return out
+
+
+def _finish(out, t_init, fin, tmp):
+    t = time.perf_counter()
+    fin()
+    out.update(init_s=t_init, finish_s=time.perf_counter() - t, disk_bytes=C.dir_bytes(tmp),
+               peak_rss_mb=C.peak_rss_mb())
+    return out
+
+
+def w_gradexp(args, tmp):
+    pool, n = _pool(), _n(args)
+    import gradexp
+
+    copy = _copy_ref(pool, n)
+    t = time.perf_counter()
+    run = gradexp.init("bench", dir=tmp, mode="offline")
+    t_init = time.perf_counter() - t
+    out = _phases(lambda a, s: run.log({"g": a}), pool, n, flush=run.flush)
+    out["copy"] = copy
+    out["copy_after"] = _copy_ref(pool, n)
+    return _finish(out, t_init, gradexp.finish, tmp)
+
+
+def w_wandb(args, tmp):
+    pool, n = _pool(), _n(args)
+    import wandb
+
+    copy = _copy_ref(pool, n)
+    t = time.perf_counter()
+    run = wandb.init(project="bench", dir=str(tmp), mode="offline")
+    t_init = time.perf_counter() - t
+    out = _phases(lambda a, s: wandb.log({"g": wandb.Histogram(a)}), pool, n)
+    out["copy"] = copy
+    return _finish(out, t_init, run.finish, tmp)
+
+
+def w_tensorboardx(args, tmp):
+    pool, n = _pool(), _n(args)
+    from tensorboardX import SummaryWriter
+
+    copy = _copy_ref(pool, n)
+    t = time.perf_counter()
+    w = SummaryWriter(logdir=str(tmp / "tb"))
+    t_init = time.perf_counter() - t
+    out = _phases(lambda a, s: w.add_histogram("g", a, s), pool, n)
+    out["copy"] = copy
+    return _finish(out, t_init, w.close, tmp)
+
+
+def w_mlflow(args, tmp):
+    pool, n = _pool(), _n(args)
+    import mlflow
+
+    copy = _copy_ref(pool, n)
+    t = time.perf_counter()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    exp = mlflow.create_experiment("bench", artifact_location=(tmp / "artifacts").as_uri())
+    mlflow.start_run(experiment_id=exp)
+    t_init = time.perf_counter() - t
+    stage = tmp / "stage"
+    stage.mkdir()
+
+    def log(a, s):
+        p = stage / f"g_{s:06d}.npy"
+        np.save(p, a)
+        mlflow.log_artifact(str(p), artifact_path="g")
+
+    out = _phases(log, pool, n)
+    out["copy"] = copy
+    return _finish(out, t_init, mlflow.end_run, tmp)
+
+
+SYSTEMS = [
+    C.System("gradexp", "gradexp", w_gradexp),
+    C.System("wandb", "wandb", w_wandb),
+    C.System("tensorboardX", "tensorboardX", w_tensorboardx),
+    C.System("mlflow", "mlflow", w_mlflow),
+]
+
+LABELS = {
+    "gradexp": "gradexp `log({'g': arr})` (keeps the tensor)",
+    "wandb": "wandb `log({'g': Histogram(arr)})` (histogram only)",
+    "tensorboardX": "tensorboardX `add_histogram` (histogram only)",
+    "mlflow": "MLflow `np.save` + `log_artifact` (.npy file)",
+}
+
+
+def report(res: dict, quick: bool) -> str:
+    g = res.get("gradexp", {})
+    n = _n(type("A", (), {"quick": quick}))
+    lines = [f"### 2. `log()` of a 1,000,000-element float32 tensor ({n} timed steps per phase)", ""]
+    for phase, title in (("b2b", "back-to-back calls"),
+                         ("paced", f"paced: `time.sleep({PACE_S})` between calls")):
+        rows = []
+        for name in ("gradexp", "wandb", "tensorboardX", "mlflow"):
+            r = res.get(name)
+            if not C.ok(r):
+                rows.append([LABELS[name], C.status(r), "", "", "", "", ""])
+                continue
+            p = r[phase]
+            gp = g[phase] if C.ok(g) else {}
+            rows.append([LABELS[name], C.fmt(p["p50_us"] / 1e3), C.fmt(p["p99_us"] / 1e3),
+                         C.fmt(r["copy"]["p50_us"] / 1e3),
+                         C.ratio(p["p50_us"], r["copy"]["p50_us"]),
+                         "1.00x" if name == "gradexp" else C.ratio(p["p50_us"], gp.get("p50_us")),
+                         "1.00x" if name == "gradexp" else C.ratio(p["p99_us"], gp.get("p99_us"))])
+        lines += [f"**{title}**", "",
+                  C.table(["system", "p50 ms", "p99 ms", "`arr.copy()` p50 ms (same process)",
+                           "p50 / copy", "p50 peer/gradexp", "p99 peer/gradexp"], rows), ""]
+    if C.ok(g):
+        b, pa_, cp = g["b2b"], g["paced"], g["copy"]
+        lines += [
+            f"gradexp: copy reference p50 {C.fmt(cp['p50_us'])} µs before the run, "
+            f"{C.fmt(g['copy_after']['p50_us'])} µs after it; finish() {C.fmt(g['finish_s'])} s; "
+            f"peak RSS {C.fmt(g['peak_rss_mb'])} MB.", "",
+            f"gradexp target p50 <= {TARGET_RATIO:g}x copy: back-to-back "
+            f"**{C.verdict(b['p50_us'] <= TARGET_RATIO * cp['p50_us'])}** "
+            f"({b['p50_us'] / cp['p50_us']:.2f}x), paced "
+            f"**{C.verdict(pa_['p50_us'] <= TARGET_RATIO * cp['p50_us'])}** "
+            f"({pa_['p50_us'] / cp['p50_us']:.2f}x)."]
+    return "\n".join(lines)
+
+
+def runs(quick: bool):
+    return [(s.name, s.name, None, 300.0) for s in SYSTEMS]
+
+
+if __name__ == "__main__":
+    C.main(__file__, "Workload 2: log() of a 1M-element float32 tensor", SYSTEMS, report, runs)
