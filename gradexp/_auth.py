@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from ._files import write_json
 
 DEFAULT_HOST = "http://127.0.0.1:8080"
 FILE = "credentials.json"
@@ -50,19 +51,7 @@ def _save(data: dict[str, Any]) -> Path:
     folder = config_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{FILE}.", dir=folder)  # created 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / FILE)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_json(folder / FILE, data, fsync=True)  # a 0600 temp file, renamed
     return folder / FILE
 
 

@@ -43,13 +43,17 @@ def to_jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON via a temp file and rename, so readers never see half a file."""
+def write_json(path: Path, data: Any, *, fsync: bool = False) -> None:
+    """Write ``data`` as JSON via a temp file (mode 0600) and rename, so readers never see
+    half a file; with ``fsync`` it is on disk before the rename."""
     text = json.dumps(data, indent=2, default=to_jsonable, allow_nan=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
