@@ -11,16 +11,25 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ._errors import CorruptPartError, CorruptPartWarning, GradexpWarning, RunNotFoundError, UsageError
+from ._errors import (
+    ApiError,
+    CorruptPartError,
+    CorruptPartWarning,
+    GradexpWarning,
+    RunNotFoundError,
+    UsageError,
+)
 from ._run import Run, current, init
 from ._settings import Settings
 from ._version import __version__
 
 __all__ = [
     "Api",
+    "ApiError",
     "CorruptPartError",
     "CorruptPartWarning",
     "GradexpWarning",
+    "RemoteRun",
     "Run",
     "RunNotFoundError",
     "Settings",
@@ -49,4 +58,8 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "RemoteRun":
+        from ._remote import RemoteRun
+
+        return RemoteRun
     raise AttributeError(f"module 'gradexp' has no attribute {name!r}")
