@@ -209,3 +209,22 @@ def test_long_drains_keep_every_row(monkeypatch):
             run.log({"a": float(s)})
     table = gradexp.Api().run(run.dir).history()
     assert table.column("a").to_pylist() == [float(s) for s in range(5500)]
+
+
+def test_logging_imports_no_heavy_modules(tmp_path):
+    """`import gradexp` and an offline run never import pandas, torch or requests, and
+    `import gradexp` alone does not import pyarrow (the writer imports it in the background)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, gradexp\n"
+        "light = 'pyarrow' not in sys.modules\n"
+        f"run = gradexp.init('p', dir={str(tmp_path)!r})\n"
+        "run.log({'a': 1.0, 't': np.zeros((600, 600), np.float32)})\n"
+        "run.finish()\n"
+        "print(light, sorted(m for m in ('pandas', 'torch', 'requests') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "[]"]
