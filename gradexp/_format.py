@@ -126,17 +126,32 @@ def unshuffle(data: np.ndarray, elem: int) -> np.ndarray:
     return out
 
 
+_CHUNK = 1 << 16
+"""Compressed payloads of large frames come as chunks of this size: below glibc's mmap
+threshold, so their memory is reused instead of mapped afresh (and faulted in) per frame."""
+
+
 def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min: int = 0,
-                 step_max: int = 0, rows: int = 0, shuffle_elem: int = 0) -> tuple[bytes, bytes]:
-    """Compress ``raw`` (an Arrow IPC stream) and return (header, payload) for one frame."""
+                 step_max: int = 0, rows: int = 0, shuffle_elem: int = 0,
+                 chunked: bool = False) -> tuple[bytes, bytes | list[bytes]]:
+    """Compress ``raw`` (an Arrow IPC stream) and return (header, payload) for one frame;
+    with ``chunked`` the payload is a list of byte strings that together form it."""
     filt, elem = FILTER_NONE, 1
     data: memoryview | bytes | np.ndarray = raw
     if shuffle_elem > 1:
         filt, elem = FILTER_SHUFFLE, shuffle_elem
         data = shuffle(raw, elem, reuse=True)  # consumed by compress() right here
-    payload = _compressor().compress(data)
+    payload: bytes | list[bytes]
+    if chunked and len(raw) > _CHUNK:
+        chunker = _compressor().chunker(size=len(raw), chunk_size=_CHUNK)
+        payload = list(chunker.compress(data))
+        payload.extend(chunker.finish())
+        stored = sum(len(c) for c in payload)
+    else:
+        payload = _compressor().compress(data)
+        stored = len(payload)
     kb = key.encode()
-    head = _HEAD.pack(MAGIC_FRAME, kind, CODEC_ZSTD, filt, elem, len(payload), len(raw),
+    head = _HEAD.pack(MAGIC_FRAME, kind, CODEC_ZSTD, filt, elem, stored, len(raw),
                       step_min, step_max, rows, len(kb), 0) + kb
     return head + _CRC.pack(zlib.crc32(head)), payload
 
@@ -200,18 +215,26 @@ class PartWriter:
             self.frames, self.size = list(resume[0]), resume[1]
 
     def _write(self, bufs: Sequence[bytes | memoryview]) -> None:
-        # One writev per frame: a reader of the live file sees whole frames or a short tail.
-        total = sum(len(b) for b in bufs)
-        done = os.writev(self._fd, bufs)
-        while done < total:  # short write: finish the rest
-            flat = b"".join(bytes(b) for b in bufs)[done:]
-            done += os.write(self._fd, flat)
+        # Appends only, so a reader of the live file sees whole frames and at most one
+        # incomplete frame at the end. writev takes at most IOV_MAX (1024) buffers a call.
+        total = 0
+        for i in range(0, len(bufs), 512):
+            group = bufs[i:i + 512]
+            n = sum(len(b) for b in group)
+            done = os.writev(self._fd, group)
+            if done < n:  # short write: finish the rest
+                rest = b"".join(bytes(b) for b in group)[done:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest):]
+            total += n
         self.size += total
 
-    def append(self, kind: int, header: bytes, payload: bytes, *, step_min: int, step_max: int,
-               rows: int, key: str, raw: int, filt: int, elem: int) -> FrameInfo:
-        info = FrameInfo(self.size, kind, filt, elem, len(payload), raw, step_min, step_max, rows, key)
-        self._write([header, payload])
+    def append(self, kind: int, header: bytes, payload: bytes | list[bytes], *, step_min: int,
+               step_max: int, rows: int, key: str, raw: int, filt: int, elem: int) -> FrameInfo:
+        bufs = [header, *payload] if isinstance(payload, list) else [header, payload]
+        stored = sum(len(b) for b in bufs) - len(header)
+        info = FrameInfo(self.size, kind, filt, elem, stored, raw, step_min, step_max, rows, key)
+        self._write(bufs)
         self.frames.append(info)
         return info
 

@@ -84,7 +84,7 @@ def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical
     # hurts sparse tensors, whose zero runs zstd already finds: skip it for those.
     if elem > 1 and summary is not None and (summary["zero_frac"] or 0.0) > 0.5:
         elem = 0
-    header, payload = encode_frame(KIND_TENSOR, raw, key=key, step_min=min(steps),
+    header, payload = encode_frame(KIND_TENSOR, raw, chunked=True, key=key, step_min=min(steps),
                                    step_max=max(steps), rows=len(steps), shuffle_elem=elem)
     return [summary, header, payload, len(raw), elem]  # a list: the writer drops the bytes once written
 
@@ -263,6 +263,7 @@ class Writer:
             if self._workers is None:
                 self._workers = _Workers(self._s.workers)
             fut = self._workers.submit(_encode_tensor, key, [step], [arr], t.logical, True)
+            fut.add_done_callback(self._wake_up)  # write it (and free queue room) at once
             self._inflight.append((fut, key, step, t))
             while len(self._inflight) > 2 * self._s.workers:
                 self._write_one(self._inflight.popleft())
@@ -280,6 +281,10 @@ class Writer:
         if g.nbytes >= _GROUP_MAX_BYTES:
             self._write_group(key)
         return ref
+
+    def _wake_up(self, _: Future) -> None:
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _write_ready(self) -> None:
         while self._inflight and self._inflight[0][0].done():
