@@ -397,6 +397,8 @@ def current() -> Run:
         for run in reversed(_runs):
             if run._pid == _pid:
                 return run
+        if _runs:  # a forked child: the parent's run answers, and its log() warns and ignores
+            return _runs[-1]
     raise UsageError("no active run: call gradexp.init() before gradexp.log()")
 
 

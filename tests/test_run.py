@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -228,3 +229,23 @@ def test_logging_imports_no_heavy_modules(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "[]"]
+
+
+def test_module_level_log_in_a_forked_child_warns_and_records_nothing(tmp_path):
+    run = gradexp.init("p", dir=tmp_path)
+    run.log({"a": 1.0})
+    pid = os.fork()
+    if pid == 0:  # the child: must neither raise nor write to the parent's run
+        code = 3
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                gradexp.log({"a": -1.0})
+                gradexp.finish()
+            code = 0 if any("forked child" in str(w.message) for w in seen) else 4
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    run.finish()
+    assert history_rows(run)[0]["a"] == 1.0 and len(history_rows(run)) == 1
