@@ -40,6 +40,29 @@ def gradexp_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, gradexp.GradexpWarning)]
 
 
+
+class BackgroundLogger(threading.Thread):
+    """Logs ``make_row(j)`` for j = 0, 1, ... until ``stop`` is set; keeps its count and any error."""
+
+    def __init__(self, target_run: gradexp.Run, make_row, *, pause: float = 0.0) -> None:
+        super().__init__(daemon=True)
+        self.target_run = target_run
+        self.make_row = make_row
+        self.pause = pause
+        self.stop = threading.Event()
+        self.logged = 0
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.target_run.log(self.make_row(self.logged))
+                self.logged += 1
+                if self.pause:
+                    time.sleep(self.pause)
+        except BaseException as e:  # noqa: BLE001
+            self.errors.append(e)
+
 # -- threads --------------------------------------------------------------------------------
 
 
@@ -194,26 +217,12 @@ def test_tiny_queue_drops_nothing(tmp_path):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # 3.12+: fork() with threads running
 def test_fork_while_another_thread_logs(tmp_path):
     run = gradexp.init("p", dir=tmp_path, flush_interval=0.2)
-    stop = threading.Event()
-    logged = [0]
-    errors: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            j = 0
-            while not stop.is_set():
-                run.log({"x": j, "v": np.full(4, j, np.float64), "b": np.full(70_000, j, np.float32)
-                         if j % 25 == 0 else np.zeros(1, np.float32)})
-                j += 1
-                logged[0] = j
-                time.sleep(0.0005)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    t = threading.Thread(target=loop)
+    t = BackgroundLogger(run, lambda j: {"x": j, "v": np.full(4, j, np.float64),
+                                         "b": np.full(70_000, j, np.float32) if j % 25 == 0
+                                         else np.zeros(1, np.float32)}, pause=0.0005)
     t.start()
     try:
-        poll(lambda: logged[0] >= 50, what="the logging thread")
+        poll(lambda: t.logged >= 50, what="the logging thread")
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: only async-signal-safe-ish work, and always os._exit
@@ -237,7 +246,7 @@ def test_fork_while_another_thread_logs(tmp_path):
             finally:
                 os._exit(code)
         os.close(w)
-        at_fork = logged[0]
+        at_fork = t.logged
         deadline = time.monotonic() + TIMEOUT
         while True:
             wpid, status = os.waitpid(pid, os.WNOHANG)
@@ -251,14 +260,14 @@ def test_fork_while_another_thread_logs(tmp_path):
         with os.fdopen(r, "rb") as f:
             said = f.read().decode()
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, said
-        poll(lambda: logged[0] >= at_fork + 100, what="the parent to keep logging")
+        poll(lambda: t.logged >= at_fork + 100, what="the parent to keep logging")
     finally:
-        stop.set()
+        t.stop.set()
         join_all([t])
     run.finish()
-    assert errors == []
+    assert t.errors == []
 
-    n = logged[0]
+    n = t.logged
     stored = gradexp.Api().run(run.dir)
     assert stored.status == "finished" and stored.damage == []
     table = stored.history()
@@ -390,27 +399,12 @@ def test_reading_while_the_writer_seals_parts(tmp_path):
     while parts are being written, sealed and renamed under it."""
     run = gradexp.init("p", dir=tmp_path, flush_interval=0.05, part_max_bytes=8_000,
                        part_max_age=0.1)
-    stop = threading.Event()
-    logged = [0]
-    errors: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            j = 0
-            while not stop.is_set():
-                run.log({"x": j, "v": np.full(50, j, np.int64)})
-                j += 1
-                logged[0] = j
-                time.sleep(0.001)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    t = threading.Thread(target=loop)
+    t = BackgroundLogger(run, lambda j: {"x": j, "v": np.full(50, j, np.int64)}, pause=0.001)
     t.start()
     stored = gradexp.Api().run(run.dir)
     seen = 0
     try:
-        poll(lambda: logged[0] > 20, what="the logging thread")
+        poll(lambda: t.logged > 20, what="the logging thread")
         deadline = time.monotonic() + 2.5
         while time.monotonic() < deadline:
             steps = stored.history().column("step").to_pylist()
@@ -424,12 +418,12 @@ def test_reading_while_the_writer_seals_parts(tmp_path):
             for s, arr in stored.tensors("v"):
                 assert same_bits(arr, np.full(50, s, np.int64))
     finally:
-        stop.set()
+        t.stop.set()
         join_all([t])
         run.finish()
-    assert errors == [] and seen > 0
+    assert t.errors == [] and seen > 0
     assert len([p for p in (run.dir / "parts").iterdir()]) > 4  # parts were sealed meanwhile
-    assert stored.history().column("x").to_pylist() == list(range(logged[0]))
+    assert stored.history().column("x").to_pylist() == list(range(t.logged))
 
 
 # -- the writer thread under sustained load ---------------------------------------------------
@@ -445,21 +439,7 @@ def test_flushes_keep_coming_while_the_queue_never_empties(tmp_path, monkeypatch
 
     monkeypatch.setattr(_writer.Writer, "_add_tensor", slow_add)
     run = gradexp.init("p", dir=tmp_path, flush_interval=0.2, queue_max_rows=2000)
-    stop = threading.Event()
-    logged = [0]
-    errors: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            j = 0
-            while not stop.is_set():
-                run.log({"x": j, "g": np.full(4, j, np.int32)})
-                j += 1
-                logged[0] = j
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    t = threading.Thread(target=loop)
+    t = BackgroundLogger(run, lambda j: {"x": j, "g": np.full(4, j, np.int32)})
     stored = gradexp.Api().run(run.dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", gradexp.GradexpWarning)  # the queue-full one
@@ -471,11 +451,11 @@ def test_flushes_keep_coming_while_the_queue_never_empties(tmp_path, monkeypatch
             assert stored.steps("g")[-1] >= seen - 1  # the rows' small tensors were written too
             assert len(run._writer._q) > 0 and t.is_alive()  # it was flushed while still busy
         finally:
-            stop.set()
+            t.stop.set()
             join_all([t])
             run.finish()
-    assert errors == []
-    n = logged[0]
+    assert t.errors == []
+    n = t.logged
     table = stored.history()
     assert table.column("x").to_pylist() == list(range(n))
     for s, arr in stored.tensors("g"):
