@@ -32,6 +32,29 @@ def join_all(threads, timeout: float = TIMEOUT) -> None:
         assert not t.is_alive(), f"{t.name} is stuck"
 
 
+def log_from_threads(run: gradexp.Run, n: int, body) -> tuple[list[BaseException], list[str]]:
+    """Run ``body(i)`` on ``n`` threads released together, then finish ``run``; return the
+    errors the threads raised and the gradexp warnings seen meanwhile."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def worker(i: int) -> None:
+        try:
+            start.wait()
+            body(i)
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in threads:
+            t.start()
+        join_all(threads)
+        run.finish()
+    return errors, gradexp_warnings(caught)
+
+
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
@@ -69,26 +92,14 @@ class BackgroundLogger(threading.Thread):
 def test_threads_with_distinct_keys_implicit_steps(tmp_path):
     T, N = 4, 250
     run = gradexp.init("p", dir=tmp_path, flush_interval=0.2)
-    errors: list[BaseException] = []
-    start = threading.Barrier(T)
 
-    def worker(i: int) -> None:
-        try:
-            start.wait()
-            for j in range(N):
-                run.log({f"t{i}": {"x": i * 100_000 + j, "v": np.full((2, 3), j, np.int32)}})
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def body(i: int) -> None:
+        for j in range(N):
+            run.log({f"t{i}": {"x": i * 100_000 + j, "v": np.full((2, 3), j, np.int32)}})
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(T)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for t in threads:
-            t.start()
-        join_all(threads)
-        run.finish()
+    errors, warned = log_from_threads(run, T, body)
     assert errors == []
-    assert gradexp_warnings(caught) == []
+    assert warned == []
 
     stored = gradexp.Api().run(run.dir)
     assert stored.status == "finished" and stored.damage == []
@@ -110,27 +121,14 @@ def test_threads_with_distinct_keys_implicit_steps(tmp_path):
 def test_threads_with_distinct_keys_explicit_steps(tmp_path):
     T, N = 4, 200
     run = gradexp.init("p", dir=tmp_path, flush_interval=0.2)
-    errors: list[BaseException] = []
-    start = threading.Barrier(T)
 
-    def worker(i: int) -> None:
-        try:
-            start.wait()
-            for j in range(N):
-                run.log({f"k{i}": float(i + j / 8), f"g{i}": np.arange(5, dtype=np.float32) * j},
-                        step=j)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+    def body(i: int) -> None:
+        for j in range(N):
+            run.log({f"k{i}": float(i + j / 8), f"g{i}": np.arange(5, dtype=np.float32) * j}, step=j)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(T)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for t in threads:
-            t.start()
-        join_all(threads)
-        run.finish()
+    errors, warned = log_from_threads(run, T, body)
     assert errors == []
-    assert len(gradexp_warnings(caught)) <= 1  # a lagging thread's lower step: warned once at most
+    assert len(warned) <= 1  # a lagging thread's lower step: warned once at most
 
     stored = gradexp.Api().run(run.dir)
     table = stored.history()
