@@ -41,6 +41,7 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("name", sa.String(64), nullable=False, unique=True),
         sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
         sa.Column("created_at", _TIME, nullable=False),
+        *since(4, sa.Column("password_hash", sa.String(256), nullable=True)),
     )
     sa.Table(
         "entities", md,
@@ -122,6 +123,44 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("object_key", sa.String(512), nullable=False),
         sa.UniqueConstraint("run_pk", "first_seq", name="uq_segments_run_first"),
     )
+    if version >= 4:
+        sa.Table(
+            "sessions", md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+            sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+            sa.Column("csrf", sa.String(64), nullable=False),
+            sa.Column("created_at", _TIME, nullable=False),
+            sa.Column("expires_at", _TIME, nullable=False),
+        )
+        sa.Table(
+            "auth_codes", md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("code_hash", sa.String(64), nullable=False, unique=True),
+            sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+            sa.Column("client", sa.String(64), nullable=False),
+            sa.Column("redirect_uri", sa.String(512), nullable=False),
+            sa.Column("challenge", sa.String(128), nullable=False),
+            sa.Column("expires_at", _TIME, nullable=False),
+            sa.Column("used_at", _TIME, nullable=True),
+        )
+        sa.Table(
+            "login_failures", md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("name", sa.String(64), nullable=False),
+            sa.Column("address", sa.String(64), nullable=False),
+            sa.Column("at", _TIME, nullable=False),
+            sa.Index("ix_login_failures_name_at", "name", "at"),
+            sa.Index("ix_login_failures_address_at", "address", "at"),
+        )
+        sa.Table(
+            "signin_links", md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+            sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+            sa.Column("expires_at", _TIME, nullable=False),
+            sa.Column("used_at", _TIME, nullable=True),
+        )
 
 
 def _v1(conn: Connection) -> None:
@@ -156,8 +195,19 @@ def _v3(conn: Connection) -> None:
                 conn.execute(sa.text(f"ALTER TABLE {table.name} MODIFY COLUMN {col.name} DOUBLE {null}"))
 
 
+def _v4(conn: Connection) -> None:
+    """Accounts: passwords, browser sessions, one-time authorization codes and sign-in links,
+    failed sign-ins (for the rate limit)."""
+    md = sa.MetaData()
+    _define(md, 4)
+    col = md.tables["users"].c["password_hash"]
+    conn.execute(sa.text(f"ALTER TABLE users ADD COLUMN password_hash {col.type.compile(dialect=conn.dialect)}"))
+    md.create_all(conn, tables=[md.tables[n] for n in ("sessions", "auth_codes", "login_failures",
+                                                               "signin_links")])
+
+
 meta = sa.MetaData()
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _define(meta, SCHEMA_VERSION)
 schema_version = meta.tables["gradexp_schema"]
 users = meta.tables["users"]
@@ -169,7 +219,12 @@ parts = meta.tables["parts"]
 frames = meta.tables["frames"]
 segments = meta.tables["history_segments"]
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+sessions = meta.tables["sessions"]
+auth_codes = meta.tables["auth_codes"]
+login_failures = meta.tables["login_failures"]
+signin_links = meta.tables["signin_links"]
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -288,6 +343,53 @@ def create_key(engine: Engine, user: str, *, name: str = "default") -> str:
         conn.execute(sa.insert(api_keys).values(user_id=uid, name=name, prefix=key[:8], hash=hash_key(key),
                                                 created_at=time.time()))
     return key
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """An API key as its owner sees it (never the key itself: only its first characters)."""
+
+    id: int
+    user: str
+    name: str
+    prefix: str
+    created_at: float
+    last_used_at: float | None
+    revoked_at: float | None
+
+
+def list_keys(engine: Engine, *, user: str | None = None, user_id: int | None = None) -> list[KeyInfo]:
+    """Keys, newest first; of one user if ``user`` or ``user_id`` is given."""
+    q = (sa.select(api_keys.c.id, users.c.name, api_keys.c.name, api_keys.c.prefix, api_keys.c.created_at,
+                   api_keys.c.last_used_at, api_keys.c.revoked_at)
+         .join(users, users.c.id == api_keys.c.user_id).order_by(api_keys.c.id.desc()))
+    if user is not None:
+        q = q.where(users.c.name == user)
+    if user_id is not None:
+        q = q.where(users.c.id == user_id)
+    with engine.connect() as conn:
+        return [KeyInfo(*row) for row in conn.execute(q)]
+
+
+def revoke_key(engine: Engine, key_id: int, *, user_id: int | None = None) -> bool:
+    """Revoke key ``key_id`` (only if it belongs to ``user_id``, when given); False if there
+    was no such live key."""
+    q = sa.update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+    if user_id is not None:
+        q = q.where(api_keys.c.user_id == user_id)
+    with engine.begin() as conn:
+        return bool(conn.execute(q.values(revoked_at=time.time())).rowcount)
+
+
+def list_users(engine: Engine) -> list[dict[str, Any]]:
+    keys = (sa.select(api_keys.c.user_id, sa.func.count().label("n")).where(api_keys.c.revoked_at.is_(None))
+            .group_by(api_keys.c.user_id).subquery())
+    q = (sa.select(users.c.name, users.c.is_admin, users.c.created_at,
+                   users.c.password_hash.isnot(None).label("has_password"),
+                   sa.func.coalesce(keys.c.n, 0).label("keys"))
+         .outerjoin(keys, keys.c.user_id == users.c.id).order_by(users.c.name))
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
 
 
 def user_count(engine: Engine) -> int:
