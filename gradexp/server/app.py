@@ -1,7 +1,7 @@
-"""The ASGI application: the gradexp API under ``/api/v1``.
+"""The ASGI application: the gradexp API under ``/api/v1``, and the web pages (``web``).
 
-Every endpoint but the health check and the OpenAPI document needs
-``Authorization: Bearer <key>``; a user sees only their own entity (another
+Every API endpoint but the health check, the OpenAPI document and the token
+exchange of ``gradexp login`` needs ``Authorization: Bearer <key>``; a user sees only their own entity (another
 entity's runs answer 404, as if they did not exist). The server keeps no state
 between requests beyond the database and the object store, so several processes
 can serve one database and one bucket behind a load balancer.
@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from .. import _arrow, _format
 from .._version import __version__
-from . import db, history
+from . import db, history, web
 from .openapi import openapi
 from .store import STREAMS, Store
 
@@ -407,6 +407,7 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30) ->
         Route(run + "/tensors/{key:path}/steps", _handler(s.tensor_steps)),
         Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
     ]
+    routes += web.routes(s.engine)
     app = Starlette(routes=routes)
     app.state.server = s
     return app

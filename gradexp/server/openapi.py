@@ -38,6 +38,27 @@ def openapi() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": {
             "/healthz": {"get": {**_op("Liveness", codes=()), "security": []}},
+            "/api/v1/oauth/token": {"post": {
+                "summary": "gradexp login: trade a single-use authorization code and its PKCE verifier "
+                           "(RFC 7636, S256) for a new API key",
+                "security": [], "parameters": [],
+                "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+                    "type": "object", "required": ["grant_type", "code", "code_verifier", "redirect_uri",
+                                                   "client_id"],
+                    "properties": {"grant_type": {"const": "authorization_code"}, "code": {"type": "string"},
+                                   "code_verifier": {"type": "string"}, "redirect_uri": {"type": "string"},
+                                   "client_id": {"const": "gradexp-cli"}}}}}},
+                "responses": {
+                    "200": {"description": "the key", "content": {"application/json": {"schema": {
+                        "type": "object", "properties": {"api_key": {"type": "string"},
+                                                         "token_type": {"const": "bearer"},
+                                                         "user": {"type": "string"},
+                                                         "entity": {"type": "string"}}}}}},
+                    "400": {"description": "RFC 6749 error: invalid_grant (unknown, used or expired code, "
+                                           "wrong verifier or redirect_uri), invalid_request, ...",
+                            "content": {"application/json": {"schema": {"type": "object", "properties": {
+                                "error": {"type": "string"}, "error_description": {"type": "string"}}}}}},
+                }}},
             "/api/v1/viewer": {"get": _op("The authenticated user and entity", codes=(401,))},
             "/api/v1/projects": {"get": _op("Projects of the viewer's entity", codes=(401,))},
             "/api/v1/runs": {"get": _op("Runs, newest first", params=[
