@@ -178,29 +178,116 @@ def create_key(paths: object, user: str, name: str) -> None:
     server_cli.create_key(paths, user, name=name)
 
 
+@server.command("set-password")
+@click.argument("user")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input (scripts).")
+@click.pass_obj
+def set_password(paths: object, user: str, password_stdin: bool) -> None:
+    """Set USER's password for the web pages (asked twice at a hidden prompt)."""
+    from .server import cli as server_cli
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("New password", hide_input=True, confirmation_prompt=True, err=True)
+    server_cli.set_password(paths, user, password)
+
+
+@server.command("signin-link")
+@click.argument("user")
+@click.option("--base-url", default="http://127.0.0.1:8080", show_default=True,
+              help="The server's address as the user's browser reaches it.")
+@click.pass_obj
+def signin_link(paths: object, user: str, base_url: str) -> None:
+    """Print a one-time sign-in link for USER (valid 24 h; for a forgotten password)."""
+    from .server import cli as server_cli
+
+    server_cli.signin_link(paths, user, base_url)
+
+
+@server.command("list-users")
+@click.pass_obj
+def list_users(paths: object) -> None:
+    """List users: admin or not, password set or not, active keys."""
+    from .server import cli as server_cli
+
+    server_cli.list_users(paths)
+
+
+@server.command("list-keys")
+@click.argument("user", required=False)
+@click.option("--revoked", is_flag=True, help="Also list revoked keys.")
+@click.pass_obj
+def list_keys(paths: object, user: str | None, revoked: bool) -> None:
+    """List API keys (of USER, or everyone's): id, first characters, name, last use."""
+    from .server import cli as server_cli
+
+    server_cli.list_keys(paths, user, revoked=revoked)
+
+
+@server.command("revoke-key")
+@click.argument("key_id", type=int)
+@click.pass_obj
+def revoke_key(paths: object, key_id: int) -> None:
+    """Revoke the API key with id KEY_ID (from list-keys); it stops working at once."""
+    from .server import cli as server_cli
+
+    server_cli.revoke_key(paths, key_id)
+
+
 @main.command()
 @click.option("--host", default=None, help="Server (default: GRADEXP_HOST, the last login's, "
                                            "else http://127.0.0.1:8080).")
 @click.option("--key", "key", default=None, envvar="GRADEXP_API_KEY",
               help="Store this API key without asking (for CI; also GRADEXP_API_KEY).")
-def login(host: str | None, key: str | None) -> None:
-    """Verify an API key against the server and store it for later runs.
+@click.option("--no-browser", is_flag=True,
+              help="Do not open a browser: print the URL of a page that shows a key to paste here.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+              help="Seconds to wait for the browser.")
+def login(host: str | None, key: str | None, no_browser: bool, timeout: float) -> None:
+    """Sign in through the browser and store an API key for later runs.
 
-    The key is read at a hidden prompt unless --key or GRADEXP_API_KEY gives it.
-    It is stored per host in the user config dir (mode 0600) and never printed.
+    Opens the server's authorize page; after you sign in and click Authorize, the
+    server hands this command a new API key (RFC 8252 loopback redirect with PKCE).
+    With --no-browser, or when no browser can be opened, the page shows the key and
+    you paste it at a hidden prompt. The key is stored per host in the user config
+    dir (mode 0600) and never printed.
     """
-    from . import _auth
+    from . import _auth, _login
 
     host = _auth.normalize_host(host or os.environ.get("GRADEXP_HOST") or _auth.default_host()
                                 or _auth.DEFAULT_HOST)
-    if not key:
-        click.echo(f"Create an API key on {host} (`gradexp server create-key USER` on the server) "
-                   "and paste it here.", err=True)
-        key = click.prompt("API key", hide_input=True, err=True).strip()
-    viewer = _viewer(host, key)
+    if key:
+        viewer = _viewer(host, key)
+    else:
+        _reachable(host)
+        grant = None
+        if not no_browser:
+            try:
+                grant = _login.browser_login(host, timeout=timeout, echo=lambda m: click.echo(m, err=True))
+            except _login.LoginError as e:
+                raise click.ClickException(str(e)) from None
+            if grant is None:
+                click.echo("No browser could be opened here.", err=True)
+        if grant is None:
+            click.echo(f"Open this page in a browser, sign in, authorize, and paste the key it shows:\n"
+                       f"  {_login.manual_url(host)}", err=True)
+            key = click.prompt("API key", hide_input=True, err=True).strip()
+            viewer = _viewer(host, key)
+        else:
+            key, viewer = grant.api_key, {"user": grant.user, "entity": grant.entity}
     path = _auth.store(host, key, user=viewer["user"], entity=viewer["entity"])
     click.echo(f"Logged in to {host} as {viewer['user']} (entity {viewer['entity']}); key stored in {path}",
                err=True)
+
+
+def _reachable(host: str) -> None:
+    import requests
+
+    try:
+        requests.get(f"{host}/healthz", timeout=10).raise_for_status()
+    except requests.RequestException as e:
+        raise click.ClickException(f"cannot reach a gradexp server at {host}: {e}") from None
 
 
 def _viewer(host: str, key: str) -> dict:

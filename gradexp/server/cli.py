@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from . import db
+from . import accounts, db
 
 BOOTSTRAP_USER = "local"
 KEY_FILE = "local-api-key"
@@ -49,7 +49,8 @@ def _engine(paths: Paths):  # type: ignore[no-untyped-def]
 
 
 def bootstrap(paths: Paths) -> Path | None:
-    """On an empty embedded database: create user ``local`` and keep its key in a 0600 file."""
+    """On an empty embedded database: create admin ``local`` and keep an API key of it in a
+    0600 file (so scripts on this machine can log at once; ``serve`` prints how)."""
     engine = _engine(paths)
     if db.user_count(engine):
         return None
@@ -72,15 +73,38 @@ def serve(paths: Paths, bind: str, port: int, *, max_body_bytes: int = 2 << 30) 
     if paths.embedded:
         created = bootstrap(paths)
         key_file = paths.data_dir / KEY_FILE
+        base = f"http://{_link_host(bind)}:{port}"
         if created:
-            click.echo(f"Created user '{BOOTSTRAP_USER}'; its API key is in {created} (mode 0600).", err=True)
+            click.echo(f"Created admin user '{BOOTSTRAP_USER}'; an API key of it is in {created} (mode 0600).",
+                       err=True)
         if key_file.exists():
-            click.echo(f"Log runs here with:\n  export GRADEXP_HOST=http://{bind}:{port}\n"
+            click.echo(f"Log runs here with `gradexp login --host {base}`, or:\n  export GRADEXP_HOST={base}\n"
                        f"  export GRADEXP_API_KEY=$(cat {key_file})", err=True)
+        link = _first_signin_link(paths)
+        if link:
+            click.echo(f"Sign in to the web pages once with this link, then set a password:\n"
+                       f"  {base}/login/link?token={link}\n"
+                       f"(it works once, for {accounts.LINK_SECONDS // 3600} h; a restart prints a new one until "
+                       f"'{BOOTSTRAP_USER}' has a password)", err=True)
     app = create_app(db_url=paths.db_url, store_url=paths.store_url, max_body_bytes=max_body_bytes)
     click.echo(f"gradexp server on http://{bind}:{port}  (database {_safe(paths.db_url)}, "
                f"store {_safe(paths.store_url)})", err=True)
     uvicorn.run(app, host=bind, port=port, log_level="warning", access_log=False)
+
+
+def _link_host(bind: str) -> str:
+    return "127.0.0.1" if bind in ("0.0.0.0", "", "::") else (f"[{bind}]" if ":" in bind else bind)
+
+
+def _first_signin_link(paths: Paths) -> str | None:
+    """A one-time sign-in token for the bootstrap admin while it has no password."""
+    engine = _engine(paths)
+    try:
+        if accounts.has_password(engine, BOOTSTRAP_USER) or not db.list_users(engine):
+            return None
+        return accounts.new_signin_link(engine, BOOTSTRAP_USER)
+    except LookupError:  # no user 'local' (the database was set up by hand)
+        return None
 
 
 def _safe(url: str) -> str:
@@ -110,7 +134,8 @@ def create_user(paths: Paths, name: str, *, admin: bool) -> None:
         db.create_user(_engine(paths), name, admin=admin)
     except sa.exc.IntegrityError:
         raise click.ClickException(f"user or entity {name!r} exists already") from None
-    click.echo(f"created user {name!r}", err=True)
+    click.echo(f"created user {name!r}; give it a password with `gradexp server set-password {name}`, "
+               f"or an API key with `gradexp server create-key {name}`", err=True)
 
 
 def create_key(paths: Paths, user: str, *, name: str) -> None:
@@ -119,3 +144,52 @@ def create_key(paths: Paths, user: str, *, name: str) -> None:
     except LookupError as e:
         raise click.ClickException(str(e)) from None
     click.echo(key)
+
+
+def set_password(paths: Paths, user: str, password: str) -> None:
+    try:
+        accounts.set_password(_engine(paths), user, password)
+    except (LookupError, ValueError) as e:
+        raise click.ClickException(str(e.args[0] if isinstance(e, LookupError) else e)) from None
+    click.echo(f"password of {user!r} set; their browser sessions were signed out", err=True)
+
+
+def signin_link(paths: Paths, user: str, base: str) -> None:
+    try:
+        token = accounts.new_signin_link(_engine(paths), user)
+    except LookupError as e:
+        raise click.ClickException(str(e.args[0])) from None
+    click.echo(f"{base.rstrip('/')}/login/link?token={token}")
+
+
+def list_users(paths: Paths) -> None:
+    rows = db.list_users(_engine(paths))
+    click.echo(f"{'USER':<24} {'ADMIN':<6} {'PASSWORD':<9} {'KEYS':>4}  CREATED")
+    for r in rows:
+        click.echo(f"{r['name']:<24} {'yes' if r['is_admin'] else 'no':<6} "
+                   f"{'set' if r['has_password'] else 'none':<9} {r['keys']:>4}  {_when(r['created_at'])}")
+
+
+def list_keys(paths: Paths, user: str | None, *, revoked: bool) -> None:
+    keys = db.list_keys(_engine(paths), user=user)
+    click.echo(f"{'ID':>5}  {'USER':<16} {'KEY':<11} {'NAME':<28} {'CREATED':<17} {'LAST USED':<17} STATE")
+    for k in keys:
+        if k.revoked_at is not None and not revoked:
+            continue
+        state = "active" if k.revoked_at is None else f"revoked {_when(k.revoked_at)}"
+        click.echo(f"{k.id:>5}  {k.user:<16} {k.prefix + '...':<11} {k.name[:28]:<28} {_when(k.created_at):<17} "
+                   f"{_when(k.last_used_at):<17} {state}")
+
+
+def revoke_key(paths: Paths, key_id: int) -> None:
+    if not db.revoke_key(_engine(paths), key_id):
+        raise click.ClickException(f"no active key with id {key_id} (see `gradexp server list-keys`)")
+    click.echo(f"revoked key {key_id}", err=True)
+
+
+def _when(t: float | None) -> str:
+    import datetime
+
+    if t is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")

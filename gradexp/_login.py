@@ -1,0 +1,177 @@
+"""``gradexp login`` in a browser: RFC 8252 loopback redirect with RFC 7636 PKCE.
+
+The CLI listens on 127.0.0.1 at a random port, opens the server's ``/authorize``
+page with a random ``state`` and the S256 challenge of a random verifier, and
+waits. The page redirects back to ``http://127.0.0.1:PORT/gradexp/callback`` with a
+single-use code; the CLI checks the state, trades code + verifier for an API key
+in a POST, and answers the browser with a "you can close this tab" page. The key
+travels only in that POST's response. The listener answers 404 to any other
+path, and closes after the one callback or at the timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import http.server
+import secrets
+import socket
+import time
+import webbrowser
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+CLIENT_ID = "gradexp-cli"
+CALLBACK_PATH = "/gradexp/callback"
+
+
+class LoginError(Exception):
+    """The login did not go through; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    api_key: str
+    user: str
+    entity: str
+
+
+def client_name() -> str:
+    return f"gradexp CLI on {socket.gethostname()}"
+
+
+def pkce_pair() -> tuple[str, str]:
+    """(verifier, S256 challenge): 86 random URL-safe characters and their hashed form."""
+    verifier = secrets.token_urlsafe(64)
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def manual_url(host: str) -> str:
+    """The page that shows a new key to paste (``--no-browser``)."""
+    return f"{host}/authorize?" + urlencode({"client_id": CLIENT_ID, "client_name": client_name()})
+
+
+def exchange(host: str, *, code: str, verifier: str, redirect_uri: str, timeout: float = 30.0) -> Grant:
+    """Trade an authorization code and its verifier for an API key (one POST, no retry:
+    the code dies on first use)."""
+    import requests
+
+    try:
+        r = requests.post(f"{host}/api/v1/oauth/token", timeout=timeout, data={
+            "grant_type": "authorization_code", "code": code, "code_verifier": verifier,
+            "redirect_uri": redirect_uri, "client_id": CLIENT_ID})
+    except requests.RequestException as e:
+        raise LoginError(f"cannot reach {host} to finish the login: {e}") from None
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    if r.status_code != 200 or "api_key" not in body:
+        why = body.get("error_description") or body.get("error") or r.text[:200]
+        raise LoginError(f"{host} refused the login: {why}")
+    return Grant(api_key=body["api_key"], user=body["user"], entity=body["entity"])
+
+
+_PAGE = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+         "<style>body{{font:16px system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem}}</style>"
+         "</head><body><h1>{title}</h1><p>{text}</p></body></html>")
+
+
+class _Listener(http.server.HTTPServer):
+    """The loopback end: one callback, then done."""
+
+    outcome: Grant | LoginError | None = None
+
+    def __init__(self, finish: Callable[[dict[str, str]], Grant], state: str) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.finish = finish
+        self.state = state
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Listener
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        url = urlsplit(self.path)
+        if url.path != CALLBACK_PATH or self.server.outcome is not None:
+            self._reply(404, "Not found", "This is the gradexp login listener; nothing here.")
+            return
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        got_state = query.get("state", "")
+        if not hmac.compare_digest(got_state.encode(), self.server.state.encode()):
+            self.server.outcome = LoginError(
+                "the browser came back with the wrong state: that was not the login this command started "
+                "(an old tab?). Nothing was stored; run gradexp login again.")
+        elif "error" in query:
+            self.server.outcome = LoginError(
+                "access was denied in the browser" if query["error"] == "access_denied"
+                else f"the server answered {query['error']}: {query.get('error_description', '')}")
+        elif not query.get("code"):
+            self.server.outcome = LoginError("the browser came back without an authorization code")
+        else:
+            try:
+                self.server.outcome = self.server.finish(query)
+            except LoginError as e:
+                self.server.outcome = e
+        if isinstance(self.server.outcome, Grant):
+            g = self.server.outcome
+            self._reply(200, "Logged in", f"gradexp is logged in as {g.user}. You can close this tab.")
+        else:
+            self._reply(400, "Login failed", f"{self.server.outcome} You can close this tab.")
+
+    def _reply(self, status: int, title: str, text: str) -> None:
+        body = _PAGE.format(title=html.escape(title), text=html.escape(text)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # the query holds the code: never log it
+        pass
+
+
+def browser_login(host: str, *, timeout: float = 300.0, open_browser: Callable[[str], bool] = webbrowser.open,
+                  echo: Callable[[str], None] = print) -> Grant | None:
+    """Run the loopback flow; None when no browser could be opened (the caller falls back
+    to the key prompt). LoginError on a wrong state, denial, refusal or timeout."""
+    verifier, challenge = pkce_pair()
+    state = secrets.token_urlsafe(32)
+
+    def finish(query: dict[str, str]) -> Grant:
+        return exchange(host, code=query["code"], verifier=verifier, redirect_uri=redirect_uri)
+
+    listener = _Listener(finish, state)
+    try:
+        redirect_uri = f"http://127.0.0.1:{listener.server_address[1]}{CALLBACK_PATH}"
+        url = f"{host}/authorize?" + urlencode({
+            "response_type": "code", "client_id": CLIENT_ID, "client_name": client_name(),
+            "redirect_uri": redirect_uri, "state": state, "code_challenge": challenge,
+            "code_challenge_method": "S256"})
+        try:
+            opened = open_browser(url)
+        except Exception:  # webbrowser can fail in odd ways on odd systems: treat as no browser
+            opened = False
+        if not opened:
+            return None
+        echo(f"Opened the browser at:\n  {url}\nSign in and authorize there (waiting up to {timeout:.0f} s; "
+             "Ctrl-C to cancel).")
+        deadline = time.monotonic() + timeout
+        while listener.outcome is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LoginError(f"no answer from the browser within {timeout:.0f} s; run gradexp login again, "
+                                 "or gradexp login --no-browser")
+            listener.timeout = min(left, 1.0)
+            listener.handle_request()
+        if isinstance(listener.outcome, LoginError):
+            raise listener.outcome
+        return listener.outcome
+    finally:
+        listener.server_close()
