@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need, then runs pytest.
 # The tests start real services themselves: PostgreSQL and MariaDB (from Debian packages,
-# installed here when missing), an S3-protocol server (moto, from the test extra) and
-# gradexp servers on loopback. Extra arguments go to pytest.
+# installed here when missing), an S3-protocol server (moto, from the test extra),
+# gradexp servers on loopback, and Debian's headless Chromium (driven by Playwright from
+# the test extra; Playwright never downloads a browser here). Screenshots of the sign-in
+# pages land in test-artifacts/screenshots/. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need+=(mariadb-server)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing ${need[*]} for the tests" >&2

@@ -344,10 +344,11 @@ class GradexpServer:
             args += ["--data-dir", str(self.data_dir)]
         return args
 
-    def cli(self, *args: str, timeout: float = 90) -> str:
+    def cli(self, *args: str, timeout: float = 90, input: str | None = None) -> str:
         """``gradexp server <where> ARGS``; returns stdout, raises with stderr on failure."""
         r = subprocess.run([sys.executable, "-m", "gradexp", "server", *self._where(), *args],
-                           capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=self.workdir)
+                           capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=self.workdir,
+                           input=input)
         if r.returncode != 0:
             raise RuntimeError(f"gradexp server {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r.stdout
@@ -363,6 +364,10 @@ class GradexpServer:
     def user_with_key(self, name: str) -> str:
         self.create_user(name)
         return self.create_key(name)
+
+    def user_with_password(self, name: str, password: str) -> None:
+        self.create_user(name)
+        self.cli("set-password", name, "--password-stdin", input=password + "\n")
 
     def start(self, *, wait: bool = True) -> GradexpServer:
         assert self.proc is None or self.proc.poll() is not None, "already running"
@@ -685,3 +690,40 @@ def assert_uploaded_exactly_once(db_url: str, entity: str, project: str, run_id:
         server[by_id[part_id]][1][kind] = n
     local_cmp = {k: (sha, {kd: n for kd, n in kinds.items() if kd != 3}) for k, (sha, kinds) in local.items()}
     assert server == local_cmp
+
+
+class WebSession:
+    """A browser stand-in on plain HTTP: cookies, forms with their CSRF tokens, no JavaScript
+    (the pages need none). For the flows Chromium does not have to click through."""
+
+    def __init__(self, base: str) -> None:
+        import requests
+
+        self.base = base
+        self.http = requests.Session()
+
+    @staticmethod
+    def csrf(page: str) -> str:
+        import re
+
+        m = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert m, f"no CSRF field in the page:\n{page[:2000]}"
+        return m.group(1)
+
+    def get(self, path: str, **kw: Any):
+        return self.http.get(self.base + path, timeout=30, **kw)
+
+    def post(self, path: str, data: dict[str, str], **kw: Any):
+        kw.setdefault("allow_redirects", False)
+        return self.http.post(self.base + path, data=data, timeout=30, **kw)
+
+    def sign_in(self, user: str, password: str, *, next: str = "/keys"):
+        from urllib.parse import quote
+
+        page = self.get(f"/login?next={quote(next)}")
+        return self.post("/login", {"csrf": self.csrf(page.text), "username": user, "password": password,
+                                    "next": next})
+
+    def form_post(self, page_path: str, action: str, data: dict[str, str]):
+        """POST a form of the page at ``page_path``, with that page's CSRF token."""
+        return self.post(action, {"csrf": self.csrf(self.get(page_path).text), **data})

@@ -82,8 +82,9 @@ def test_login_whoami_logout(server, tmp_path):
     assert r.exit_code != 0 and "gradexp login" in r.output
 
 
-def test_login_prompts_hidden_when_no_key(server):
-    r = CliRunner().invoke(main, ["login", "--host", server.url], input=server.key + "\n")
+def test_login_no_browser_prompts_hidden(server):
+    r = CliRunner().invoke(main, ["login", "--host", server.url, "--no-browser"], input=server.key + "\n")
     assert r.exit_code == 0, r.output
+    assert f"{server.url}/authorize?client_id=gradexp-cli" in r.output
     assert server.key not in r.output
     assert _auth.stored(server.url)["api_key"] == server.key

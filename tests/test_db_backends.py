@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 import gradexp
 from gradexp import _format
-from gradexp.server import db
+from gradexp.server import accounts, db
 from services import (GradexpServer, assert_uploaded_exactly_once, check_history, finish_runs, same_bits, values,
                       wait_for)
 
@@ -253,6 +253,8 @@ def test_migration_from_version_1_keeps_the_rows(engine):
         assert "heartbeat_at" in {c["name"] for c in insp.get_columns("runs")}
         assert "last_used_at" in {c["name"] for c in insp.get_columns("api_keys")}
         assert "ix_runs_status" in {i["name"] for i in insp.get_indexes("runs")}
+        assert "password_hash" in {c["name"] for c in insp.get_columns("users")}
+        assert {"sessions", "auth_codes", "login_failures", "signin_links"} <= set(insp.get_table_names())
         pk = db.run_pk(conn, eid, "legacy", "r-old")
         row = db.run_row(conn, pk)
     assert row["name"] == "before upgrade" and row["tags"] == ["t"] and row["config"] == {"lr": 1}
@@ -275,6 +277,31 @@ def test_migration_from_version_1_keeps_the_rows(engine):
             types = {c["name"]: c["type"] for c in sa.inspect(conn).get_columns("runs")}
         assert all(isinstance(types[c], sa.Double) for c in ("created_at", "finished_at", "heartbeat_at")), types
     assert db.migrate(engine) == db.SCHEMA_VERSION
+
+
+def test_accounts_on_every_backend(engine):
+    """Passwords, the sign-in rate limit, sessions, single-use codes and links in each database."""
+    db.migrate(engine)
+    uid = db.create_user(engine, "acc")
+    accounts.set_password(engine, "acc", "a good password")
+    assert accounts.sign_in(engine, "acc", "a good password", "10.0.0.1") == uid
+    for _ in range(accounts.MAX_FAILURES):
+        assert accounts.sign_in(engine, "acc", "wrong", "10.0.0.1") is None
+    with pytest.raises(accounts.RateLimited):
+        accounts.sign_in(engine, "acc", "a good password", "10.0.0.2")
+    token = accounts.new_session(engine, uid)
+    s = accounts.session(engine, token)
+    assert s is not None and (s.user, s.entity) == ("acc", "acc") and len(s.csrf) >= 24
+    accounts.end_session(engine, s.id)
+    assert accounts.session(engine, token) is None
+    verifier = "v" * 50
+    challenge = accounts._b64(hashlib.sha256(verifier.encode()).digest())
+    code = accounts.new_code(engine, uid, client="c", redirect_uri="http://127.0.0.1:9/cb", challenge=challenge)
+    assert accounts.redeem_code(engine, code, verifier, "http://127.0.0.1:9/cb") == (uid, "c")
+    with pytest.raises(accounts.BadGrant, match="already used"):
+        accounts.redeem_code(engine, code, verifier, "http://127.0.0.1:9/cb")
+    link = accounts.new_signin_link(engine, "acc")
+    assert accounts.use_signin_link(engine, link) == uid and accounts.use_signin_link(engine, link) is None
 
 
 # -- whole servers ---------------------------------------------------------------------------------
