@@ -6,7 +6,8 @@ waits. The page redirects back to ``http://127.0.0.1:PORT/gradexp/callback`` wit
 single-use code; the CLI checks the state, trades code + verifier for an API key
 in a POST, and answers the browser with a "you can close this tab" page. The key
 travels only in that POST's response. The listener answers 404 to any other
-path, and closes after the one callback or at the timeout.
+path, refuses (and keeps waiting after) a callback with the wrong state, and closes
+after the one good callback or at the timeout.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import html
 import http.server
 import secrets
 import socket
+import threading
 import time
 import webbrowser
 from dataclasses import dataclass
@@ -81,47 +83,64 @@ _PAGE = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>
          "</head><body><h1>{title}</h1><p>{text}</p></body></html>")
 
 
-class _Listener(http.server.HTTPServer):
-    """The loopback end: one callback, then done."""
+class _Listener(http.server.ThreadingHTTPServer):
+    """The loopback end, served on its own thread: one good callback, then done.
 
-    outcome: Grant | LoginError | None = None
+    A request with the wrong ``state`` (an old tab, or another local process) is refused
+    and counted, and the listener keeps waiting for the right one.
+    """
+
+    daemon_threads = True
 
     def __init__(self, finish: Callable[[dict[str, str]], Grant], state: str) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.finish = finish
         self.state = state
+        self.outcome: Grant | LoginError | None = None
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.wrong_states = 0
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Listener
+    timeout = 10  # seconds: a connection that sends nothing must not hold the listener
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         url = urlsplit(self.path)
-        if url.path != CALLBACK_PATH or self.server.outcome is not None:
+        if url.path != CALLBACK_PATH:
             self._reply(404, "Not found", "This is the gradexp login listener; nothing here.")
             return
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        got_state = query.get("state", "")
-        if not hmac.compare_digest(got_state.encode(), self.server.state.encode()):
-            self.server.outcome = LoginError(
-                "the browser came back with the wrong state: that was not the login this command started "
-                "(an old tab?). Nothing was stored; run gradexp login again.")
-        elif "error" in query:
-            self.server.outcome = LoginError(
-                "access was denied in the browser" if query["error"] == "access_denied"
-                else f"the server answered {query['error']}: {query.get('error_description', '')}")
-        elif not query.get("code"):
-            self.server.outcome = LoginError("the browser came back without an authorization code")
+        if not hmac.compare_digest(query.get("state", "").encode(), self.server.state.encode()):
+            with self.server.lock:
+                self.server.wrong_states += 1
+            self._reply(400, "Login failed", "This answer has the wrong state: it belongs to another login "
+                                             "(an old tab?). Nothing was stored. Use the tab that the current "
+                                             "gradexp login opened.")
+            return
+        with self.server.lock:  # one callback only, even if two arrive at once
+            if self.server.done.is_set():
+                self._reply(404, "Not found", "This login is over. You can close this tab.")
+                return
+            outcome = self._outcome(query)
+            self.server.outcome = outcome
+            self.server.done.set()
+        if isinstance(outcome, Grant):
+            self._reply(200, "Logged in", f"gradexp is logged in as {outcome.user}. You can close this tab.")
         else:
-            try:
-                self.server.outcome = self.server.finish(query)
-            except LoginError as e:
-                self.server.outcome = e
-        if isinstance(self.server.outcome, Grant):
-            g = self.server.outcome
-            self._reply(200, "Logged in", f"gradexp is logged in as {g.user}. You can close this tab.")
-        else:
-            self._reply(400, "Login failed", f"{self.server.outcome} You can close this tab.")
+            self._reply(400, "Login failed", f"{outcome} You can close this tab.")
+
+    def _outcome(self, query: dict[str, str]) -> Grant | LoginError:
+        if "error" in query:
+            return LoginError("access was denied in the browser" if query["error"] == "access_denied"
+                              else f"the server answered {query['error']}: {query.get('error_description', '')}")
+        if not query.get("code"):
+            return LoginError("the browser came back without an authorization code")
+        try:
+            return self.server.finish(query)
+        except LoginError as e:
+            return e
 
     def _reply(self, status: int, title: str, text: str) -> None:
         body = _PAGE.format(title=html.escape(title), text=html.escape(text)).encode()
@@ -130,8 +149,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+        self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:  # the query holds the code: never log it
         pass
@@ -140,7 +161,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def browser_login(host: str, *, timeout: float = 300.0, open_browser: Callable[[str], bool] = webbrowser.open,
                   echo: Callable[[str], None] = print) -> Grant | None:
     """Run the loopback flow; None when no browser could be opened (the caller falls back
-    to the key prompt). LoginError on a wrong state, denial, refusal or timeout."""
+    to the key prompt). LoginError on denial, a refused code, or no good answer in time."""
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(32)
 
@@ -148,6 +169,11 @@ def browser_login(host: str, *, timeout: float = 300.0, open_browser: Callable[[
         return exchange(host, code=query["code"], verifier=verifier, redirect_uri=redirect_uri)
 
     listener = _Listener(finish, state)
+    # Serve before the browser opens: a console browser (w3m, lynx) blocks webbrowser.open
+    # until it exits, and the callback must be answered meanwhile.
+    thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.2},
+                              name="gradexp-login-listener", daemon=True)
+    thread.start()
     try:
         redirect_uri = f"http://127.0.0.1:{listener.server_address[1]}{CALLBACK_PATH}"
         url = f"{host}/authorize?" + urlencode({
@@ -158,20 +184,23 @@ def browser_login(host: str, *, timeout: float = 300.0, open_browser: Callable[[
             opened = open_browser(url)
         except Exception:  # webbrowser can fail in odd ways on odd systems: treat as no browser
             opened = False
-        if not opened:
+        if not opened and not listener.done.is_set():
             return None
         echo(f"Opened the browser at:\n  {url}\nSign in and authorize there (waiting up to {timeout:.0f} s; "
-             "Ctrl-C to cancel).")
+             "Ctrl-C to cancel; gradexp login --no-browser on a machine without a browser).")
         deadline = time.monotonic() + timeout
-        while listener.outcome is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise LoginError(f"no answer from the browser within {timeout:.0f} s; run gradexp login again, "
-                                 "or gradexp login --no-browser")
-            listener.timeout = min(left, 1.0)
-            listener.handle_request()
+        while not listener.done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                why = ""
+                if listener.wrong_states:
+                    why = (f" ({listener.wrong_states} answer(s) with the wrong state were refused: "
+                           "a tab of another login?)")
+                raise LoginError(f"no answer from the browser within {timeout:.0f} s{why}; nothing was stored. "
+                                 "Run gradexp login again, or gradexp login --no-browser")
+        assert listener.outcome is not None
         if isinstance(listener.outcome, LoginError):
             raise listener.outcome
         return listener.outcome
     finally:
+        listener.shutdown()
         listener.server_close()

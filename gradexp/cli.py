@@ -268,7 +268,7 @@ def login(host: str | None, key: str | None, no_browser: bool, timeout: float) -
             except _login.LoginError as e:
                 raise click.ClickException(str(e)) from None
             if grant is None:
-                click.echo("No browser could be opened here.", err=True)
+                click.echo("No browser could be opened here; use the page below from any browser.", err=True)
         if grant is None:
             click.echo(f"Open this page in a browser, sign in, authorize, and paste the key it shows:\n"
                        f"  {_login.manual_url(host)}", err=True)

@@ -12,6 +12,7 @@ import hashlib
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
@@ -68,6 +69,14 @@ def exchange(srv, code: str, verifier: str, redirect_uri: str = REDIRECT) -> req
     return requests.post(f"{srv.url}/api/v1/oauth/token", timeout=30, data={
         "grant_type": "authorization_code", "code": code, "code_verifier": verifier,
         "redirect_uri": redirect_uri, "client_id": "gradexp-cli"})
+
+
+def use_link(web: WebSession, link: str) -> requests.Response:
+    """Open a one-time sign-in link and press its button (opening alone must not use it up)."""
+    page = web.http.get(link, timeout=30)
+    assert page.status_code == 200 and "one-time link" in page.text
+    token = parse_qs(urlsplit(link).query)["token"][0]
+    return web.post("/login/link", {"csrf": web.csrf(page.text), "token": token})
 
 
 def viewer(srv, key: str) -> requests.Response:
@@ -153,6 +162,18 @@ def test_wrong_password_is_refused_then_rate_limited(srv):
     assert WebSession(srv.url).sign_in("alice", PASSWORD).status_code == 303  # only carol is held back
 
 
+def test_parallel_wrong_passwords_count_against_each_other(srv):
+    """Attempts sent at once must not all pass the limit before any failure is recorded."""
+    srv.user_with_password("frank", PASSWORD)
+    webs = [WebSession(srv.url) for _ in range(12)]
+    pages = [w.get("/login") for w in webs]
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda wp: wp[0].post("/login", {"csrf": wp[0].csrf(wp[1].text), "username": "frank",
+                                                                "password": "guess", "next": "/keys"}).status_code,
+                              zip(webs, pages)))
+    assert sorted(codes) == [401] * accounts.MAX_FAILURES + [429] * (12 - accounts.MAX_FAILURES)
+
+
 def test_unknown_user_reads_like_a_wrong_password(srv):
     r = WebSession(srv.url).sign_in("nobody-here", PASSWORD)
     assert r.status_code == 401 and "Wrong user name or password" in r.text
@@ -184,11 +205,10 @@ def test_first_start_prints_a_one_time_signin_link(tmp_path):
         m = re.search(r"(http://127\.0\.0\.1:\d+/login/link\?token=\S+)", log)
         assert m, log
         web = WebSession(server.url)
-        r = web.http.get(m.group(1), allow_redirects=False, timeout=30)
-        assert r.status_code == 303 and r.headers["location"] == "/account?welcome=1"
+        assert use_link(web, m.group(1)).headers["location"] == "/account?welcome=1"
         page = web.get("/account?welcome=1").text
         assert "one-time link" in page and "Current password" not in page
-        again = WebSession(server.url).http.get(m.group(1), allow_redirects=False, timeout=30)
+        again = use_link(WebSession(server.url), m.group(1))
         assert again.status_code == 400 and "unknown, used or expired" in again.text
         r = web.form_post("/account", "/account/password", {"new": "laptop password", "confirm": "laptop password"})
         assert r.status_code == 303
@@ -267,7 +287,7 @@ def test_admin_commands(srv):
     assert WebSession(srv.url).sign_in("erin", "erins password").status_code == 303
     link = srv.cli("signin-link", "erin", "--base-url", srv.url).strip()
     web = WebSession(srv.url)
-    assert web.http.get(link, allow_redirects=False, timeout=30).status_code == 303
+    assert use_link(web, link).status_code == 303
     assert web.get("/keys", allow_redirects=False).status_code == 200
 
 
@@ -298,10 +318,13 @@ def test_authorize_page_needs_sign_in_and_comes_back(srv):
 def test_replayed_code_is_refused(srv, alice):
     verifier, challenge = pkce()
     code = authorize(alice, grant_params(challenge))["code"]
-    assert exchange(srv, code, verifier).status_code == 200
+    first = exchange(srv, code, verifier)
+    assert first.status_code == 200 and viewer(srv, first.json()["api_key"]).status_code == 200
     r = exchange(srv, code, verifier)
-    assert r.status_code == 400 and r.json() == {"error": "invalid_grant",
-                                                 "error_description": "authorization code already used"}
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+    assert r.json()["error_description"].startswith("authorization code already used")
+    # RFC 6749 4.1.2: the code may have been stolen, so the key it gave is revoked too.
+    assert viewer(srv, first.json()["api_key"]).status_code == 401
 
 
 def test_wrong_verifier_is_refused_and_kills_the_code(srv, alice):
@@ -339,6 +362,9 @@ def test_unknown_code_and_malformed_requests(srv):
     assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
     r = exchange(srv, "made-up", "short")
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    r = requests.post(f"{srv.url}/api/v1/oauth/token", timeout=30, data=b"{" + b" " * (100 << 10) + b"}",
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "64 KiB" in r.json()["error_description"]
 
 
 @pytest.mark.parametrize("redirect_uri", [

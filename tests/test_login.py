@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-from services import GradexpServer, clean_env, run_python, wait_for
+from services import GradexpServer, WebSession, clean_env, run_python, wait_for
 
 from gradexp import _auth, _login
 
@@ -209,17 +209,36 @@ def test_keys_page_revokes_in_the_browser(server, chromium, shots):
 
 # -- the loopback listener, without a browser -----------------------------------------------------
 
-def test_wrong_state_fails_and_stores_nothing(server, login_cli):
+def test_wrong_state_is_refused_and_the_right_answer_still_wins(server, login_cli):
     cli = login_cli("--host", server.url)
-    query = parse_qs(urlsplit(cli.browser_url()).query)
+    url = cli.browser_url()
+    query = parse_qs(urlsplit(url).query)
     redirect = query["redirect_uri"][0]
     base = redirect.rsplit("/gradexp/callback", 1)[0]
+    idle = socket.create_connection(("127.0.0.1", urlsplit(redirect).port))  # says nothing, holds nothing up
     assert requests.get(base + "/favicon.ico", timeout=10).status_code == 404  # only the expected path
     assert requests.get(base + "/other?code=x&state=" + query["state"][0], timeout=10).status_code == 404
     r = requests.get(redirect, params={"code": "x", "state": "not-the-state"}, timeout=10)
     assert r.status_code == 400 and "wrong state" in r.text
+    assert cli.proc.poll() is None and _auth.stored(server.url) is None  # still waiting for the real one
+    web = WebSession(server.url)  # the real answer, through a browser stand-in
+    web.sign_in("ada", PASSWORD)
+    page = web.get(url[len(server.url):])
+    back = web.post("/authorize", {"csrf": web.csrf(page.text), **{k: v[0] for k, v in query.items()},
+                                   "decision": "allow"}).headers["location"]
+    assert requests.get(back, timeout=30).status_code == 200
     rc, out = cli.wait()
-    assert rc == 1 and "wrong state" in out and "Nothing was stored" in out
+    assert rc == 0 and "Logged in" in out, out
+    assert _auth.stored(server.url)["user"] == "ada"
+    idle.close()
+
+
+def test_only_wrong_states_time_out_with_a_hint(server, login_cli):
+    cli = login_cli("--host", server.url, "--timeout", "3")
+    query = parse_qs(urlsplit(cli.browser_url()).query)
+    requests.get(query["redirect_uri"][0], params={"code": "x", "state": "stale"}, timeout=10)
+    rc, out = cli.wait()
+    assert rc == 1 and "1 answer(s) with the wrong state were refused" in out and "nothing was stored" in out
     assert _auth.stored(server.url) is None
 
 

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,11 +26,21 @@ CODE_SECONDS = 60
 LINK_SECONDS = 24 * 3600
 FAILURE_WINDOW = 300.0
 MAX_FAILURES = 5
-"""Failed sign-ins allowed per user name within ``FAILURE_WINDOW`` seconds."""
+"""Failed sign-ins allowed per user name from one address within ``FAILURE_WINDOW`` seconds."""
+MAX_NAME_FAILURES = 50
+"""... per user name from anywhere (higher, so that others cannot easily lock a user out)."""
 MAX_ADDRESS_FAILURES = 20
-"""... and per client address (higher: several people may share one address)."""
+"""... and per client address, whatever the name."""
 MIN_PASSWORD = 8
 _SCRYPT = {"n": 2 ** 15, "r": 8, "p": 1}
+_KDF_SLOTS = threading.BoundedSemaphore(4)
+"""scrypt runs at most 4 at once per process: each takes 32 MiB, and a burst of sign-ins
+must not take the server's memory."""
+
+
+def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    with _KDF_SLOTS:
+        return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=64 << 20, dklen=32)
 
 
 def _b64(b: bytes) -> str:
@@ -39,21 +50,20 @@ def _b64(b: bytes) -> str:
 def hash_password(password: str) -> str:
     """``scrypt$n$r$p$salt$hash``: the parameters travel with the hash, so they can grow later."""
     salt = secrets.token_bytes(16)
-    h = hashlib.scrypt(password.encode(), salt=salt, maxmem=64 << 20, dklen=32, **_SCRYPT)
+    h = _scrypt(password.encode(), salt, **_SCRYPT)
     return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${_b64(salt)}${_b64(h)}"
 
 
 def check_password(password: str, stored: str | None) -> bool:
     """True if ``password`` matches ``stored``; as slow for an unknown user as for a known one."""
     if not stored:
-        hashlib.scrypt(b"x", salt=b"0" * 16, maxmem=64 << 20, dklen=32, **_SCRYPT)  # same time either way
+        _scrypt(b"x", b"0" * 16, **_SCRYPT)  # as slow as a real check: timing tells no user names
         return False
     scheme, n, r, p, salt, want = stored.split("$")
     if scheme != "scrypt":
         return False
     pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
-    got = hashlib.scrypt(password.encode(), salt=base64.urlsafe_b64decode(pad(salt)), n=int(n), r=int(r),
-                         p=int(p), maxmem=64 << 20, dklen=32)
+    got = _scrypt(password.encode(), base64.urlsafe_b64decode(pad(salt)), int(n), int(r), int(p))
     return hmac.compare_digest(_b64(got), want)
 
 
@@ -94,29 +104,39 @@ class RateLimited(Exception):
 def sign_in(engine: Engine, name: str, password: str, address: str) -> int | None:
     """The user id if ``password`` is right, else None (and the failure counts).
 
-    Raises RateLimited, without checking the password, once ``MAX_FAILURES`` sign-ins
-    for ``name`` (or ``MAX_ADDRESS_FAILURES`` from ``address``) failed within
-    ``FAILURE_WINDOW``; it lifts as the oldest of those failures ages out.
+    Raises RateLimited, without checking the password, once ``MAX_FAILURES`` sign-ins for
+    ``name`` from ``address`` (or ``MAX_NAME_FAILURES`` for ``name``, or
+    ``MAX_ADDRESS_FAILURES`` from ``address``) failed within ``FAILURE_WINDOW``; it lifts
+    as the oldest of those failures ages out. The attempt is recorded as a failure
+    *before* the password is checked (and dropped if it was right), so attempts sent in
+    parallel count against each other too.
     """
     now = time.time()
-    since = now - FAILURE_WINDOW
+    name, address = name[:64], address[:64]
     f = db.login_failures
+    with engine.begin() as conn:
+        attempt = conn.execute(sa.insert(f).values(name=name, address=address, at=now)).inserted_primary_key[0]
+        conn.execute(sa.delete(f).where(f.c.at < now - 24 * 3600))
     with engine.connect() as conn:
-        for column, value, limit in ((f.c.name, name[:64], MAX_FAILURES),
-                                     (f.c.address, address[:64], MAX_ADDRESS_FAILURES)):
-            times = conn.execute(sa.select(f.c.at).where(f.c.at > since, column == value)
+        for where, limit in (((f.c.name == name) & (f.c.address == address), MAX_FAILURES),
+                             (f.c.name == name, MAX_NAME_FAILURES), (f.c.address == address, MAX_ADDRESS_FAILURES)):
+            times = conn.execute(sa.select(f.c.at).where(where, f.c.at > now - FAILURE_WINDOW, f.c.id < attempt)
                                  .order_by(f.c.at.desc()).limit(limit)).scalars().all()
             if len(times) >= limit:
+                _forget_attempt(engine, attempt)  # held back, not a guess: it does not extend the wait
                 raise RateLimited(max(1.0, times[-1] + FAILURE_WINDOW - now))
     with engine.connect() as conn:
         row = conn.execute(sa.select(db.users.c.id, db.users.c.password_hash)
                            .where(db.users.c.name == name)).first()
     if check_password(password, row[1] if row else None) and row is not None:
+        _forget_attempt(engine, attempt)
         return row[0]
-    with engine.begin() as conn:
-        conn.execute(sa.insert(f).values(name=name[:64], address=address[:64], at=now))
-        conn.execute(sa.delete(f).where(f.c.at < now - 24 * 3600))
     return None
+
+
+def _forget_attempt(engine: Engine, attempt: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.delete(db.login_failures).where(db.login_failures.c.id == attempt))
 
 
 # -- sessions ------------------------------------------------------------------------------------
@@ -178,28 +198,31 @@ class BadGrant(Exception):
     """The code, verifier or redirect URI does not check out (says which)."""
 
 
-def redeem_code(engine: Engine, code: str, verifier: str, redirect_uri: str) -> tuple[int, str]:
-    """The user id and client name the code was issued to; the code dies here, whatever the
+def redeem_code(engine: Engine, code: str, verifier: str, redirect_uri: str) -> tuple[int, str, int]:
+    """(user id, client name, code id) of a good code; the code dies here, whatever the
     outcome (so a guessed verifier gets one try). BadGrant says what did not check out."""
     c = db.auth_codes
     now = time.time()
     with engine.begin() as conn:
         row = conn.execute(sa.select(c.c.id, c.c.user_id, c.c.redirect_uri, c.c.challenge, c.c.expires_at,
-                                     c.c.used_at, c.c.client).where(c.c.code_hash == db.hash_key(code))).first()
+                                     c.c.used_at, c.c.client, c.c.key_id)
+                           .where(c.c.code_hash == db.hash_key(code))).first()
         if row is None:
             raise BadGrant("unknown authorization code")
         # Mark it used first, atomically: of two concurrent redemptions only one wins.
         won = conn.execute(sa.update(c).where(c.c.id == row[0], c.c.used_at.is_(None))
                            .values(used_at=now)).rowcount
     if not won or row[5] is not None:
-        raise BadGrant("authorization code already used")
+        if row[7] is not None:  # RFC 6749 4.1.2: a replayed code may be stolen; so may its key be
+            db.revoke_key(engine, row[7])
+        raise BadGrant("authorization code already used (the key it gave, if any, is revoked)")
     if row[4] < now:
         raise BadGrant("authorization code expired")
     if not hmac.compare_digest(row[2].encode(), redirect_uri.encode()):
         raise BadGrant("redirect_uri does not match the one the code was issued for")
     if not hmac.compare_digest(_b64(hashlib.sha256(verifier.encode()).digest()).encode(), row[3].encode()):
         raise BadGrant("code_verifier does not match the code challenge")
-    return row[1], row[6]
+    return row[1], row[6], row[0]
 
 
 def password_hash(engine: Engine, user_id: int) -> str | None:
@@ -207,13 +230,18 @@ def password_hash(engine: Engine, user_id: int) -> str | None:
         return conn.execute(sa.select(db.users.c.password_hash).where(db.users.c.id == user_id)).scalar()
 
 
-def key_for_user(engine: Engine, user_id: int, *, name: str) -> tuple[str, str, str]:
-    """A new API key for a user id: (key, user, entity)."""
+def key_for_user(engine: Engine, user_id: int, *, name: str, code_id: int | None = None) -> tuple[str, str, str]:
+    """A new API key for a user id: (key, user, entity). With ``code_id``, the key is noted on
+    that code, so that a replay of the code revokes it."""
     with engine.connect() as conn:
         row = conn.execute(sa.select(db.users.c.name, db.entities.c.name)
                            .join(db.entities, db.entities.c.user_id == db.users.c.id)
                            .where(db.users.c.id == user_id)).one()
-    return db.create_key(engine, row[0], name=name), row[0], row[1]
+    key, key_id = db.create_key_with_id(engine, row[0], name=name)
+    if code_id is not None:
+        with engine.begin() as conn:
+            conn.execute(sa.update(db.auth_codes).where(db.auth_codes.c.id == code_id).values(key_id=key_id))
+    return key, row[0], row[1]
 
 
 # -- one-time sign-in links (the embedded server's first start) ---------------------------------

@@ -143,6 +143,7 @@ def _define(md: sa.MetaData, version: int) -> None:
             sa.Column("challenge", sa.String(128), nullable=False),
             sa.Column("expires_at", _TIME, nullable=False),
             sa.Column("used_at", _TIME, nullable=True),
+            sa.Column("key_id", sa.Integer, sa.ForeignKey("api_keys.id"), nullable=True),
         )
         sa.Table(
             "login_failures", md,
@@ -335,14 +336,19 @@ def create_user(engine: Engine, name: str, *, admin: bool = False) -> int:
 
 def create_key(engine: Engine, user: str, *, name: str = "default") -> str:
     """A new API key for ``user``; only its hash is stored, so this is the one chance to see it."""
+    return create_key_with_id(engine, user, name=name)[0]
+
+
+def create_key_with_id(engine: Engine, user: str, *, name: str = "default") -> tuple[str, int]:
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     with engine.begin() as conn:
         uid = conn.execute(sa.select(users.c.id).where(users.c.name == user)).scalar()
         if uid is None:
             raise LookupError(f"no user {user!r}")
-        conn.execute(sa.insert(api_keys).values(user_id=uid, name=name, prefix=key[:8], hash=hash_key(key),
-                                                created_at=time.time()))
-    return key
+        key_id = conn.execute(sa.insert(api_keys).values(
+            user_id=uid, name=name[:128], prefix=key[:8], hash=hash_key(key),
+            created_at=time.time())).inserted_primary_key[0]
+    return key, key_id
 
 
 @dataclass(frozen=True)

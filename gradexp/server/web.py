@@ -18,11 +18,13 @@ from __future__ import annotations
 import datetime
 import hmac
 import html
+import json
 import re
 import secrets
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -130,14 +132,20 @@ class Web:
             return None
         return await run_in_threadpool(accounts.session, self.engine, token)
 
-    async def form(self, request: Request) -> dict[str, str]:
-        """The urlencoded form body (first value of each field)."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    @staticmethod
+    async def body(request: Request) -> bytes:
+        """The request body, at most 64 KiB (pages and the token exchange take no more)."""
         raw = b""
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > _MAX_FORM:
                 raise PageError(413, "form too large")
+        return raw
+
+    async def form(self, request: Request) -> dict[str, str]:
+        """The urlencoded form body (first value of each field)."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        raw = await self.body(request)
         if ctype != "application/x-www-form-urlencoded" and raw:
             raise PageError(415, "expected a form (application/x-www-form-urlencoded)")
         parsed = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
@@ -217,9 +225,25 @@ class Web:
         token = await run_in_threadpool(accounts.new_session, self.engine, uid)
         return self.start_session(request, RedirectResponse(next_, status_code=303, headers=_HEADERS), token)
 
+    async def get_signin_link(self, request: Request) -> Response:
+        """``/login/link?token=...``: the one-time link the embedded server prints at first start.
+
+        Opening it only shows a button: link previewers and mail scanners that fetch URLs
+        must not use the link up (or sign themselves in)."""
+        csrf = request.cookies.get(LOGIN_CSRF_COOKIE) or secrets.token_urlsafe(24)
+        body = ('<p>This one-time link signs you in without a password, once.</p>'
+                f'<form method="post" action="/login/link">{csrf_field(csrf)}'
+                f'{_hidden({"token": request.query_params.get("token", "")})}'
+                '<button type="submit">Sign in</button></form>')
+        response = page("Sign in with a one-time link", body)
+        response.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=3600, path="/", httponly=True, samesite="lax",
+                            secure=self.secure(request))
+        return response
+
     async def signin_link(self, request: Request) -> Response:
-        """``/login/link?token=...``: the one-time link the embedded server prints at first start."""
-        uid = await run_in_threadpool(accounts.use_signin_link, self.engine, request.query_params.get("token", ""))
+        form = await self.form(request)
+        self.check_csrf(request.cookies.get(LOGIN_CSRF_COOKIE), form)
+        uid = await run_in_threadpool(accounts.use_signin_link, self.engine, form.get("token", ""))
         if uid is None:
             raise PageError(400, "This sign-in link is unknown, used or expired. Restart the embedded server "
                                  "for a new one, or run `gradexp server set-password USER`.")
@@ -273,10 +297,15 @@ class Web:
         self.check_csrf(s.csrf, form)
         new, confirm = form.get("new", ""), form.get("confirm", "")
 
+        address = request.client.host if request.client else "unknown"
+
         def work() -> str | int:
-            stored = accounts.password_hash(self.engine, s.user_id)
-            if stored is not None and not accounts.check_password(form.get("current", ""), stored):
-                return "The current password is wrong."
+            if accounts.password_hash(self.engine, s.user_id) is not None:
+                try:  # as a sign-in: wrong guesses count towards the same rate limit
+                    if accounts.sign_in(self.engine, s.user, form.get("current", ""), address) is None:
+                        return "The current password is wrong."
+                except accounts.RateLimited as exc:
+                    return str(exc)
             if new != confirm:
                 return "The two new passwords differ."
             try:
@@ -365,6 +394,8 @@ class Web:
         client_name = (params.get("client_name", "") or "gradexp command line")[:100]
         if not redirect_uri:  # gradexp login --no-browser: the page shows a key to paste
             return {"client_id": client_id, "client_name": client_name, "redirect_uri": ""}
+        if len(redirect_uri) > 400:
+            raise PageError(400, "The redirect_uri is too long (at most 400 characters).")
         u = urlsplit(redirect_uri)
         try:
             port = u.port
@@ -435,14 +466,14 @@ class Web:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             if ctype == "application/json":
-                data = await request.json()
+                data = json.loads(await self.body(request))
                 if not isinstance(data, dict):
                     raise ValueError
                 form = {k: str(v) for k, v in data.items()}
             else:
                 form = await self.form(request)
         except (ValueError, PageError):
-            return _oauth_error("invalid_request", "send a form or a JSON object")
+            return _oauth_error("invalid_request", "send a form or a JSON object (at most 64 KiB)")
         if form.get("grant_type") != "authorization_code":
             return _oauth_error("unsupported_grant_type", "grant_type must be authorization_code")
         if form.get("client_id") != CLIENT_ID:
@@ -452,9 +483,9 @@ class Web:
             return _oauth_error("invalid_request", "code_verifier must be 43 to 128 characters of [A-Za-z0-9-._~]")
 
         def work() -> tuple[str, str, str]:
-            uid, client = accounts.redeem_code(self.engine, form.get("code", ""), verifier,
-                                               form.get("redirect_uri", ""))
-            return accounts.key_for_user(self.engine, uid, name=client)
+            uid, client, code_id = accounts.redeem_code(self.engine, form.get("code", ""), verifier,
+                                                        form.get("redirect_uri", ""))
+            return accounts.key_for_user(self.engine, uid, name=client, code_id=code_id)
         try:
             key, user, entity = await run_in_threadpool(work)
         except accounts.BadGrant as exc:
@@ -475,6 +506,9 @@ def _page_handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
         except PageError as exc:
             return page("Something is wrong", f'<p class="error" role="alert">{e(exc.message)}</p>',
                         status=exc.status, headers=exc.headers)
+        except sa.exc.OperationalError:  # database busy or briefly away
+            return page("Try again", '<p class="error" role="alert">The database is unavailable for a moment. '
+                        "Reload the page to try again.</p>", status=503, headers={"Retry-After": "1"})
     return wrapped
 
 
@@ -484,7 +518,8 @@ def routes(engine: Any) -> list[Route]:
         Route("/", _page_handler(w.home)),
         Route("/login", _page_handler(w.get_login), methods=["GET"]),
         Route("/login", _page_handler(w.post_login), methods=["POST"]),
-        Route("/login/link", _page_handler(w.signin_link), methods=["GET"]),
+        Route("/login/link", _page_handler(w.get_signin_link), methods=["GET"]),
+        Route("/login/link", _page_handler(w.signin_link), methods=["POST"]),
         Route("/logout", _page_handler(w.logout), methods=["POST"]),
         Route("/account", _page_handler(lambda r: w.get_account(
             r, done="Password saved." if r.query_params.get("saved") else "")), methods=["GET"]),
