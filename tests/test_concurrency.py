@@ -409,10 +409,10 @@ def test_reading_while_the_writer_seals_parts(tmp_path):
             assert steps == list(range(len(steps)))
             assert len(steps) >= seen  # never goes back
             seen = len(steps)
-            vsteps = stored.steps("v") if seen else []
-            if vsteps:
-                last = vsteps[-1]
-                assert same_bits(stored.tensor("v", last), np.full(50, last, np.int64))
+            if "v" not in stored.tensor_keys():  # history rows can reach the disk before the first
+                continue                          # group of small tensors does (a busy machine)
+            last = stored.steps("v")[-1]
+            assert same_bits(stored.tensor("v", last), np.full(50, last, np.int64))
             for s, arr in stored.tensors("v"):
                 assert same_bits(arr, np.full(50, s, np.int64))
     finally:
