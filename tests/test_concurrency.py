@@ -422,6 +422,7 @@ def test_reading_while_the_writer_seals_parts(tmp_path):
     assert t.errors == [] and seen > 0
     assert len([p for p in (run.dir / "parts").iterdir()]) > 4  # parts were sealed meanwhile
     assert stored.history().column("x").to_pylist() == list(range(t.logged))
+    assert stored.steps("v") == list(range(t.logged))
 
 
 # -- the writer thread under sustained load ---------------------------------------------------
