@@ -194,7 +194,10 @@ class Web:
                 f"autofocus required>"
                 f'<label for="password">Password</label>'
                 f'<input type="password" id="password" name="password" autocomplete="current-password" required>'
-                f"<div><button type=\"submit\">Sign in</button></div></form>")
+                f"<div><button type=\"submit\">Sign in</button></div></form>"
+                '<p class="muted">No password yet? An administrator sets one with <code>gradexp server '
+                "set-password USER</code>. The embedded server prints a one-time sign-in link when it starts "
+                "until its user <code>local</code> has a password.</p>")
         response = page("Sign in", body, status=status, headers=headers)
         response.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=3600, path="/", httponly=True, samesite="lax",
                             secure=self.secure(request))
