@@ -17,7 +17,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import zstandard
@@ -126,27 +126,36 @@ def unshuffle(data: np.ndarray, elem: int) -> np.ndarray:
     return out
 
 
-_CHUNK = 1 << 16
-"""Compressed payloads of large frames come as chunks of this size: below glibc's mmap
-threshold, so their memory is reused instead of mapped afresh (and faulted in) per frame."""
-
-
 def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min: int = 0,
                  step_max: int = 0, rows: int = 0, shuffle_elem: int = 0,
-                 chunked: bool = False) -> tuple[bytes, bytes | list[bytes]]:
-    """Compress ``raw`` (an Arrow IPC stream) and return (header, payload) for one frame;
-    with ``chunked`` the payload is a list of byte strings that together form it."""
+                 into: Callable[[int], np.ndarray] | None = None
+                 ) -> tuple[bytes, bytes | np.ndarray | list[bytes | np.ndarray]]:
+    """Compress ``raw`` (an Arrow IPC stream) and return (header, payload) for one frame.
+
+    With ``into``, the payload is compressed straight into ``into(n)``, a buffer of at
+    least the bytes asked for (reused memory: a fresh payload per frame would be faulted
+    in anew each time), and returned as a view of it; on the rare overflow, a list of
+    that view and the rest.
+    """
     filt, elem = FILTER_NONE, 1
     data: memoryview | bytes | np.ndarray = raw
     if shuffle_elem > 1:
         filt, elem = FILTER_SHUFFLE, shuffle_elem
         data = shuffle(raw, elem, reuse=True)  # consumed by compress() right here
-    payload: bytes | list[bytes]
-    if chunked and len(raw) > _CHUNK:
-        chunker = _compressor().chunker(size=len(raw), chunk_size=_CHUNK)
-        payload = list(chunker.compress(data))
-        payload.extend(chunker.finish())
-        stored = sum(len(c) for c in payload)
+    payload: bytes | np.ndarray | list[bytes | np.ndarray]
+    if into is not None:
+        n = len(raw)
+        buf = into(n + (n >> 7) + (1 << 12))  # above zstd's worst case for incompressible data
+        reader = _compressor().stream_reader(data, size=n, read_size=max(n, 1))
+        stored = 0
+        while stored < buf.size:
+            got = reader.readinto(buf[stored:])
+            if not got:
+                break
+            stored += got
+        rest = reader.read() if stored == buf.size else b""
+        payload = [buf[:stored], rest] if rest else buf[:stored]
+        stored += len(rest)
     else:
         payload = _compressor().compress(data)
         stored = len(payload)
@@ -214,7 +223,7 @@ class PartWriter:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             self.frames, self.size = list(resume[0]), resume[1]
 
-    def _write(self, bufs: Sequence[bytes | memoryview]) -> None:
+    def _write(self, bufs: Sequence[bytes | memoryview | np.ndarray]) -> None:
         # Appends only, so a reader of the live file sees whole frames and at most one
         # incomplete frame at the end. writev takes at most IOV_MAX (1024) buffers a call.
         total = 0
@@ -229,8 +238,9 @@ class PartWriter:
             total += n
         self.size += total
 
-    def append(self, kind: int, header: bytes, payload: bytes | list[bytes], *, step_min: int,
-               step_max: int, rows: int, key: str, raw: int, filt: int, elem: int) -> FrameInfo:
+    def append(self, kind: int, header: bytes, payload: bytes | np.ndarray | list[bytes | np.ndarray],
+               *, step_min: int, step_max: int, rows: int, key: str, raw: int, filt: int,
+               elem: int) -> FrameInfo:
         bufs = [header, *payload] if isinstance(payload, list) else [header, payload]
         stored = sum(len(b) for b in bufs) - len(header)
         info = FrameInfo(self.size, kind, filt, elem, stored, raw, step_min, step_max, rows, key)
