@@ -41,6 +41,8 @@ _HEAD = struct.Struct("<4sBBBBQQqqIHH")  # 48 bytes, then key, then CRC-32
 _CRC = struct.Struct("<I")
 _TRAILER = struct.Struct("<Q8s")
 HEAD_SIZE = _HEAD.size
+DROP_CACHE_BYTES = 8 << 20
+"""Sealed parts at least this large are dropped from the page cache (see PartWriter.seal)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -260,6 +262,13 @@ class PartWriter:
         offset = self.size
         self._write([header, payload, _TRAILER.pack(offset, MAGIC_TRAILER)])
         os.fsync(self._fd)
+        if self.size >= DROP_CACHE_BYTES and hasattr(os, "posix_fadvise"):
+            # Durable now: let the kernel drop the part's pages at once. The next part's
+            # writes then reuse that memory, where pages new to the process (and, in a VM,
+            # to the host) are slow to fill: plain appends ran at 0.4-1.7 GB/s on the
+            # reference machine, 1.7 GB/s steadily like this. It also keeps gigabytes of
+            # logged tensors from pushing the training data out of the page cache.
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(self._fd)
         os.replace(self.path, self.final_path)
         _fsync_dir(self.final_path.parent)
