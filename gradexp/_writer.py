@@ -29,6 +29,9 @@ HISTORY = "history"
 TENSORS = "tensors"
 _GROUP_MAX_BYTES = 1 << 20
 _HISTORY_MAX_ROWS = 50_000
+_INFLIGHT_MAX_BYTES = 64 << 20
+"""Encode jobs may run ahead of the writes by this many raw bytes (and by at least two per
+worker): enough to keep the workers busy while the writer fsyncs a sealed 64 MiB part."""
 
 
 class _Workers:
@@ -141,6 +144,7 @@ class Writer:
         self._rows: list[tuple[int, float, dict[str, Any], dict[str, Any]]] = []
         self._groups: dict[str, _Group] = {}
         self._inflight: collections.deque = collections.deque()
+        self._inflight_bytes = 0
         self._workers: _Workers | None = None
         self._last_flush = time.monotonic()
         live = settings.mode == "online"
@@ -267,7 +271,9 @@ class Writer:
             fut = self._workers.submit(_encode_tensor, key, [step], [arr], t.logical, True, self.pool)
             fut.add_done_callback(self._wake_up)  # write it (and free queue room) at once
             self._inflight.append((fut, key, step, t))
-            while len(self._inflight) > 2 * self._s.workers:
+            self._inflight_bytes += arr.nbytes
+            while (len(self._inflight) > 2 * self._s.workers
+                   and self._inflight_bytes > _INFLIGHT_MAX_BYTES):
                 self._write_one(self._inflight.popleft())
             return fut
         g = self._groups.get(key)
@@ -294,6 +300,7 @@ class Writer:
 
     def _write_one(self, item: tuple[Future, str, int, Tensor]) -> None:
         fut, key, step, t = item
+        self._inflight_bytes -= t.array.nbytes
         result = fut.result()
         _, header, payload, raw, elem = result
         self._append(TENSORS, header, payload, key=key, steps=(step, step), rows=1, raw=raw, elem=elem)
