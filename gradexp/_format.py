@@ -17,7 +17,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import zstandard
@@ -41,6 +41,8 @@ _HEAD = struct.Struct("<4sBBBBQQqqIHH")  # 48 bytes, then key, then CRC-32
 _CRC = struct.Struct("<I")
 _TRAILER = struct.Struct("<Q8s")
 HEAD_SIZE = _HEAD.size
+DROP_CACHE_BYTES = 8 << 20
+"""Sealed parts at least this large are dropped from the page cache (see PartWriter.seal)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,10 +89,20 @@ _local = threading.local()
 
 
 def _compressor() -> zstandard.ZstdCompressor:
+    """zstd level 1 with a 1 KiB-entry hash table (level 1 has 16K) and a 4 MiB window.
+
+    On byte-shuffled floats, matches are rare and short: the small table misses less in
+    cache and proposes fewer useless matches (the ratio even rises, 1.188 -> 1.197 for
+    float32, 1.464 -> 1.490 for bfloat16; smooth data loses ~2%). The window lets a 4 MiB
+    tensor stream through without wrapping, on zstd's faster no-dictionary path. Measured
+    here, compressing 4 MiB: float32 4.3 -> 2.9 ms, bfloat16 7.3 -> 5.0 ms. Inputs below
+    4 MiB get a window of their own size, so decoders need no more memory than that.
+    """
     c = getattr(_local, "cctx", None)
     if c is None:
-        c = _local.cctx = zstandard.ZstdCompressor(level=1, write_checksum=True,
-                                                   write_content_size=True)
+        params = zstandard.ZstdCompressionParameters.from_level(
+            1, window_log=22, hash_log=10, write_checksum=True, write_content_size=True)
+        c = _local.cctx = zstandard.ZstdCompressor(compression_params=params)
     return c
 
 
@@ -126,27 +138,36 @@ def unshuffle(data: np.ndarray, elem: int) -> np.ndarray:
     return out
 
 
-_CHUNK = 1 << 16
-"""Compressed payloads of large frames come as chunks of this size: below glibc's mmap
-threshold, so their memory is reused instead of mapped afresh (and faulted in) per frame."""
-
-
 def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min: int = 0,
                  step_max: int = 0, rows: int = 0, shuffle_elem: int = 0,
-                 chunked: bool = False) -> tuple[bytes, bytes | list[bytes]]:
-    """Compress ``raw`` (an Arrow IPC stream) and return (header, payload) for one frame;
-    with ``chunked`` the payload is a list of byte strings that together form it."""
+                 into: Callable[[int], np.ndarray] | None = None
+                 ) -> tuple[bytes, bytes | np.ndarray | list[bytes | np.ndarray]]:
+    """Compress ``raw`` (an Arrow IPC stream) and return (header, payload) for one frame.
+
+    With ``into``, the payload is compressed straight into ``into(n)``, a buffer of at
+    least the bytes asked for (reused memory: a fresh payload per frame would be faulted
+    in anew each time), and returned as a view of it; on the rare overflow, a list of
+    that view and the rest.
+    """
     filt, elem = FILTER_NONE, 1
     data: memoryview | bytes | np.ndarray = raw
     if shuffle_elem > 1:
         filt, elem = FILTER_SHUFFLE, shuffle_elem
         data = shuffle(raw, elem, reuse=True)  # consumed by compress() right here
-    payload: bytes | list[bytes]
-    if chunked and len(raw) > _CHUNK:
-        chunker = _compressor().chunker(size=len(raw), chunk_size=_CHUNK)
-        payload = list(chunker.compress(data))
-        payload.extend(chunker.finish())
-        stored = sum(len(c) for c in payload)
+    payload: bytes | np.ndarray | list[bytes | np.ndarray]
+    if into is not None:
+        n = len(raw)
+        buf = into(n + (n >> 7) + (1 << 12))  # above zstd's worst case for incompressible data
+        reader = _compressor().stream_reader(data, size=n, read_size=max(n, 1))
+        stored = 0
+        while stored < buf.size:
+            got = reader.readinto(buf[stored:])
+            if not got:
+                break
+            stored += got
+        rest = reader.read() if stored == buf.size else b""
+        payload = [buf[:stored], rest] if rest else buf[:stored]
+        stored += len(rest)
     else:
         payload = _compressor().compress(data)
         stored = len(payload)
@@ -214,7 +235,7 @@ class PartWriter:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             self.frames, self.size = list(resume[0]), resume[1]
 
-    def _write(self, bufs: Sequence[bytes | memoryview]) -> None:
+    def _write(self, bufs: Sequence[bytes | memoryview | np.ndarray]) -> None:
         # Appends only, so a reader of the live file sees whole frames and at most one
         # incomplete frame at the end. writev takes at most IOV_MAX (1024) buffers a call.
         total = 0
@@ -229,8 +250,9 @@ class PartWriter:
             total += n
         self.size += total
 
-    def append(self, kind: int, header: bytes, payload: bytes | list[bytes], *, step_min: int,
-               step_max: int, rows: int, key: str, raw: int, filt: int, elem: int) -> FrameInfo:
+    def append(self, kind: int, header: bytes, payload: bytes | np.ndarray | list[bytes | np.ndarray],
+               *, step_min: int, step_max: int, rows: int, key: str, raw: int, filt: int,
+               elem: int) -> FrameInfo:
         bufs = [header, *payload] if isinstance(payload, list) else [header, payload]
         stored = sum(len(b) for b in bufs) - len(header)
         info = FrameInfo(self.size, kind, filt, elem, stored, raw, step_min, step_max, rows, key)
@@ -250,6 +272,13 @@ class PartWriter:
         offset = self.size
         self._write([header, payload, _TRAILER.pack(offset, MAGIC_TRAILER)])
         os.fsync(self._fd)
+        if self.size >= DROP_CACHE_BYTES and hasattr(os, "posix_fadvise"):
+            # Durable now: let the kernel drop the part's pages at once. The next part's
+            # writes then reuse that memory, where pages new to the process (and, in a VM,
+            # to the host) are slow to fill: plain appends ran at 0.4-1.7 GB/s on the
+            # reference machine, 1.7 GB/s steadily like this. It also keeps gigabytes of
+            # logged tensors from pushing the training data out of the page cache.
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(self._fd)
         os.replace(self.path, self.final_path)
         _fsync_dir(self.final_path.parent)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._arrow import HIST_BINS
+from ._format import _scratch
 
 HIST_EXACT = 1 << 18
 from ._values import is_ml_dtype
@@ -82,8 +83,52 @@ def _summarize_rows(stacked: np.ndarray) -> list[dict[str, Any]]:
              "norm": nm, "hist": h} for a, b, m, sd, nm, z, h in cols]
 
 
+_BLOCK = 1 << 18
+"""Elements per block of the one-pass summary of a large float tensor (1 MiB of float32)."""
+
+
+def _summarize_blocks(x: np.ndarray) -> dict[str, Any] | None:
+    """Summary of a large 1-D float tensor in one pass, a cache-sized block at a time.
+
+    Sum, sum of squares, min, max and zeros are taken of each block while it is in
+    cache, instead of five passes over the whole tensor; bfloat16 and float16 are
+    widened block by block into a reused buffer, not as a whole. ~3x faster here for
+    4 MiB of float32 or bfloat16. None when the values need the careful path (non-finite
+    values, overflow, a spread small against the mean).
+    """
+    n = x.size
+    widen = x.dtype.itemsize < 4
+    wide = _scratch("sum_block", 4 * _BLOCK).view(np.float32) if widen else None
+    is0 = _scratch("sum_zeros", _BLOCK).view(np.bool_)
+    total = sq = 0.0
+    lo, hi, zeros = math.inf, -math.inf, 0
+    for i in range(0, n, _BLOCK):
+        b = x[i:i + _BLOCK]
+        if wide is not None:
+            np.copyto(wide[:b.size], b, casting="unsafe")
+            b = wide[:b.size]
+        total += float(b.sum())
+        sq += float(np.dot(b, b))
+        lo = min(lo, float(b.min()))
+        hi = max(hi, float(b.max()))
+        zeros += int(np.count_nonzero(np.equal(b, 0, out=is0[:b.size])))
+    mean = total / n
+    var = sq / n - mean * mean
+    if not (math.isfinite(total) and math.isfinite(sq) and math.isfinite(lo + hi)) \
+            or var < 1e-3 * mean * mean:
+        return None
+    return {"count": n, "nonfinite": 0, "zero_frac": zeros / n, "mean": mean,
+            "std": math.sqrt(max(var, 0.0)), "min": lo, "max": hi, "norm": math.sqrt(sq),
+            "hist": _histogram(x, lo, hi)}
+
+
 def _summarize(arr: np.ndarray) -> dict[str, Any]:
-    x = _as_real(arr.reshape(-1))
+    flat = arr.reshape(-1)
+    if flat.size >= _BLOCK and (flat.dtype.kind == "f" or is_ml_dtype(flat.dtype)):
+        out = _summarize_blocks(flat)
+        if out is not None:
+            return out
+    x = _as_real(flat)
     n = int(x.size)
     if n == 0:
         return dict(_EMPTY)
@@ -115,16 +160,17 @@ def _summarize(arr: np.ndarray) -> dict[str, Any]:
 
 
 def _histogram(x: np.ndarray, lo: float, hi: float) -> list[int]:
+    """Histogram of ``x`` (values as ``_as_real`` gives them: only a sample is widened)."""
     if hi == lo or not math.isfinite(hi - lo):
         counts = [0] * HIST_BINS
         counts[0] = int(x.size)
         return counts
     if x.size > HIST_EXACT:
         stride = _prime_at_least(x.size // HIST_EXACT)
-        sample = _bin_counts(x[::stride], lo, hi)
+        sample = _bin_counts(_as_real(x[::stride]), lo, hi)
         scaled = np.rint(np.asarray(sample, np.float64) * (x.size / max(sum(sample), 1)))
         return scaled.astype(np.int64).tolist()
-    return _bin_counts(x, lo, hi)
+    return _bin_counts(_as_real(x), lo, hi)
 
 
 def _prime_at_least(k: int) -> int:

@@ -29,6 +29,9 @@ HISTORY = "history"
 TENSORS = "tensors"
 _GROUP_MAX_BYTES = 1 << 20
 _HISTORY_MAX_ROWS = 50_000
+_INFLIGHT_MAX_BYTES = 64 << 20
+"""Encode jobs may run ahead of the writes by this many raw bytes (and by at least two per
+worker): enough to keep the workers busy while the writer fsyncs a sealed 64 MiB part."""
 
 
 class _Workers:
@@ -69,8 +72,9 @@ class _Workers:
 
 
 def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical: np.dtype,
-                   summarise: bool) -> list[Any]:
-    """Summary (for a single large tensor) and the frame (header, payload) of the rows."""
+                   summarise: bool, pool: BufferPool) -> list[Any]:
+    """Summary (for a single large tensor) and the frame (header, payload) of the rows; the
+    payload is compressed into a buffer of ``pool``, handed back once written."""
     from ._arrow import shuffle_width, tensor_ipc
     from ._format import KIND_TENSOR, encode_frame
     from ._summary import summarize
@@ -84,8 +88,9 @@ def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical
     # hurts sparse tensors, whose zero runs zstd already finds: skip it for those.
     if elem > 1 and summary is not None and (summary["zero_frac"] or 0.0) > 0.5:
         elem = 0
-    header, payload = encode_frame(KIND_TENSOR, raw, chunked=True, key=key, step_min=min(steps),
-                                   step_max=max(steps), rows=len(steps), shuffle_elem=elem)
+    header, payload = encode_frame(KIND_TENSOR, raw, key=key, step_min=min(steps),
+                                   step_max=max(steps), rows=len(steps), shuffle_elem=elem,
+                                   into=pool.take)
     return [summary, header, payload, len(raw), elem]  # a list: the writer drops the bytes once written
 
 
@@ -139,6 +144,7 @@ class Writer:
         self._rows: list[tuple[int, float, dict[str, Any], dict[str, Any]]] = []
         self._groups: dict[str, _Group] = {}
         self._inflight: collections.deque = collections.deque()
+        self._inflight_bytes = 0
         self._workers: _Workers | None = None
         self._last_flush = time.monotonic()
         live = settings.mode == "online"
@@ -262,10 +268,12 @@ class Writer:
         if arr.nbytes >= self._s.small_tensor_bytes:
             if self._workers is None:
                 self._workers = _Workers(self._s.workers)
-            fut = self._workers.submit(_encode_tensor, key, [step], [arr], t.logical, True)
+            fut = self._workers.submit(_encode_tensor, key, [step], [arr], t.logical, True, self.pool)
             fut.add_done_callback(self._wake_up)  # write it (and free queue room) at once
             self._inflight.append((fut, key, step, t))
-            while len(self._inflight) > 2 * self._s.workers:
+            self._inflight_bytes += arr.nbytes
+            while (len(self._inflight) > 2 * self._s.workers
+                   and self._inflight_bytes > _INFLIGHT_MAX_BYTES):
                 self._write_one(self._inflight.popleft())
             return fut
         g = self._groups.get(key)
@@ -292,20 +300,30 @@ class Writer:
 
     def _write_one(self, item: tuple[Future, str, int, Tensor]) -> None:
         fut, key, step, t = item
+        self._inflight_bytes -= t.array.nbytes
         result = fut.result()
         _, header, payload, raw, elem = result
         self._append(TENSORS, header, payload, key=key, steps=(step, step), rows=1, raw=raw, elem=elem)
         result[1] = result[2] = None  # the history row keeps this future for its summary only
+        self._give_payload(payload)
         self.pool.give(t.buffer)  # encoded: the snapshot's memory can take the next one
         self._release(t.array.nbytes)
+
+    def _give_payload(self, payload: np.ndarray | list[Any]) -> None:
+        """Hand a written payload's buffer back to the pool (it is a view of one)."""
+        view = payload[0] if isinstance(payload, list) else payload
+        if isinstance(view.base, np.ndarray):
+            self.pool.give(view.base)
 
     def _write_group(self, key: str) -> None:
         g = self._groups.pop(key)
         g.summaries()
-        _, header, payload, raw, elem = _encode_tensor(key, g.steps, g.arrays, g.logical, False)
+        _, header, payload, raw, elem = _encode_tensor(key, g.steps, g.arrays, g.logical, False,
+                                                       self.pool)
         g.arrays = []
         self._append(TENSORS, header, payload, key=key, steps=(min(g.steps), max(g.steps)),
                      rows=len(g.steps), raw=raw, elem=elem)
+        self._give_payload(payload)
         self._release(g.nbytes)
 
     def _write_history(self) -> None:

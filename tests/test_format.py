@@ -287,15 +287,27 @@ def test_shuffle_roundtrip(raw, elem):
     assert F.decode_payload(info, payload).tobytes() == raw
 
 
-def test_frames_of_more_chunks_than_one_writev_takes(tmp_path, monkeypatch):
-    """A large tensor's payload is written as many small chunks; more than IOV_MAX of them
-    must still land as one intact frame."""
+def test_payload_compressed_into_a_buffer_too_small_still_decodes():
+    """A payload compressed into a caller's buffer spills what does not fit into a second
+    piece; written together they are one intact frame."""
+    raw = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    header, payload = F.encode_frame(F.KIND_TENSOR, raw, key="x", shuffle_elem=4,
+                                     into=lambda n: np.empty(1000, np.uint8))
+    assert isinstance(payload, list) and len(payload[0]) == 1000
+    data = b"".join(bytes(p) for p in payload)
+    info = F.parse_header(header + data, 0, len(header) + len(data))
+    assert info.stored == len(data)
+    assert F.decode_payload(info, data).tobytes() == raw
+
+
+def test_large_tensor_payloads_reuse_pool_buffers(tmp_path):
     import gradexp
 
-    monkeypatch.setattr(F, "_CHUNK", 128)
-    x = np.random.default_rng(0).standard_normal(400_000).astype(np.float32)  # ~1.5 MB compressed
+    xs = [np.random.default_rng(i).standard_normal(400_000).astype(np.float32) for i in range(3)]
     with gradexp.init("p", dir=tmp_path) as run:
-        run.log({"w": x})
+        for x in xs:
+            run.log({"w": x})
     r = gradexp.Api().run(run.dir)
-    assert r.tensor("w", 0).tobytes() == x.tobytes()
+    for i, x in enumerate(xs):
+        assert r.tensor("w", i).tobytes() == x.tobytes()
     assert not r.damage
