@@ -263,8 +263,11 @@ class PartWriter:
     def fsync(self) -> None:
         os.fsync(self._fd)
 
-    def seal(self) -> Path:
-        """Append the index frame and trailer, fsync, and rename to the final name."""
+    def seal(self, *, drop_cache: bool = True) -> Path:
+        """Append the index frame and trailer, fsync, and rename to the final name.
+
+        ``drop_cache=False`` keeps the part in the page cache (online runs: the sender
+        reads it at once to upload it)."""
         from ._arrow import index_to_ipc
 
         raw = index_to_ipc(self.frames)
@@ -272,7 +275,7 @@ class PartWriter:
         offset = self.size
         self._write([header, payload, _TRAILER.pack(offset, MAGIC_TRAILER)])
         os.fsync(self._fd)
-        if self.size >= DROP_CACHE_BYTES and hasattr(os, "posix_fadvise"):
+        if drop_cache and self.size >= DROP_CACHE_BYTES and hasattr(os, "posix_fadvise"):
             # Durable now: let the kernel drop the part's pages at once. The next part's
             # writes then reuse that memory, where pages new to the process (and, in a VM,
             # to the host) are slow to fill: plain appends ran at 0.4-1.7 GB/s on the

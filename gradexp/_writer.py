@@ -147,7 +147,7 @@ class Writer:
         self._inflight_bytes = 0
         self._workers: _Workers | None = None
         self._last_flush = time.monotonic()
-        live = settings.mode == "online"
+        live = self._live = settings.mode == "online"
         # Online, history parts are sealed (and so uploaded) every live_interval: the server
         # cannot see an open part, and history should be visible within about two seconds.
         self._max_age = {HISTORY: settings.live_interval if live else settings.part_max_age,
@@ -362,7 +362,7 @@ class Writer:
     def _seal(self, stream: str) -> None:
         part = self._parts.pop(stream, None)
         if part is not None:
-            part.seal()
+            part.seal(drop_cache=not self._live)
 
     def _flush(self, *, fsync: bool = False, seal: bool = False) -> None:
         while self._inflight:
