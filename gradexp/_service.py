@@ -151,9 +151,6 @@ class Uploader:
                     if not queue:
                         return
                     part = queue.pop()
-                    upcoming = queue[-1] if queue else None
-                if upcoming is not None:
-                    _read_ahead(upcoming)
                 try:
                     self.upload(part, deadline=deadline, client=client)
                 except BaseException as e:
@@ -307,20 +304,3 @@ def _crashed(up: Uploader) -> None:
 if __name__ == "__main__":
     main()
 
-
-def _read_ahead(part: Path) -> None:
-    """Ask the kernel to read ``part`` in the background while another one uploads.
-
-    Sealed tensor parts of offline runs are not kept in the page cache (see
-    ``PartWriter.seal``), so ``gradexp sync`` would otherwise wait for the disk and the
-    network in turn."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        fd = os.open(part, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
