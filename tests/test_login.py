@@ -5,7 +5,6 @@ authorize. Screenshots of the pages go to test-artifacts/screenshots/.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import stat
