@@ -136,7 +136,8 @@ class Writer:
         self._cv = threading.Condition()
         self._queued_bytes = 0
         self._warned_full = False
-        self.pool = BufferPool(min(settings.queue_max_bytes, 256 << 20))
+        # Idle buffers for a full queue of snapshots plus the payloads in flight.
+        self.pool = BufferPool(settings.queue_max_bytes + _INFLIGHT_MAX_BYTES)
         self.error: BaseException | None = None
         # Writer-thread state.
         self._parts: dict[str, Any] = {}
@@ -218,6 +219,7 @@ class Writer:
                 self._write_ready()
                 if time.monotonic() - self._last_flush >= self._flush_every:
                     self._flush()
+                    self.pool.trim()
         except BaseException as e:  # never reaches the training loop
             self.error = e
             warnings.warn(f"gradexp: the background writer failed and logging has stopped: {e!r}. "

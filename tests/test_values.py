@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import mmap
+import time
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import gradexp
-from gradexp._values import Keys
+from gradexp._values import BufferPool, Keys
 from gradexp._values import prepare as _prepare
 
 
@@ -148,3 +150,64 @@ def test_config_accepts_namespace(tmp_path):
         assert run.config["lr"] == 0.1 and run.config.layers == [1, 2]
         with pytest.raises(TypeError, match="'bad'"):
             run.config.update(bad=object())
+
+
+# -- the snapshot buffer pool ---------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def test_pool_reuses_the_last_buffer_given_back():
+    pool = BufferPool(16 * MiB)
+    a, b = pool.take(2 * MiB), pool.take(2 * MiB)
+    assert a.flags.writeable and a.nbytes == 2 * MiB
+    assert a.ctypes.data % mmap.PAGESIZE == 0  # page-aligned private mapping
+    pool.give(a)
+    pool.give(b)
+    assert pool.idle_bytes == 4 * MiB
+    assert pool.take(2 * MiB) is b and pool.take(2 * MiB) is a  # last in, first out
+    assert pool.take(2 * MiB) is not a and pool.idle_bytes == 0
+    assert pool.take(3 * MiB).nbytes == 3 * MiB  # another size never gets a wrong-size buffer
+
+
+def test_pool_keeps_at_most_max_bytes_and_ignores_small_buffers():
+    pool = BufferPool(5 * MiB)
+    bufs = [pool.take(2 * MiB) for _ in range(3)]
+    for buf in bufs:
+        pool.give(buf)
+    assert pool.idle_bytes == 4 * MiB  # the third did not fit
+    small = pool.take(1000)
+    pool.give(small)
+    assert pool.idle_bytes == 4 * MiB and pool.take(1000) is not small
+
+
+def test_pool_trim_unmaps_buffers_idle_for_idle_s():
+    pool = BufferPool(64 * MiB, idle_s=30.0)
+    old, new = pool.take(2 * MiB), pool.take(2 * MiB)
+    now = time.monotonic()
+    pool.give(old)
+    pool._free[2 * MiB][0] = (now - 31.0, old)  # given back 31 s ago
+    pool.give(new)
+    assert pool.trim(now) == 2 * MiB
+    assert pool.idle_bytes == 2 * MiB and pool.take(2 * MiB) is new
+    assert pool.trim(now + 60.0) == 0
+
+
+def test_a_second_burst_of_large_tensors_reuses_the_first_bursts_memory(tmp_path):
+    xs = [np.full(600_000, i, np.float32) for i in range(12)]
+    with gradexp.init("p", dir=tmp_path) as run:
+        pool = run._writer.pool
+        for i, x in enumerate(xs):
+            run.log({"g": x}, step=i)
+        run.flush()
+        # The writer may hand a buffer back while the burst goes on, and the next call
+        # reuses it, so the first burst mapped between a few and 12 snapshot buffers.
+        first = {id(buf) for _, buf in pool._free[x.nbytes]}
+        assert 1 <= len(first) <= 12
+        for i, x in enumerate(xs[:len(first)]):
+            run.log({"g": x}, step=12 + i)
+        run.flush()
+        again = {id(buf) for _, buf in pool._free[x.nbytes]}
+    assert again == first  # the second burst copied into the same memory, mapped none anew
+    r = gradexp.Api().run(run.dir)
+    assert [int(r.tensor("g", s)[0]) for s in range(12 + len(first))] == list(range(12)) + list(range(len(first)))
