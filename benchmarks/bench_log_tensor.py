@@ -3,15 +3,20 @@
 The reference is ``arr.copy()`` of the same array in the same process (result dropped,
 so its memory is reused, as NumPy users see it). Three phases per system, 200 calls each:
 
-* first burst: back to back, right after init() and 10 warm-up calls. Memory the
-  snapshots need is new to the process here, and touching fresh pages is slow on the
-  reference machine, so this is the cold-start cost, reported but not the target;
+* first burst: back to back, right after init() and 10 warm-up calls (whose buffers
+  it reuses first). Most memory the snapshots need is new to the process here, and
+  touching fresh pages is slow on the reference machine, so this is the cold-start
+  cost, reported but not the target;
 * burst: back to back again, after a flush (steady state: the writer competes for the
-  CPU, and if it falls behind, ``log()`` waits on the bounded queue);
+  CPU, and once it falls behind, ``log()`` waits on the bounded queue). With the
+  default 512 MiB queue, 134 of the 200 calls (plus what the writer finishes meanwhile)
+  fit before the first wait, so the
+  median is a call that did not wait; a longer burst is bound by ingest (workload 3);
 * paced: each call after ``time.sleep(0.01)``, like a training step that leaves the CPU
   to background threads. A copy timed in a tight loop runs with hot caches; after a
-  pause it does not, so this phase also times ``arr.copy()`` after the same pause
-  (alternating with the calls) and compares like with like.
+  pause it does not, so this phase also times ``arr.copy()`` of another pool array after
+  the same pause (between the calls, which are thus 20 ms apart) and compares like
+  with like.
 
 The arrays come from a pool of 4 distinct N(0, 1e-3) arrays generated up front.
 gradexp keeps every tensor bit-exact; the peers keep only a histogram:

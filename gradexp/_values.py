@@ -112,9 +112,10 @@ class BufferPool:
     same size copies into it. The pool keeps up to ``max_bytes`` of idle buffers (a full
     queue's worth, so a second burst of ``log()`` calls runs at copy speed) and unmaps
     those idle for ``idle_s`` seconds, so a run that stops logging large tensors gives
-    the memory back. Buffers are private anonymous mappings: page-aligned, never
-    transparent huge pages (whose compaction stalls cost more than they save here),
-    and returned to the OS the moment they are unmapped.
+    the memory back. Buffers are private anonymous mappings: page-aligned, not
+    madvised for transparent huge pages as NumPy's large arrays are (compaction
+    stalls cost more than huge pages save here), and returned to the OS the moment
+    they are unmapped.
     """
 
     MIN_BYTES = 1 << 20
@@ -152,6 +153,12 @@ class BufferPool:
                     self._free.setdefault(n, []).append((now, buf))  # taken last in, first out
                     self._bytes += n
 
+    def clear(self) -> None:
+        """Drop every idle buffer (the run is over; its memory goes back to the OS)."""
+        with self._lock:
+            self._free.clear()
+            self._bytes = 0
+
     def trim(self, now: float | None = None) -> int:
         """Drop buffers idle for ``idle_s`` seconds; return the bytes released."""
         cutoff = (time.monotonic() if now is None else now) - self._idle_s
@@ -164,6 +171,8 @@ class BufferPool:
                 if old:
                     del free[:old]
                     released += old * n
+            for n in [n for n, free in self._free.items() if not free]:
+                del self._free[n]
             self._bytes -= released
         return released
 

@@ -32,6 +32,8 @@ _HISTORY_MAX_ROWS = 50_000
 _INFLIGHT_MAX_BYTES = 64 << 20
 """Encode jobs may run ahead of the writes by this many raw bytes (and by at least two per
 worker): enough to keep the workers busy while the writer fsyncs a sealed 64 MiB part."""
+_TRIM_EVERY = 1.0
+"""Seconds between looks for pooled buffers idle long enough to unmap."""
 
 
 class _Workers:
@@ -147,7 +149,7 @@ class Writer:
         self._inflight: collections.deque = collections.deque()
         self._inflight_bytes = 0
         self._workers: _Workers | None = None
-        self._last_flush = time.monotonic()
+        self._last_flush = self._last_trim = time.monotonic()
         live = self._live = settings.mode == "online"
         # Online, history parts are sealed (and so uploaded) every live_interval: the server
         # cannot see an open part, and history should be visible within about two seconds.
@@ -217,9 +219,12 @@ class Writer:
                 if self._drain():
                     return
                 self._write_ready()
-                if time.monotonic() - self._last_flush >= self._flush_every:
+                now = time.monotonic()
+                if now - self._last_flush >= self._flush_every:
                     self._flush()
-                    self.pool.trim()
+                if now - self._last_trim >= _TRIM_EVERY:
+                    self._last_trim = now
+                    self.pool.trim(now)
         except BaseException as e:  # never reaches the training loop
             self.error = e
             warnings.warn(f"gradexp: the background writer failed and logging has stopped: {e!r}. "
@@ -250,6 +255,7 @@ class Writer:
                 if kind == "close":
                     if self._workers:
                         self._workers.close()
+                    self.pool.clear()
                     return True
                 continue
             step, ts, p = item
@@ -398,6 +404,7 @@ class Writer:
                 item[1].set()
         if self._workers:
             self._workers.close()
+        self.pool.clear()
 
 
 def _resolve(s: Any) -> Any:

@@ -209,5 +209,21 @@ def test_a_second_burst_of_large_tensors_reuses_the_first_bursts_memory(tmp_path
         run.flush()
         again = {id(buf) for _, buf in pool._free[x.nbytes]}
     assert again == first  # the second burst copied into the same memory, mapped none anew
+    assert pool.idle_bytes == 0 and not pool._free  # finish() gave the memory back
     r = gradexp.Api().run(run.dir)
     assert [int(r.tensor("g", s)[0]) for s in range(12 + len(first))] == list(range(12)) + list(range(len(first)))
+
+
+def test_idle_buffers_are_unmapped_even_while_the_user_flushes_often(tmp_path):
+    with gradexp.init("p", dir=tmp_path) as run:
+        pool = run._writer.pool
+        pool._idle_s = 0.2
+        for i in range(4):
+            run.log({"g": np.full(600_000, i, np.float32)})
+        run.flush()
+        assert pool.idle_bytes > 0
+        deadline = time.monotonic() + 3.0
+        while pool.idle_bytes and time.monotonic() < deadline:
+            run.flush()  # each flush restarts the periodic-flush clock
+            time.sleep(0.05)
+        assert pool.idle_bytes == 0
