@@ -10,8 +10,8 @@ so its memory is reused, as NumPy users see it). Three phases per system, 200 ca
 * burst: back to back again, after a flush (steady state: the writer competes for the
   CPU, and once it falls behind, ``log()`` waits on the bounded queue). With the
   default 512 MiB queue, 134 of the 200 calls (plus what the writer finishes meanwhile)
-  fit before the first wait, so the
-  median is a call that did not wait; a longer burst is bound by ingest (workload 3);
+  fit before the first wait, so the median is a call that did not wait; a longer burst
+  is bound by ingest (workload 3);
 * paced: each call after ``time.sleep(0.01)``, like a training step that leaves the CPU
   to background threads. A copy timed in a tight loop runs with hot caches; after a
   pause it does not, so this phase also times ``arr.copy()`` of another pool array after
