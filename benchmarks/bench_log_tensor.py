@@ -18,6 +18,10 @@ so its memory is reused, as NumPy users see it). Three phases per system, 200 ca
   the same pause (between the calls, which are thus 20 ms apart) and compares like
   with like.
 
+A floor runs the same phases in a process of its own: ``kept.append(arr.copy())``, the
+least any logger that keeps the tensor must do (all copies are let go at each flush), so
+it pays the same fresh-memory cost in its first burst that gradexp's snapshots do.
+
 The arrays come from a pool of 4 distinct N(0, 1e-3) arrays generated up front.
 gradexp keeps every tensor bit-exact; the peers keep only a histogram:
 ``wandb.log({"g": wandb.Histogram(arr)})``, tensorboardX ``add_histogram``. MLflow
@@ -119,6 +123,17 @@ def w_gradexp(args, tmp):
     return _finish(out, t_init, gradexp.finish, tmp)
 
 
+def w_kept_copy(args, tmp):
+    """Floor: a "logger" that only keeps a copy per call and lets go of them all at flush
+    (no writer, no queue). What a snapshot costs at the least, memory effects included."""
+    pool, n = _pool(), _n(args)
+    copy = _copy_ref(pool, n)
+    kept: list[np.ndarray] = []
+    out = _phases(lambda a, s: kept.append(a.copy()), pool, n, flush=kept.clear)
+    out["copy"] = copy
+    return _finish(out, 0.0, kept.clear, tmp)
+
+
 def w_wandb(args, tmp):
     pool, n = _pool(), _n(args)
     import wandb
@@ -170,6 +185,7 @@ def w_mlflow(args, tmp):
 
 SYSTEMS = [
     C.System("gradexp", "gradexp", w_gradexp),
+    C.System("kept-copy", "numpy", w_kept_copy),
     C.System("wandb", "wandb", w_wandb),
     C.System("tensorboardX", "tensorboardX", w_tensorboardx),
     C.System("mlflow", "mlflow", w_mlflow),
@@ -177,6 +193,7 @@ SYSTEMS = [
 
 LABELS = {
     "gradexp": "gradexp `log({'g': arr})` (keeps the tensor)",
+    "kept-copy": "floor: `kept.append(arr.copy())`, all let go at each flush",
     "wandb": "wandb `log({'g': Histogram(arr)})` (histogram only)",
     "tensorboardX": "tensorboardX `add_histogram` (histogram only)",
     "mlflow": "MLflow `np.save` + `log_artifact` (.npy file)",
@@ -194,7 +211,7 @@ def report(res: dict, quick: bool) -> str:
     lines = [f"### 2. `log()` of a 1,000,000-element float32 tensor ({n} timed steps per phase)", ""]
     for phase, title in PHASES:
         rows = []
-        for name in ("gradexp", "wandb", "tensorboardX", "mlflow"):
+        for name in ("gradexp", "kept-copy", "wandb", "tensorboardX", "mlflow"):
             r = res.get(name)
             if not C.ok(r):
                 rows.append([LABELS[name], C.status(r), "", "", "", "", ""])
@@ -223,6 +240,10 @@ def report(res: dict, quick: bool) -> str:
             f"**{C.verdict(ratio['b2b'] <= TARGET_RATIO)}** ({ratio['b2b']:.2f}x), paced "
             f"**{C.verdict(ratio['paced'] <= TARGET_RATIO)}** ({ratio['paced']:.2f}x). "
             f"The first burst, which pays for memory new to the process, took {ratio['first']:.2f}x."]
+        f = res.get("kept-copy")
+        if C.ok(f):
+            lines += ["", "gradexp p50 against the floor (a kept copy, its own process): " + ", ".join(
+                f"{t.split(':')[0]} {g[ph]['p50_us'] / f[ph]['p50_us']:.2f}x" for ph, t in PHASES) + "."]
     return "\n".join(lines)
 
 
