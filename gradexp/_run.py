@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NoReturn
 
 from ._errors import GradexpWarning, UsageError
 from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
@@ -308,7 +308,13 @@ class Run:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.finish(exit_code=0 if exc_type is None else 1)
+        if exc_type is None:
+            code = 0
+        elif isinstance(exc, SystemExit):  # sys.exit(n) inside the block: the process's code
+            code = _status_code(exc.code)
+        else:
+            code = 1
+        self.finish(exit_code=code)
 
     def __repr__(self) -> str:
         return f"<gradexp.Run {self.project}/{self.id} name={self.name!r} dir={self.dir}>"
@@ -364,6 +370,7 @@ def is_locked(path: Path) -> bool:
 _runs: list[Run] = []
 _runs_lock = threading.Lock()
 _uncaught: list[BaseException] = []
+_exit_code: list[int] = []  # what the main thread last passed to sys.exit()
 
 
 def init(project: str | None = None, *, name: str | None = None, id: str | None = None,
@@ -409,12 +416,20 @@ def _forget(run: Run) -> None:
 
 
 def _finish_all() -> None:
-    code = 1 if _uncaught else 0
+    code = 1 if _uncaught else (_exit_code[-1] if _exit_code else 0)
     for run in list(reversed(_runs)):
         try:
             run.finish(exit_code=code)
         except Exception as e:
             warnings.warn(f"gradexp: could not finish run {run.id} at exit: {e!r}", GradexpWarning)
+
+
+def _status_code(status: object) -> int:
+    """The exit status Python makes of ``SystemExit(status)``: None is 0, an int itself,
+    anything else (a message, printed) 1."""
+    if status is None:
+        return 0
+    return int(status) if isinstance(status, int) else 1
 
 
 _hooks_installed = False
@@ -433,6 +448,18 @@ def _install_hooks() -> None:
         previous(tp, value, tb)
 
     sys.excepthook = hook
+
+    # atexit cannot see the process's exit code, so remember what sys.exit() was given.
+    # A bare `raise SystemExit(n)` outside a `with` block stays unseen: such a run ends
+    # "finished".
+    exit_ = sys.exit
+
+    def exit_hook(status: object = None) -> NoReturn:
+        if threading.current_thread() is threading.main_thread():
+            _exit_code[:] = [_status_code(status)]
+        exit_(status)
+
+    sys.exit = exit_hook
 
 
 _pid = os.getpid()  # os.getpid() is a system call; log() compares against this instead

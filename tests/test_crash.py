@@ -205,3 +205,36 @@ def test_forgotten_finish_is_finished_at_exit(tmp_path):
         assert same_bits(arr, values(s)["grad"])
     for s in range(0, 55, 10):
         assert same_bits(stored.tensor("big", s), values(s)["big"])
+
+
+@pytest.mark.parametrize("call, code, status", [
+    ("sys.exit(3)", 3, "failed"),
+    ("sys.exit('training diverged')", 1, "failed"),
+    ("sys.exit(False)", 0, "finished"),
+    ("sys.exit()", 0, "finished"),
+])
+def test_sys_exit_without_finish_records_the_exit_code(tmp_path, call, code, status):
+    body = f"""
+        import sys
+        for step in range(5):
+            run.log(values(step))
+        {call}
+    """
+    res = run_child(tmp_path, body)
+    assert res.returncode == code, res.stderr
+    stored = gradexp.Api().run(tmp_path / "p" / "r")
+    assert (stored.status, stored.meta["exit_code"]) == (status, code)
+    check_data(stored, 4, exact_steps=True)
+
+
+def test_sys_exit_in_a_with_block_records_the_exit_code(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, gradexp\n"
+        f"with gradexp.init('p', id='r', dir={str(tmp_path)!r}) as run:\n"
+        "    run.log({'loss': 1.0})\n"
+        "    sys.exit(4)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 4, res.stderr
+    stored = gradexp.Api().run(tmp_path / "p" / "r")
+    assert (stored.status, stored.meta["exit_code"]) == ("failed", 4)
