@@ -34,6 +34,8 @@ _INFLIGHT_MAX_BYTES = 64 << 20
 worker): enough to keep the workers busy while the writer fsyncs a sealed 64 MiB part."""
 _TRIM_EVERY = 1.0
 """Seconds between looks for pooled buffers idle long enough to unmap."""
+_LAG_CHECK_ROWS = 1024
+"""log() looks at the age of the oldest queued row once this many rows are queued."""
 
 
 class _Workers:
@@ -138,6 +140,12 @@ class Writer:
         self._cv = threading.Condition()
         self._queued_bytes = 0
         self._warned_full = False
+        # A row may wait this long in the queue, so that what log() took reaches the OS
+        # within flush_interval even when a loop logs faster than the writer can write:
+        # the writer flushes every flush_interval / 2, and writing takes time too.
+        self._max_lag = settings.flush_interval / 5
+        self._max_rows = settings.queue_max_rows
+        self._check_rows = min(settings.queue_max_rows, _LAG_CHECK_ROWS)
         # Idle buffers for a full queue of snapshots plus the payloads in flight.
         self.pool = BufferPool(settings.queue_max_bytes + _INFLIGHT_MAX_BYTES)
         self.error: BaseException | None = None
@@ -163,27 +171,44 @@ class Writer:
 
     def put_row(self, step: int, ts: float, p: Prepared) -> None:
         n = p.nbytes
-        if n or len(self._q) >= self._s.queue_max_rows:
-            self._reserve(n)
+        queued = len(self._q)
+        # A backlog's age is looked at on one call in 256: cheap enough for the hot path.
+        if n or queued >= self._check_rows and (queued >= self._max_rows or not queued & 255):
+            self._reserve(n, ts)
         self._q.append((step, ts, p))
         if n and not self._wake.is_set():
             self._wake.set()
 
-    def _reserve(self, n: int) -> None:
+    def _lag(self, now: float) -> float:
+        """Seconds the oldest queued row has waited (0 when the queue starts with a flush)."""
+        try:
+            head = self._q[0]
+        except IndexError:
+            return 0.0
+        ts = head[1]
+        return now - ts if type(ts) is float else 0.0
+
+    def _reserve(self, n: int, now: float) -> None:
         s = self._s
+        if not self._wake.is_set():
+            self._wake.set()  # rows are piling up: keep the writer at them, not asleep
         with self._cv:
             while self.error is None and (
                     (self._queued_bytes and self._queued_bytes + n > s.queue_max_bytes)
-                    or len(self._q) >= s.queue_max_rows):
+                    or len(self._q) >= s.queue_max_rows
+                    or (len(self._q) >= self._check_rows and self._lag(now) > self._max_lag)):
                 if not self._warned_full:
                     self._warned_full = True
                     warnings.warn(
                         "gradexp: log() is waiting for the writer to catch up (the queue holds "
-                        f"{self._queued_bytes / 2**20:.0f} MiB, {len(self._q)} rows; limits "
-                        f"queue_max_bytes={s.queue_max_bytes}, queue_max_rows={s.queue_max_rows}). "
+                        f"{self._queued_bytes / 2**20:.0f} MiB and {len(self._q)} rows, the oldest "
+                        f"{self._lag(now):.2f} s old; limits queue_max_bytes={s.queue_max_bytes}, "
+                        f"queue_max_rows={s.queue_max_rows}, and rows may wait "
+                        f"{self._max_lag:g} s so that they reach the disk within flush_interval). "
                         "Nothing is dropped.", GradexpWarning, stacklevel=5)
                 self._wake.set()
-                self._cv.wait(0.05)
+                self._cv.wait(0.02)
+                now = time.time()
             self._queued_bytes += n
 
     def _release(self, n: int) -> None:

@@ -238,3 +238,37 @@ def test_sys_exit_in_a_with_block_records_the_exit_code(tmp_path):
     assert res.returncode == 4, res.stderr
     stored = gradexp.Api().run(tmp_path / "p" / "r")
     assert (stored.status, stored.meta["exit_code"]) == ("failed", 4)
+
+
+def test_a_loop_faster_than_the_writer_still_gets_rows_to_the_os_in_time(tmp_path):
+    """A tight scalar loop logs faster than the writer writes: log() must hold it back by
+    the age of the queue, not only by its length, or rows reach the OS seconds late."""
+    marks = tmp_path / "marks.txt"
+    script = textwrap.dedent(f"""
+        import time, gradexp
+        run = gradexp.init("p", id="r", dir={str(tmp_path)!r}, flush_interval={FLUSH})
+        out = open({str(marks)!r}, "w", buffering=1)
+        i = 0
+        while True:
+            run.log({{"a": float(i), "b": i, "c": 0.5, "d": 1.5, "e": 2.5, "f": 3.5}})
+            i += 1
+            if i % 1000 == 0:
+                out.write(f"{{time.time()}} {{i - 1}}\\n")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4.0)
+    finally:
+        killed_at = time.time()
+        proc.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, stderr
+    logged = [(float(t), int(s)) for t, s in (line.split() for line in marks.read_text().splitlines()
+                                              if line.count(" ") == 1)]
+    due = max(s for t, s in logged if t <= killed_at - FLUSH - GRACE)
+    steps = gradexp.Api().run(tmp_path / "p" / "r").history().column("step").to_pylist()
+    assert steps == list(range(len(steps)))  # a gap-free prefix, nothing corrupt
+    assert logged[-1][1] > 50_000  # the loop did outrun the writer's row limit in that time
+    assert steps[-1] >= due, f"step {due} was logged {FLUSH + GRACE} s before the kill, " \
+                             f"but the disk has steps up to {steps[-1]} only"
