@@ -195,7 +195,7 @@ class Writer:
         with self._cv:
             while self.error is None and (
                     (self._queued_bytes and self._queued_bytes + n > s.queue_max_bytes)
-                    or len(self._q) >= s.queue_max_rows
+                    or len(self._q) >= self._max_rows
                     or (len(self._q) >= self._check_rows and self._lag(now) > self._max_lag)):
                 if not self._warned_full:
                     self._warned_full = True
