@@ -284,3 +284,23 @@ def test_last_write_wins_through_the_server(server, tmp_path):
         r = api.run(f"ann/lww/{run_id}")
         check_last_write(r, order, last)
         assert r.steps("k") == ([3, 4] if "+" in order else [3])
+
+
+def test_a_failed_writer_ends_the_run_failed_on_the_server_too(server, tmp_path, monkeypatch):
+    from gradexp import _format
+
+    run = gradexp.init("failing", dir=tmp_path, mode="online", host=server.url, api_key=server.key)
+    run.log({"x": 1})
+    run.flush()
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_format.PartWriter, "append", no_space)
+    with pytest.warns(gradexp.GradexpWarning, match="background writer failed"):
+        run.log({"x": 2})
+        run.flush()
+        run.finish()
+    assert read(run).status == "failed" and "No space left" in read(run).meta["error"]
+    remote = gradexp.Api(host=server.url, api_key=server.key).run(f"ann/failing/{run.id}")
+    assert remote.status == "failed"
