@@ -273,10 +273,11 @@ def prepare(data: Mapping[str, Any], keys: Keys, pool: BufferPool | None = None)
     if type(data) is dict:
         # Fast path, the common training-loop call: flat, Python numbers, keys seen before.
         numbers = keys.numbers
+        lo, hi = INT_MIN, INT_MAX
         for k, v in data.items():
             tv = type(v)
             if k not in numbers or (tv is not float and tv is not bool
-                                    and (tv is not int or not INT_MIN <= v <= INT_MAX)):
+                                    and (tv is not int or not lo <= v <= hi)):
                 break  # the full walk below checks (and names) whatever is not plain
         else:
             out.scalars = data.copy()
