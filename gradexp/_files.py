@@ -33,7 +33,10 @@ def check_name(what: str, value: Any) -> str:
 def to_jsonable(value: Any) -> Any:
     """``json.dumps(default=...)`` hook: NumPy scalars and small arrays, paths."""
     if isinstance(value, np.generic):
-        return value.item()
+        item = value.item()
+        if isinstance(item, np.generic):  # np.longdouble: no Python type holds it exactly
+            raise TypeError(f"NumPy {value.dtype} value {value!r} has no exact JSON form")
+        return item
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import errno
 import json
 import os
 import platform
@@ -22,7 +23,7 @@ from typing import Any, Iterator, Mapping, NoReturn
 from ._errors import GradexpWarning, UsageError
 from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
 from ._settings import Settings, resolve
-from ._values import Keys, Prepared, prepare
+from ._values import INT_MAX, Keys, Prepared, prepare
 from ._version import __version__
 
 try:
@@ -213,12 +214,14 @@ class Run:
         """
         if self._finished or self.disabled or self._pid != _pid or self._writer.error:
             return self._inactive_log()
-        if step is not None and (type(step) is not int or step < 0):
+        if step is not None and (type(step) is not int or not 0 <= step <= INT_MAX):
             step = _check_step(step)
         with self._lock:
             p = prepare(data, self._keys, self._writer.pool)
             cur = self._step
             s = cur if step is None else step
+            if s > INT_MAX:  # counted up past the last int64 step
+                _check_step(s)
             if s > cur:
                 if self._pending is not None:
                     self._emit(cur, self._pending)
@@ -278,7 +281,11 @@ class Run:
             write_json(self.dir / SUMMARY_JSON, self.summary.snapshot())
 
     def finish(self, exit_code: int = 0) -> None:
-        """Flush, seal the part files and mark the run finished (or failed if ``exit_code``)."""
+        """Flush, seal the part files and mark the run finished (or failed if ``exit_code``).
+
+        Never raises for gradexp's own failures (a failed writer, a full disk): the run is
+        marked ``failed`` with the reason in ``run.json`` (``error``), and a warning says so.
+        """
         if self._finished or self._pid != os.getpid():
             return
         with self._lock:
@@ -291,16 +298,29 @@ class Run:
         _forget(self)
         if self.disabled:
             return
-        self._writer.flush(fsync=True, close=True)
-        self.summary.dirty = True
-        self._save_summary()
+        errors: list[str] = []
+        self._writer.flush(fsync=True, close=True)  # never raises: a failure is kept in .error
+        if self._writer.error is not None:  # warned about when it happened
+            errors.append(f"the background writer failed: {self._writer.error!r}")
+        warned = len(errors)
+        try:
+            self.summary.dirty = True
+            self._save_summary()
+        except Exception as e:  # a full disk, or a summary value assigned that JSON cannot hold
+            errors.append(f"could not save {SUMMARY_JSON}: {e!r}")
         now = time.time()
-        self._meta.update(status="finished" if exit_code == 0 else "failed", exit_code=exit_code,
+        self._meta.update(status="failed" if exit_code or errors else "finished", exit_code=exit_code,
                           finished_at=now, runtime=now - self.start_time)
-        if self._writer.error is not None:
-            self._meta["writer_error"] = repr(self._writer.error)
-        write_json(self.dir / RUN_JSON, self._meta)
+        if errors:
+            self._meta["error"] = "; ".join(errors)
+        try:
+            _write_meta(self.dir / RUN_JSON, self._meta)
+        except OSError as e:
+            errors.append(f"could not save {RUN_JSON} ({e!r}), so the run reads as crashed")
         os.close(self._lock_fd)
+        if len(errors) > warned:
+            warnings.warn(f"gradexp: run {self.id} ended failed: {'; '.join(errors[warned:])}. What was "
+                          f"written before is readable from {self.dir}.", GradexpWarning, stacklevel=2)
         if self._sender is not None:
             self._sender.finish(exit_code, timeout=self.settings.finish_timeout)
 
@@ -325,9 +345,34 @@ def _check_step(step: Any) -> int:
 
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"step must be an int; got {type(step).__name__} {step!r}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0; got {step}")
+    if not 0 <= step <= INT_MAX:
+        raise ValueError(f"step must be >= 0 and < 2**63 (steps are int64); got {step}")
     return int(step)
+
+
+def _write_meta(path: Path, meta: Mapping[str, Any]) -> None:
+    """Write ``run.json``, atomically; on a full disk, in place over its own blocks.
+
+    The atomic write needs room for a second copy. The status at the end of a run
+    matters most exactly when the disk is full, so then the file is overwritten in
+    place when the new text fits the space the file already holds (padded with
+    spaces, which JSON ignores, so it never shrinks and never shows a torn tail).
+    """
+    try:
+        write_json(path, meta)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        text = json.dumps(meta, indent=2, default=to_jsonable, allow_nan=True).encode()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            st = os.fstat(fd)
+            if len(text) > max(st.st_size, st.st_blocks * 512):
+                raise
+            os.pwrite(fd, text.ljust(st.st_size), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _merge(into: Prepared, p: Prepared) -> None:

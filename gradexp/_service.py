@@ -275,6 +275,8 @@ def _finish(up: Uploader, status: str, code: int | None) -> None:
         sent += part.stat().st_size
         _emit("progress", sent=sent, total=total)
     up.meta = read_json(up.dir / RUN_JSON, up.meta)
+    if up.meta.get("status") == "failed":  # the trainer's finish() found a failure of gradexp's own
+        status = "failed"
     up.sync_meta()
     up.finish(status, code)
     _emit("done", url=up.url)

@@ -21,7 +21,12 @@ TEXT = "text"
 TENSOR = "tensor"
 
 MAX_KEY_LENGTH = 1024
+"""Characters in a whole flattened key ("a/b/c"): the server's key columns hold this many,
+and a part's frame header (a u16 byte length) holds any such key (at most 4,096 bytes)."""
 RESERVED_KEYS = frozenset({"step"})
+INT_MIN = -(1 << 63)
+INT_MAX = (1 << 63) - 1
+"""Integers are stored as int64 (history columns, steps); one outside is refused, not rounded."""
 _NUMBER_TYPES = frozenset({int, float, bool})
 _REAL_KINDS = frozenset("biuf")
 _TENSOR_KINDS = frozenset("biufc")
@@ -45,13 +50,23 @@ def check_key(key: Any, *, top_level: bool) -> str:
     if not key or "\x00" in key or key.startswith("/") or key.endswith("/") or "//" in key:
         raise ValueError(f"log() key {key!r} is empty, has an empty '/' segment or a NUL byte")
     if len(key) > MAX_KEY_LENGTH:
-        raise ValueError(f"log() key {key[:40]!r}... is longer than {MAX_KEY_LENGTH} characters")
+        _too_long(key)
+    if not key.isascii():
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"log() key {key!r} is not valid Unicode (it holds a lone surrogate)") from None
     if top_level and (key[0] == "_" or key in RESERVED_KEYS):
         raise ValueError(
             f"log() key {key!r} is reserved: keys starting with '_' and 'step' are gradexp's "
             "own history columns (pass the step as log(..., step=N))"
         )
     return key
+
+
+def _too_long(key: str) -> None:
+    raise ValueError(f"log() key {key[:60]!r}... is {len(key)} characters long; keys (nested ones "
+                     f"counted whole, as 'a/b/c') may have at most {MAX_KEY_LENGTH}")
 
 
 def tensor_from(value: Any, key: str) -> np.ndarray | None:
@@ -67,8 +82,17 @@ def tensor_from(value: Any, key: str) -> np.ndarray | None:
     if hasattr(value, "__cuda_array_interface__") and hasattr(value, "get"):  # cupy
         return np.asarray(value.get())
     if isinstance(value, (list, tuple)):
-        arr = np.asarray(value)
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as e:  # ragged nesting, or items NumPy cannot combine
+            raise ValueError(f"log() key {key!r}: the {type(value).__name__} is not a rectangular array "
+                             f"of numbers ({e})") from None
         return arr if arr.dtype.kind in _TENSOR_KINDS else None
+    ma = sys.modules.get("numpy.ma")  # not imported: nothing can be a masked array
+    if ma is not None and isinstance(value, ma.MaskedArray):
+        raise TypeError(f"log() key {key!r}: a masked array's mask would be lost; log "
+                        "value.filled(fill) or value.data, and the mask (np.ma.getmaskarray(value)) "
+                        "under a key of its own")
     if hasattr(value, "__array__"):
         return np.asarray(value)
     if hasattr(value, "__dlpack__"):
@@ -249,9 +273,12 @@ def prepare(data: Mapping[str, Any], keys: Keys, pool: BufferPool | None = None)
     if type(data) is dict:
         # Fast path, the common training-loop call: flat, Python numbers, keys seen before.
         numbers = keys.numbers
+        lo, hi = INT_MIN, INT_MAX
         for k, v in data.items():
-            if type(v) not in _NUMBER_TYPES or k not in numbers:
-                break
+            tv = type(v)
+            if k not in numbers or (tv is not float and tv is not bool
+                                    and (tv is not int or not lo <= v <= hi)):
+                break  # the full walk below checks (and names) whatever is not plain
         else:
             out.scalars = data.copy()
             return out
@@ -267,14 +294,19 @@ def prepare(data: Mapping[str, Any], keys: Keys, pool: BufferPool | None = None)
 def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict[str, str],
           out: Prepared, pool: BufferPool | None) -> None:
     scalars = out.scalars
+    tensors = out.tensors
     for key, value in data.items():
         if prefix:
             key = prefix + check_key(key, top_level=False)
+            if len(key) > MAX_KEY_LENGTH:
+                _too_long(key)  # also bounds the nesting depth (a segment and its '/')
         elif key not in kinds:
             key = check_key(key, top_level=True)
         tv = type(value)
         if tv in _NUMBER_TYPES:
             kind = NUMBER
+            if tv is int and not INT_MIN <= value <= INT_MAX:
+                _out_of_range(key, value)
         elif tv is str:
             kind = TEXT
         elif tv is dict or isinstance(value, Mapping):
@@ -291,12 +323,12 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
                 )
             if arr.ndim == 0 and (arr.dtype.kind in _REAL_KINDS or is_ml_dtype(arr.dtype)):
                 value = arr[()]
-                kind = NUMBER
+                kind = _scalar_kind(value, key)
             else:
                 kind = TENSOR
-                snap = snapshot(arr, key, pool)
-                out.tensors[key] = Tensor(snap, arr.dtype)
-                out.nbytes += snap.nbytes
+        if key in scalars or key in tensors:
+            raise ValueError(f"log() key {key!r} is given twice in one call (a nested dict and a "
+                             "'/' in a key flatten to the same name); give it once")
         seen = kinds.get(key) or new.get(key)
         if seen is None:
             new[key] = kind
@@ -307,12 +339,27 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
             )
         if kind is not TENSOR:
             scalars[key] = value
+        else:
+            snap = snapshot(arr, key, pool)
+            tensors[key] = Tensor(snap, arr.dtype)
+            out.nbytes += snap.nbytes
 
 
 def _scalar_kind(value: np.generic, key: str) -> str:
-    k = value.dtype.kind
-    if k in _REAL_KINDS or is_ml_dtype(value.dtype):
+    dtype = value.dtype
+    k = dtype.kind
+    if k == "f" and dtype.itemsize > 8 and not is_ml_dtype(dtype):
+        raise TypeError(f"log() key {key!r}: a NumPy {dtype} scalar does not fit float64, the type "
+                        "history stores numbers in; log float(value) if rounding it is fine")
+    if k == "u" and dtype.itemsize == 8 and value > INT_MAX:
+        _out_of_range(key, value)
+    if k in _REAL_KINDS or is_ml_dtype(dtype):
         return NUMBER
     if k == "U":
         return TEXT
-    raise TypeError(f"log() key {key!r}: cannot log a NumPy {value.dtype} scalar")
+    raise TypeError(f"log() key {key!r}: cannot log a NumPy {dtype} scalar")
+
+
+def _out_of_range(key: str, value: Any) -> None:
+    raise ValueError(f"log() key {key!r}: {value} is outside int64 (history stores integers as "
+                     "int64); log it as a float or a string")

@@ -253,7 +253,8 @@ class Writer:
         except BaseException as e:  # never reaches the training loop
             self.error = e
             warnings.warn(f"gradexp: the background writer failed and logging has stopped: {e!r}. "
-                          f"Everything written before is readable from {self._dir.parent}.",
+                          f"Everything written before is readable from {self._dir.parent}; the "
+                          "run will end failed, with this reason in run.json.",
                           GradexpWarning, stacklevel=1)
             with self._cv:
                 self._cv.notify_all()
@@ -299,6 +300,8 @@ class Writer:
     def _add_tensor(self, key: str, step: int, t: Tensor) -> Any:
         arr = t.array
         if arr.nbytes >= self._s.small_tensor_bytes:
+            if key in self._groups:  # its rows were logged first: their frame must come first
+                self._write_group(key)
             if self._workers is None:
                 self._workers = _Workers(self._s.workers)
             fut = self._workers.submit(_encode_tensor, key, [step], [arr], t.logical, True, self.pool)
@@ -349,6 +352,14 @@ class Writer:
             self.pool.give(view.base)
 
     def _write_group(self, key: str) -> None:
+        # Readers take a (key, step)'s last frame as its last write, so a large tensor of this
+        # key logged before the group's rows (still encoding) is written first.
+        last = -1
+        for i, item in enumerate(self._inflight):
+            if item[1] == key:
+                last = i
+        for _ in range(last + 1):
+            self._write_one(self._inflight.popleft())
         g = self._groups.pop(key)
         g.summaries()
         _, header, payload, raw, elem = _encode_tensor(key, g.steps, g.arrays, g.logical, False,

@@ -376,8 +376,8 @@ def test_writer_failure_never_reaches_log(tmp_path, monkeypatch, where):
     assert len(ignored) <= 1 and len(msgs) == len(failed) + len(ignored), msgs
 
     stored = gradexp.Api().run(run.dir)
-    assert stored.status == "finished"  # the process itself finished; the error is recorded
-    assert ("No space" if where == "append" else "cannot encode") in stored.meta["writer_error"]
+    assert stored.status == "failed" and stored.meta["exit_code"] == 0  # the reason is recorded
+    assert ("No space" if where == "append" else "cannot encode") in stored.meta["error"]
     assert stored.damage == []
     table = stored.history()
     steps = table.column("step").to_pylist()

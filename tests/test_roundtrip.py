@@ -6,6 +6,7 @@ import math
 
 import ml_dtypes
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -129,11 +130,13 @@ def test_summaries_match_numpy(tmp_path):
         assert np.abs(np.array(s["hist"]) - ref).sum() <= x.size * 1e-4  # edge rounding only
 
 
-def test_ints_beyond_int64_become_float64(tmp_path):
+def test_ints_beyond_int64_are_refused_and_the_column_stays_exact(tmp_path):
     with gradexp.init("p", dir=tmp_path) as run:
-        run.log({"x": 2**70})
+        run.log({"x": 2**62 + 1})
+        with pytest.raises(ValueError, match="'x'.*outside int64"):
+            run.log({"x": 2**70})
         run.log({"x": 1})
-    assert gradexp.Api().run(run.dir).history().column("x").to_pylist() == [float(2**70), 1.0]
+    assert gradexp.Api().run(run.dir).history().column("x").to_pylist() == [2**62 + 1, 1]
 
 
 def test_summary_of_values_whose_float32_sum_overflows(tmp_path):
