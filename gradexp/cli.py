@@ -61,8 +61,11 @@ def _user_error(e: BaseException) -> str | None:
         return f"the gradexp server needs the module {e.name!r}: {SERVER_EXTRA}"
     requests = sys.modules.get("requests")  # nothing can have raised its errors if it is not loaded
     if requests is not None and isinstance(e, (requests.ConnectionError, requests.Timeout)):
-        url = e.request.url if e.request is not None else "the server"
-        return f"cannot reach {url}: {'timed out' if isinstance(e, requests.Timeout) else _reason(e)}"
+        if e.request is None:  # raised by gradexp with its own message
+            return str(e)
+        return f"cannot reach {e.request.url}: {'timed out' if isinstance(e, requests.Timeout) else _reason(e)}"
+    if requests is not None and isinstance(e, requests.JSONDecodeError):
+        return f"the server's answer is not JSON: is --host a gradexp server? ({e})"
     if isinstance(e, OSError):
         return str(e)
     return None
