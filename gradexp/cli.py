@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import click
 
@@ -116,7 +117,7 @@ def export(run: str, fmt: str, output: Path | None, tensors: bool, base_dir: Pat
     """Export RUN to Parquet: a run folder, project/run_id or a run id under --dir, or
     entity/project/run_id on the server."""
     from . import _export
-    from ._errors import GradexpWarning, RunNotFoundError
+    from ._errors import RunNotFoundError
     from .api import Api
 
     api = Api(dir=base_dir, host=host, api_key=api_key)
@@ -134,21 +135,33 @@ def export(run: str, fmt: str, output: Path | None, tensors: bool, base_dir: Pat
     if not out.parent.is_dir():
         raise click.ClickException(f"cannot write {out}: there is no folder {out.parent}")
     t0 = time.perf_counter()
-    table = _export.export_history(stored, out)
+    with _warning_lines():
+        table = _export.export_history(stored, out)
     click.echo(f"history: {table.num_rows} steps x {table.num_columns} columns -> {out} "
                f"({out.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - t0:.2f} s)", err=True)
     if tensors:
         folder = out.with_name(out.stem + ".tensors")
         total = _export.tensor_count(stored)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", GradexpWarning)
-            with click.progressbar(length=max(total, 1), label="tensors", file=sys.stderr,
-                                   show_pos=True, show_percent=True) as bar:
-                done = _export.export_tensors(stored, folder, progress=bar.update)
-        for w in caught:  # after the bar, one line each
-            click.echo(f"Warning: {str(w.message).removeprefix('gradexp: ')}", err=True)
+        with _warning_lines(), click.progressbar(length=max(total, 1), label="tensors", file=sys.stderr,
+                                                 show_pos=True, show_percent=True) as bar:
+            done = _export.export_tensors(stored, folder, progress=bar.update)
         skipped = f" ({done.skipped} damaged, skipped)" if done.skipped else ""
         click.echo(f"tensors: {done.written}{skipped} in {len(done.paths)} files -> {folder}/", err=True)
+
+
+@contextlib.contextmanager
+def _warning_lines() -> Iterator[None]:
+    """gradexp's warnings in the block (damaged data skipped...) as one ``Warning:`` line each,
+    printed after it: not through a progress bar, not as Python's two-line format."""
+    from ._errors import GradexpWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GradexpWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                click.echo(f"Warning: {str(w.message).removeprefix('gradexp: ')}", err=True)
 
 
 def _client(api: Api) -> Client:

@@ -45,8 +45,8 @@ class Paths:
         import sqlalchemy as sa
 
         url = sa.engine.make_url(self.db_url)
-        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") \
-                or url.query.get("uri") == "true":
+        in_memory = url.database in (None, "", ":memory:") or url.query.get("uri") == "true"
+        if url.get_backend_name() != "sqlite" or in_memory:
             return None
         return Path(url.database).expanduser().absolute()
 
