@@ -136,7 +136,11 @@ def export(run: str, fmt: str, output: Path | None, tensors: bool, base_dir: Pat
         raise click.ClickException(f"cannot write {out}: there is no folder {out.parent}")
     t0 = time.perf_counter()
     with _warning_lines():
-        table = _export.export_history(stored, out)
+        table = stored.history()
+    try:
+        _export.write_history_parquet(table, out)
+    except OSError as e:  # a full disk, a denied permission...
+        raise click.ClickException(f"cannot write {out}: {e}") from None
     click.echo(f"history: {table.num_rows} steps x {table.num_columns} columns -> {out} "
                f"({out.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - t0:.2f} s)", err=True)
     if tensors:

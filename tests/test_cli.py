@@ -81,6 +81,23 @@ def test_export_to_a_missing_folder(tmp_path):
     one_error(r, "cannot write", str(tmp_path / "nonexistent" / "dir"))
 
 
+LIMIT_FILE_SIZE = """
+import resource, runpy, signal, sys
+
+# The OS refuses to grow any file past 1 kB (EFBIG), as a full disk refuses with ENOSPC.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+sys.argv[0] = "gradexp"
+runpy.run_module("gradexp", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_export_refused_by_the_file_system(tmp_path):
+    make_run(tmp_path / "gradexp-runs", "proj", "r1", steps=1)
+    one_error(gx("export", "proj/r1", "-o", "out.parquet", code=LIMIT_FILE_SIZE, cwd=tmp_path),
+              "cannot write out.parquet", "File too large")
+
+
 def test_export_from_a_server_that_refuses_the_key(server, tmp_path):
     one_error(gx("export", "ada/proj/r1", "--host", server.url, "--api-key", "gx_not_a_key", cwd=tmp_path),
               "401", "gradexp login", "--api-key")
