@@ -192,7 +192,7 @@ def runs_(project: str | None, base_dir: Path | None) -> None:
     if not found and project:
         projects = sorted({r.project for r in api.runs()})
         there = f"projects there: {', '.join(projects)}" if projects else "there are no runs there"
-        raise click.ClickException(f"no project {project!r} with runs under {api.dir}; {there}")
+        raise click.ClickException(f"no runs of project {project!r} under {api.dir}; {there}")
     if not found:
         click.echo(f"no runs under {api.dir}", err=True)
         return
@@ -201,8 +201,10 @@ def runs_(project: str | None, base_dir: Path | None) -> None:
         click.echo(f"{r.project}/{r.id}\t{r.status:<9}\t{created}\t{r.name}")
 
 
-_HOST_OPTION = click.option("--host", default=None, help="gradexp server (default: $GRADEXP_HOST).")
-_KEY_OPTION = click.option("--api-key", default=None, help="API key (default: $GRADEXP_API_KEY).")
+_HOST_OPTION = click.option("--host", default=None,
+                            help="gradexp server (default: $GRADEXP_HOST, else the last `gradexp login`'s).")
+_KEY_OPTION = click.option("--api-key", default=None,
+                           help="API key (default: $GRADEXP_API_KEY, else the one `gradexp login` stored).")
 
 
 @main.command()
