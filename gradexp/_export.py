@@ -11,18 +11,22 @@ Tensors: one Parquet file per tensor key in ``<output stem>.tensors/``, columns
 reads Arrow extension types get tensors back; others see a fixed-size list plus
 the shape in the field metadata). A key whose shape or dtype changed during the
 run gets one file per variant, ``<key>.<n>.parquet``. ``/`` in keys becomes ``.``.
+A tensor whose frame is damaged is skipped with a :class:`CorruptPartWarning` naming
+its key and step, as the reader skips damaged data, and the export goes on.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import _arrow
+from ._errors import CorruptPartError, CorruptPartWarning
 from ._values import is_ml_dtype
 
 _ROW_GROUP_BYTES = 64 << 20
@@ -52,21 +56,52 @@ def tensor_count(run: Any) -> int:
     return sum(len(run.steps(key)) for key in run.tensor_keys())
 
 
+class TensorExport(NamedTuple):
+    paths: list[Path]
+    """The Parquet files written."""
+    written: int
+    """Tensors (key, step) written."""
+    skipped: int
+    """Tensors left out because their frame is damaged (each one warned about)."""
+
+
 def export_tensors(run: Any, folder: Path, *,
-                   progress: Callable[[int], None] | None = None) -> list[Path]:
+                   progress: Callable[[int], None] | None = None) -> TensorExport:
     folder.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for key in run.tensor_keys():
-        written.extend(_export_key(run, key, folder, progress))
-    return written
+    done = [_export_key(run, key, folder, progress) for key in run.tensor_keys()]
+    return TensorExport([p for d in done for p in d.paths], sum(d.written for d in done),
+                        sum(d.skipped for d in done))
+
+
+def _readable(run: Any, key: str) -> Iterator[tuple[int, np.ndarray | None]]:
+    """``run.tensors(key)``, going on past damaged frames: ``(step, None)`` for a tensor that
+    cannot be read, after a warning naming it. The reader's fast path (one decode per frame)
+    is used until a frame fails; from there on it reads step by step."""
+    done = 0
+    try:
+        for item in run.tensors(key):
+            yield item
+            done += 1
+        return
+    except CorruptPartError:
+        pass  # read again, one step at a time, from the step that failed
+    for step in run.steps(key)[done:]:
+        try:
+            arr = run.tensor(key, step)
+        except CorruptPartError as e:
+            warnings.warn(f"gradexp: skipped tensor {key!r} at step {step} of run {run.id}: damaged frame "
+                          f"({e.reason})", CorruptPartWarning, stacklevel=2)
+            yield step, None
+            continue
+        yield step, arr
 
 
 def _export_key(run: Any, key: str, folder: Path,
-                progress: Callable[[int], None] | None) -> list[Path]:
+                progress: Callable[[int], None] | None) -> TensorExport:
     stem = key.replace("/", ".")
     writers: dict[tuple, tuple[pq.ParquetWriter, list]] = {}
     paths: list[Path] = []
-    pending_bytes = 0
+    pending_bytes = written = skipped = 0
 
     def flush(variant: tuple) -> None:
         writer, rows = writers[variant]
@@ -78,7 +113,13 @@ def _export_key(run: Any, key: str, folder: Path,
             rows.clear()
 
     try:
-        for step, arr in run.tensors(key):
+        for step, arr in _readable(run, key):
+            if progress is not None:
+                progress(1)
+            if arr is None:
+                skipped += 1
+                continue
+            written += 1
             if not arr.dtype.isnative and not is_ml_dtype(arr.dtype):
                 arr = arr.astype(arr.dtype.newbyteorder("="))
             variant = (_arrow.dtype_token(arr.dtype), arr.shape)
@@ -96,11 +137,9 @@ def _export_key(run: Any, key: str, folder: Path,
                 for v in writers:
                     flush(v)
                 pending_bytes = 0
-            if progress is not None:
-                progress(1)
         for v in writers:
             flush(v)
     finally:
         for writer, _ in writers.values():
             writer.close()
-    return paths
+    return TensorExport(paths, written, skipped)

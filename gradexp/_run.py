@@ -159,8 +159,8 @@ class Run:
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config must be a dict or argparse.Namespace; got {type(config).__name__}")
         if settings.mode == "online" and not (settings.host and settings.api_key):
-            missing = (f"no API key for {settings.host}" if settings.host else "no server (host) is set")
-            warnings.warn(f"gradexp: online mode needs a server and an API key, and there is {missing}; "
+            missing = (f"there is no API key for {settings.host}" if settings.host else "no server (host) is set")
+            warnings.warn(f"gradexp: online mode needs a server and an API key, but {missing}; "
                           "this run is offline. Run `gradexp login` (or set GRADEXP_HOST and "
                           "GRADEXP_API_KEY), then upload it with `gradexp sync`.",
                           GradexpWarning, stacklevel=3)

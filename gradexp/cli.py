@@ -2,21 +2,100 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
 import click
 
 from ._version import __version__
 
+if TYPE_CHECKING:
+    from ._client import Client
+    from ._errors import ApiError
+    from .api import Api
+
 _DIR_OPTION = click.option("--dir", "base_dir", type=click.Path(file_okay=False, path_type=Path),
                            default=None, help="Folder of runs (default: $GRADEXP_DIR or ./gradexp-runs).")
 
+SERVER_MODULES = frozenset({"starlette", "uvicorn", "httptools", "uvloop", "sqlalchemy", "psycopg", "pymysql"})
+"""Top-level modules of the ``[server]`` extra (pyproject.toml)."""
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+SERVER_EXTRA = ("install the [server] extra: from a clone of gradexp, pip install -e '.[server]'; "
+                "from a built wheel, pip install 'dist/gradexp-<version>-py3-none-any.whl[server]' "
+                "(the name gradexp on the package index is another project)")
+
+
+class _Commands(click.Group):
+    """The top command group: a failure the user can act on ends as one ``Error:`` line.
+
+    Those are gradexp's own errors (a run not found, a server's refusal, a damaged part),
+    a server that cannot be reached, and the operating system's refusals (``OSError``: a
+    missing folder, a full disk, a denied permission), whose messages name what is at
+    fault. Every other exception is a bug in gradexp and keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            message = _user_error(e)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+def _user_error(e: BaseException) -> str | None:
+    """One line for an error the user can act on; None for a bug."""
+    from ._errors import ApiError, CorruptPartError, RunNotFoundError, UsageError
+
+    if isinstance(e, ApiError):
+        return _api_error(e)
+    if isinstance(e, (RunNotFoundError, CorruptPartError, UsageError)):
+        return str(e)
+    if isinstance(e, ModuleNotFoundError) and (e.name or "").partition(".")[0] in SERVER_MODULES:
+        return f"the gradexp server needs the module {e.name!r}: {SERVER_EXTRA}"
+    requests = sys.modules.get("requests")  # nothing can have raised its errors if it is not loaded
+    if requests is not None and isinstance(e, (requests.ConnectionError, requests.Timeout)):
+        if e.request is None:  # raised by gradexp with its own message
+            return str(e)
+        return f"cannot reach {e.request.url}: {'timed out' if isinstance(e, requests.Timeout) else _reason(e)}"
+    if requests is not None and isinstance(e, requests.JSONDecodeError):
+        return f"the server's answer is not JSON: is --host a gradexp server? ({e})"
+    if isinstance(e, OSError):
+        return str(e)
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost cause of a network error ("Connection refused"), not urllib3's chain."""
+    seen: set[int] = set()
+    todo, found = [e], None
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.strerror:
+            found = x
+        todo.extend(c for c in (x.__cause__, x.__context__, getattr(x, "reason", None), *x.args)
+                    if isinstance(c, BaseException))
+    return found.strerror if found is not None else str(e)
+
+
+def _api_error(e: ApiError) -> str:
+    """An ApiError as one line, with what to do about a key the server refuses."""
+    if e.status == 401:
+        return f"{e}; the server does not accept this API key: run `gradexp login` or pass --api-key"
+    return str(e)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gradexp")
 def main() -> None:
     """gradexp: experiment tracking that keeps the tensors."""
@@ -41,22 +120,64 @@ def export(run: str, fmt: str, output: Path | None, tensors: bool, base_dir: Pat
     from ._errors import RunNotFoundError
     from .api import Api
 
+    api = Api(dir=base_dir, host=host, api_key=api_key)
+    if api.host and run.count("/") == 2 and not Path(run).exists():  # a server's run, as Api.run decides
+        _client(api)
     try:
-        stored = Api(dir=base_dir, host=host, api_key=api_key).run(run)
+        stored = api.run(run)
     except RunNotFoundError as e:
-        raise click.ClickException(str(e)) from None
+        hint = ""
+        if not api.host and run.count("/") == 2:
+            hint = ("; for a run on a server (entity/project/run_id) run `gradexp login`, "
+                    "or pass --host and --api-key")
+        raise click.ClickException(f"{e}{hint}") from None
     out = output or Path(f"{stored.project}-{stored.id}.parquet")
+    if not out.parent.is_dir():
+        raise click.ClickException(f"cannot write {out}: there is no folder {out.parent}")
     t0 = time.perf_counter()
-    table = _export.export_history(stored, out)
+    with _warning_lines():
+        table = stored.history()
+    try:
+        _export.write_history_parquet(table, out)
+    except OSError as e:  # a full disk, a denied permission...
+        raise click.ClickException(f"cannot write {out}: {e}") from None
     click.echo(f"history: {table.num_rows} steps x {table.num_columns} columns -> {out} "
                f"({out.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - t0:.2f} s)", err=True)
     if tensors:
         folder = out.with_name(out.stem + ".tensors")
         total = _export.tensor_count(stored)
-        with click.progressbar(length=max(total, 1), label="tensors", file=sys.stderr,
-                               show_pos=True, show_percent=True) as bar:
-            paths = _export.export_tensors(stored, folder, progress=bar.update)
-        click.echo(f"tensors: {total} in {len(paths)} files -> {folder}/", err=True)
+        with _warning_lines(), click.progressbar(length=max(total, 1), label="tensors", file=sys.stderr,
+                                                 show_pos=True, show_percent=True) as bar:
+            done = _export.export_tensors(stored, folder, progress=bar.update)
+        skipped = f" ({done.skipped} damaged, skipped)" if done.skipped else ""
+        click.echo(f"tensors: {done.written}{skipped} in {len(done.paths)} files -> {folder}/", err=True)
+
+
+@contextlib.contextmanager
+def _warning_lines() -> Iterator[None]:
+    """gradexp's warnings in the block (damaged data skipped...) as one ``Warning:`` line each,
+    printed after it: not through a progress bar, not as Python's two-line format."""
+    from ._errors import GradexpWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GradexpWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                click.echo(f"Warning: {str(w.message).removeprefix('gradexp: ')}", err=True)
+
+
+def _client(api: Api) -> Client:
+    """``api.client``, or one line saying how to name a server and a key."""
+    if not api.host:
+        raise click.ClickException("not logged in: run `gradexp login`, or pass --host and --api-key "
+                                   "(or set GRADEXP_HOST and GRADEXP_API_KEY)")
+    try:
+        return api.client
+    except ValueError:  # the client refuses a host without a key
+        raise click.ClickException(f"no API key for {api.host}: run `gradexp login --host {api.host}`, "
+                                   "or pass --api-key (or set GRADEXP_API_KEY)") from None
 
 
 @main.command("runs")
@@ -68,6 +189,10 @@ def runs_(project: str | None, base_dir: Path | None) -> None:
 
     api = Api(dir=base_dir)
     found = api.runs(project)
+    if not found and project:
+        projects = sorted({r.project for r in api.runs()})
+        there = f"projects there: {', '.join(projects)}" if projects else "there are no runs there"
+        raise click.ClickException(f"no runs of project {project!r} under {api.dir}; {there}")
     if not found:
         click.echo(f"no runs under {api.dir}", err=True)
         return
@@ -76,8 +201,10 @@ def runs_(project: str | None, base_dir: Path | None) -> None:
         click.echo(f"{r.project}/{r.id}\t{r.status:<9}\t{created}\t{r.name}")
 
 
-_HOST_OPTION = click.option("--host", default=None, help="gradexp server (default: $GRADEXP_HOST).")
-_KEY_OPTION = click.option("--api-key", default=None, help="API key (default: $GRADEXP_API_KEY).")
+_HOST_OPTION = click.option("--host", default=None,
+                            help="gradexp server (default: $GRADEXP_HOST, else the last `gradexp login`'s).")
+_KEY_OPTION = click.option("--api-key", default=None,
+                           help="API key (default: $GRADEXP_API_KEY, else the one `gradexp login` stored).")
 
 
 @main.command()
@@ -86,7 +213,8 @@ _KEY_OPTION = click.option("--api-key", default=None, help="API key (default: $G
 @_KEY_OPTION
 @_DIR_OPTION
 def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base_dir: Path | None) -> None:
-    """Upload offline, crashed or interrupted runs (default: every run under --dir).
+    """Upload offline, crashed or interrupted runs: RUN_DIRS (run folders, or project
+    folders for all their runs), else every run under --dir.
 
     Idempotent: parts already uploaded are not sent again, and a run that is
     fully synced is skipped. Runs that are still running are left to their sender.
@@ -98,16 +226,15 @@ def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base
     from .api import Api
 
     api = Api(dir=base_dir, host=host, api_key=api_key)
-    if not api.host:
-        raise click.ClickException("no server: pass --host or set GRADEXP_HOST")
+    if run_dirs:
+        dirs = [d for folder in run_dirs for d in _runs_in(folder)]
+    else:
+        dirs = sorted(p.parent for p in api.dir.glob(f"*/*/{RUN_JSON}"))
+    client = _client(api)
     try:
-        client = api.client
         entity = client.json("GET", "/viewer", retry=False)["entity"]
-    except (ValueError, ApiError) as e:
-        raise click.ClickException(str(e)) from None
-    except Exception as e:  # connection refused and friends
-        raise click.ClickException(f"cannot reach {api.host}: {e}") from None
-    dirs = list(run_dirs) or sorted(p.parent for p in api.dir.glob(f"*/*/{RUN_JSON}"))
+    except ApiError as e:
+        raise click.ClickException(_api_error(e)) from None
     if not dirs:
         click.echo(f"no runs under {api.dir}", err=True)
         return
@@ -126,10 +253,25 @@ def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base
             try:
                 n, _ = _service.sync(d, client, entity, progress=bar.update)
             except ApiError as e:
-                raise click.ClickException(f"{d}: {e}") from None
+                raise click.ClickException(f"{d}: {_api_error(e)}") from None
         click.echo(f"{up.url}  ({n} parts uploaded)")
         synced += 1
     click.echo(f"synced {synced} run(s); {skipped} already synced or still running", err=True)
+
+
+def _runs_in(folder: Path) -> list[Path]:
+    """The run folders a folder on the command line names: itself if it is one, else the runs
+    of a project folder, else those of a folder of projects; none is an error."""
+    from ._files import RUN_JSON
+
+    if (folder / RUN_JSON).is_file():
+        return [folder]
+    found = sorted(p.parent for p in folder.glob(f"*/{RUN_JSON}"))
+    found = found or sorted(p.parent for p in folder.glob(f"*/*/{RUN_JSON}"))
+    if not found:
+        raise click.ClickException(f"{folder} is not a run folder (it has no {RUN_JSON}), nor a project "
+                                   "folder or a folder of projects with runs in it")
+    return found
 
 
 @main.group(invoke_without_command=True)
@@ -148,7 +290,7 @@ def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base
 @click.pass_context
 def server(ctx: click.Context, bind: str, port: int, db_url: str | None, store_url: str | None,
            data_dir: Path | None, max_body: int) -> None:
-    """Run the gradexp server (needs `pip install 'gradexp[server]'`)."""
+    """Run the gradexp server (needs the [server] extra: pip install -e '.[server]' in a clone)."""
     from .server import cli as server_cli
 
     ctx.obj = server_cli.Paths.resolve(db_url, store_url, data_dir)

@@ -1,4 +1,4 @@
-"""The gradexp server: ``pip install 'gradexp[server]'``, then ``gradexp server``."""
+"""The gradexp server: ``pip install -e '.[server]'`` in a clone, then ``gradexp server``."""
 
 from .app import create_app
 

@@ -36,22 +36,47 @@ class Paths:
         db_url = db_url or os.environ.get("GRADEXP_SERVER_DB")
         store_url = store_url or os.environ.get("GRADEXP_SERVER_STORE")
         embedded = db_url is None
-        if db_url is None or store_url is None:
-            data_dir.mkdir(parents=True, exist_ok=True)
         return cls(db_url=db_url or f"sqlite:///{data_dir / 'gradexp.db'}",
                    store_url=store_url or str(data_dir / "objects"), data_dir=data_dir, embedded=embedded)
 
 
-def _engine(paths: Paths):  # type: ignore[no-untyped-def]
-    engine = db.connect(paths.db_url)
-    db.migrate(engine)
+    def sqlite_file(self) -> Path | None:
+        """The database file, when the database is SQLite on disk."""
+        import sqlalchemy as sa
+
+        url = sa.engine.make_url(self.db_url)
+        in_memory = url.database in (None, "", ":memory:") or url.query.get("uri") == "true"
+        if url.get_backend_name() != "sqlite" or in_memory:
+            return None
+        return Path(url.database).expanduser().absolute()
+
+
+def _engine(paths: Paths, *, create: bool = False):  # type: ignore[no-untyped-def]
+    """The database, migrated. Only ``create`` makes a new SQLite file (the server on its first
+    start, ``create-user``); the other admin commands refuse one that is not there, so a typo
+    in ``--data-dir`` or ``--db`` is an error, not a new empty database."""
+    import sqlalchemy as sa
+
+    file = paths.sqlite_file()
+    if file is not None and not file.exists():
+        if not create:
+            raise click.ClickException(f"no server database at {file}: pass the --data-dir (or --db) that "
+                                       "the server runs with; `gradexp server` creates it on its first start")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        click.echo(f"new database {file}", err=True)
+    try:
+        engine = db.connect(paths.db_url)
+        db.migrate(engine)
+    except sa.exc.OperationalError as e:  # no such database, refused, wrong password...
+        reason = " ".join(str(e.orig).split()) if e.orig is not None else str(e)
+        raise click.ClickException(f"cannot open the database {_safe(paths.db_url)}: {reason}") from None
     return engine
 
 
 def bootstrap(paths: Paths) -> Path | None:
     """On an empty embedded database: create admin ``local`` and keep an API key of it in a
     0600 file (so scripts on this machine can log at once; ``serve`` prints how)."""
-    engine = _engine(paths)
+    engine = _engine(paths, create=True)
     if db.user_count(engine):
         return None
     db.create_user(engine, BOOTSTRAP_USER, admin=True)
@@ -69,7 +94,8 @@ def serve(paths: Paths, bind: str, port: int, *, max_body_bytes: int = 2 << 30) 
 
         from .app import create_app
     except ImportError as e:
-        raise click.ClickException(f"the server needs its extra: pip install 'gradexp[server]' ({e})") from None
+        raise click.ClickException(f"the server needs the [server] extra ({e}): from a clone of gradexp, "
+                                   "pip install -e '.[server]'") from None
     if paths.embedded:
         created = bootstrap(paths)
         key_file = paths.data_dir / KEY_FILE
@@ -131,7 +157,7 @@ def create_user(paths: Paths, name: str, *, admin: bool) -> None:
     if not _RUN_ID.match(name) or len(name) > 64:
         raise click.ClickException(f"invalid user name {name!r}: letters, digits, '.', '_', '-'")
     try:
-        db.create_user(_engine(paths), name, admin=admin)
+        db.create_user(_engine(paths, create=True), name, admin=admin)
     except sa.exc.IntegrityError:
         raise click.ClickException(f"user or entity {name!r} exists already") from None
     click.echo(f"created user {name!r}; give it a password with `gradexp server set-password {name}`, "
