@@ -76,7 +76,10 @@ def check_new_password(password: str) -> None:
 
 
 def set_password(engine: Engine, user: str, password: str, *, end_sessions: bool = True) -> None:
-    """Set ``user``'s password; by default this also signs out their browser sessions."""
+    """Set ``user``'s password; by default this also signs out their browser sessions.
+
+    Unused sign-in links of the user die too: a link is a way in without a password, and
+    one printed to a log must not outlive the password set instead of opening it."""
     check_new_password(password)
     hashed = hash_password(password)
     with engine.begin() as conn:
@@ -84,6 +87,7 @@ def set_password(engine: Engine, user: str, password: str, *, end_sessions: bool
         if uid is None:
             raise LookupError(f"no user {user!r}")
         conn.execute(sa.update(db.users).where(db.users.c.id == uid).values(password_hash=hashed))
+        conn.execute(sa.delete(db.signin_links).where(db.signin_links.c.user_id == uid))
         if end_sessions:
             conn.execute(sa.delete(db.sessions).where(db.sessions.c.user_id == uid))
 
