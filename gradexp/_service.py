@@ -11,7 +11,7 @@ part, ``<part name> <sha256> <server>``, and ``#finished <server>`` once the run
 finished there; ``<server>`` is the host URL and entity (``https://host/alice``). So
 nothing is sent twice to one server, a later sync continues where this stopped, and
 a folder synced to one server still uploads in full to another. Lines without a
-server (written before 0.2) say only that the part went *somewhere*: they count for
+server (written by earlier versions) say only that the part went *somewhere*: they count for
 no server, so such a folder is sent again, and a server that has the parts already
 answers each with 200 (the same bytes are a no-op). The server's idempotent part
 upload also covers the gap between a PUT and its log line.
