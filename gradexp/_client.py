@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import email.utils
 import json as _json
+import math
 import random
 import threading
 import time
@@ -122,8 +123,7 @@ class Client:
 def _safe_url(url: str) -> str:
     """The URL without user info or query (where secrets could be)."""
     parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else "")
-                       if parts.hostname else parts.netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _message(r: requests.Response) -> str:
@@ -146,4 +146,4 @@ def _retry_after(r: requests.Response) -> float | None:
         except (TypeError, ValueError):
             return None
         seconds = when.timestamp() - time.time()
-    return max(0.0, min(seconds, 300.0)) if seconds == seconds else None
+    return None if math.isnan(seconds) else max(0.0, min(seconds, 300.0))

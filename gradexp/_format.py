@@ -547,13 +547,17 @@ class Repair:
     def __str__(self) -> str:
         lost = []
         if self.lost:
-            lost.append(f"lost {self.lost} frame{'s' * (self.lost != 1)} ({self.lost_rows} rows)")
+            lost.append(f"lost {_count(self.lost, 'frame')} ({_count(self.lost_rows, 'row')})")
         if self.unreadable:
             lost.append(f"skipped {self.unreadable} unreadable bytes" + (
                 "" if self.indexed else " (the index is unreadable too: frames lost in them are not counted)"))
-        return (f"{self.original} was damaged: re-sealed {self.kept} intact frame{'s' * (self.kept != 1)} "
-                f"({self.kept_rows} rows) as {self.path.name}, {', '.join(lost) or 'nothing lost'}; "
+        return (f"{self.original} was damaged: re-sealed {_count(self.kept, 'intact frame')} "
+                f"({_count(self.kept_rows, 'row')}) as {self.path.name}, {', '.join(lost) or 'nothing lost'}; "
                 f"the damaged file is kept as {self.aside.name}")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
 
 
 def reseal_part(path: Path) -> Repair:

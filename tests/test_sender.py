@@ -328,7 +328,7 @@ def test_a_part_the_server_refuses_as_damaged_is_resealed_and_the_upload_goes_on
     assert up.upload_pending() == n
     up.finish("finished", 0)
     assert len(lines) == 1, lines
-    assert f"{victim.name} was damaged" in lines[0] and f"lost 1 frame ({frames[0].rows} rows)" in lines[0]
+    assert f"{victim.name} was damaged" in lines[0] and f"lost 1 frame ({frames[0].rows} row" in lines[0]
     assert (victim.parent / (victim.name + ".damaged")).read_bytes() == bytes(data)
     assert len(stored) == n  # every part went up, the re-sealed one under its own seq
     kept = _format.scan_part(victim).frames
