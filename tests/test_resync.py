@@ -452,3 +452,20 @@ def test_a_trainer_crash_leaves_no_traceback_in_sender_log(srv, tmp_path):
     text = log.read_text()
     assert "Traceback" not in text and "BrokenPipeError" not in text, text
     assert "marked the run crashed" in text, text
+
+
+def test_a_sender_that_fails_on_its_own_says_why_at_finish(srv, tmp_path):
+    """Not a server's answer but a failure in the sender itself (here: a "part" that is a
+    folder): finish() says what failed and where the traceback is, not a timeout."""
+    env = clean_env(GRADEXP_HOST=srv.url, GRADEXP_API_KEY=srv.key)
+    p = subprocess.Popen([sys.executable, "-c", FAIL_SRC, "broken-sender", str(tmp_path / "runs")],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    run_dir = tmp_path / "runs" / "fails" / "broken-sender"
+    (run_dir / "parts" / "history-000099.gxp").mkdir()
+    out, err = p.communicate("go\n", timeout=180)
+    assert p.returncode == 0, err
+    assert "did not finish within" not in err, err
+    assert "the sender failed: IsADirectoryError" in err and f"{run_dir}/sender.log" in err, err
+    assert f"gradexp sync {run_dir}" in err, err
+    assert "Traceback" in (run_dir / "sender.log").read_text()
