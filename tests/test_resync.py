@@ -368,6 +368,16 @@ def test_a_folder_synced_to_one_server_uploads_in_full_to_another(srv, tmp_path)
         a = remote(srv, "two", "servers")
         assert a.status == "finished" and a.history().num_rows == STEPS
         assert "synced 0 run(s)" in sync_cli(other, str(run_dir)).stderr
+        # An uploaded.log from before records named their server counts for none: the
+        # folder goes up again, and a server that has it all takes that as a no-op.
+        log = run_dir / _service.UPLOADED_LOG
+        old_lines = [ln.split()[0] if ln.startswith("#") else " ".join(ln.split()[:2])
+                     for ln in log.read_text().splitlines()]
+        log.write_text("".join(ln + "\n" for ln in old_lines))
+        out = sync_cli(srv, str(run_dir))
+        assert f"({len(parts)} parts uploaded)" in out.stdout, out.stdout + out.stderr
+        a = remote(srv, "two", "servers")
+        assert a.status == "finished" and a.history().num_rows == STEPS and sum(a.meta["parts"].values()) == len(parts)
     finally:
         other.stop()
 
