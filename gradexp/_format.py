@@ -446,7 +446,7 @@ def recover_part(path: Path, *, report: Callable[[Repair], None] | None = None) 
     original kept aside), and ``report`` is told what was lost.
     """
     scan = scan_part(path)
-    if scan.damage or _first_bad_payload(path, scan.frames) is not None:
+    if scan.damage or not _payloads_intact(path, scan.frames):
         repair = reseal_part(path)
         if report is not None:
             report(repair)
@@ -479,24 +479,22 @@ def payload_problem(info: FrameInfo, payload: bytes | memoryview | mmap.mmap) ->
                 break
     except zstandard.ZstdError as e:
         return f"frame payload: {e}"
-    if n != info.raw:
-        return f"frame decodes to {'more than ' if n > info.raw else ''}{n} bytes, header says {info.raw}"
+    if n > info.raw:
+        return f"frame decodes to more than the {info.raw} bytes its header says"
+    if n < info.raw:
+        return f"frame decodes to {n} bytes, header says {info.raw}"
     return None
 
 
-def _first_bad_payload(path: Path, frames: Sequence[FrameInfo]) -> str | None:
+def _payloads_intact(path: Path, frames: Sequence[FrameInfo]) -> bool:
     if not frames:
-        return None
+        return True
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         view = memoryview(mm)
         try:
-            for info in frames:
-                problem = payload_problem(info, view[info.data_offset:info.end])
-                if problem is not None:
-                    return f"byte {info.offset}: {problem}"
+            return all(payload_problem(info, view[info.data_offset:info.end]) is None for info in frames)
         finally:
             view.release()
-    return None
 
 
 def sealed_problem(data: bytes, *, payloads: bool = False) -> str | None:
