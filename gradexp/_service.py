@@ -248,6 +248,8 @@ def sync(run_dir: Path, client: Client, entity: str, *, progress: Callable[[int]
 
     Returns (parts uploaded, whether there was anything to do). Idempotent.
     """
+    if client.on_retry is None:  # in the foreground, a retry is news too
+        client.on_retry = report
     up = Uploader(run_dir, client, entity, report=report)
     if up.finished and not up.pending():
         return 0, False

@@ -23,7 +23,7 @@ from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
 import gradexp
-from gradexp import _client, _format
+from gradexp import _client, _format, _service
 from gradexp._client import Client
 from gradexp._errors import ApiError
 from gradexp._service import DONE_MARK, UPLOADED_LOG, Uploader
@@ -333,3 +333,13 @@ def test_a_part_the_server_refuses_as_damaged_is_resealed_and_the_upload_goes_on
     assert len(stored) == n  # every part went up, the re-sealed one under its own seq
     kept = _format.scan_part(victim).frames
     assert [(f.key, f.step_min) for f in kept] == [(f.key, f.step_min) for f in frames[1:]]
+
+
+def test_sync_reports_its_retries_too(tmp_path, clock):
+    run_dir = offline_run(tmp_path)
+    fake = FakeServer(strict_server({}))
+    fake.script = [error(502)]
+    lines: list[str] = []
+    n, did = _service.sync(run_dir, make_client(clock, fake), "alice", report=lines.append)
+    assert did and n == len(_format.list_parts(run_dir / "parts"))
+    assert len(lines) == 1 and lines[0].startswith("502 Bad Gateway from PUT http://upload.test/api/v1/runs/alice/up/r")
