@@ -583,8 +583,8 @@ def reseal_part(path: Path) -> Repair:
     if final != path:
         os.unlink(path)
         _fsync_dir(final.parent)
-    return Repair(path.name, final, aside, len(frames), sum(i.rows for i in frames), len(lost), sum(i.rows for i in lost),
-                  size - covered, index is not None)
+    return Repair(path.name, final, aside, len(frames), sum(i.rows for i in frames), len(lost),
+                  sum(i.rows for i in lost), size - covered, index is not None)
 
 
 def _salvage(mm: mmap.mmap, size: int, *, torn_ok: bool
