@@ -1,44 +1,83 @@
 """HTTP client for the server API: one ``requests.Session``, retries with backoff.
 
 Transient failures (connection errors, timeouts, 429, 5xx) are retried with
-exponential backoff and full jitter, honouring ``Retry-After``, until ``deadline``
-(or forever when there is none: the sender outlives server outages). Other
-failures raise :class:`gradexp.ApiError` at once.
+exponential backoff and full jitter, honouring ``Retry-After`` (in seconds or as an
+HTTP date), until ``deadline`` or ``attempts`` run out (or forever when neither is
+given: the sender outlives server outages). Other failures raise
+:class:`gradexp.ApiError` at once.
+
+JSON bodies are sent with the tokens ``NaN``, ``Infinity`` and ``-Infinity`` for
+non-finite floats (what Python's ``json`` writes): a loss that went NaN is data.
+The transport is ``requests``' adapter interface: pass ``transport=`` to send
+through another one (tests use an in-process fake server).
 """
 
 from __future__ import annotations
 
+import email.utils
+import json as _json
+import math
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
+from requests.adapters import BaseAdapter
 
 from ._errors import ApiError
 from ._version import __version__
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+MAX_WAIT = 30.0
+"""Longest backoff between two attempts (a ``Retry-After`` may ask for up to 300 s)."""
+RETRY_LOG_EVERY = 10.0
+"""Seconds between two retry lines of one client (the ones between are counted, not shown)."""
 
 
 class Client:
-    def __init__(self, host: str, api_key: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, host: str, api_key: str, *, timeout: float = 60.0, transport: BaseAdapter | None = None,
+                 on_retry: Callable[[str], None] | None = None) -> None:
         if not host:
             raise ValueError("no server: set GRADEXP_HOST or pass host=")
         if not api_key:
             raise ValueError(f"no API key for {host}: set GRADEXP_API_KEY or pass api_key=")
         self.host = host.rstrip("/")
         self.timeout = timeout
+        self.transport = transport
         self.session = requests.Session()
+        if transport is not None:
+            self.session.mount("http://", transport)
+            self.session.mount("https://", transport)
         self.session.headers["Authorization"] = f"Bearer {api_key}"
         self.session.headers["User-Agent"] = f"gradexp/{__version__}"
         self.stop = threading.Event()
         """Set to make a waiting retry give up (the caller is shutting down)."""
+        self.on_retry = on_retry
+        """Called with one line per retry (at most one per RETRY_LOG_EVERY s): the sender's log."""
+        self._retry_lock = threading.Lock()
+        self._retry_shown = -RETRY_LOG_EVERY
+        self._retry_hidden = 0
 
-    def request(self, method: str, path: str, *, deadline: float | None = None, retry: bool = True,
-                **kw: Any) -> requests.Response:
-        """Send, retrying transient failures; raise ApiError for a final 4xx/5xx answer."""
+    def clone(self) -> Client:
+        """Another client (own connection) to the same server with the same key and hooks."""
+        other = Client(self.host, self.session.headers["Authorization"][7:], timeout=self.timeout,
+                       transport=self.transport, on_retry=self.on_retry)
+        other.stop = self.stop
+        return other
+
+    def request(self, method: str, path: str, *, deadline: float | None = None, attempts: int | None = None,
+                retry: bool = True, json: Any = None, **kw: Any) -> requests.Response:
+        """Send, retrying transient failures; raise ApiError for a final 4xx/5xx answer.
+
+        ``deadline`` (a ``time.monotonic()`` value) and ``attempts`` bound the retries;
+        the last failure is raised when either runs out. ``retry=False`` is one attempt.
+        """
         url = f"{self.host}/api/v1{path}"
+        if json is not None:
+            kw["data"] = _json.dumps(json, allow_nan=True).encode()
+            kw["headers"] = {**kw.get("headers", {}), "Content-Type": "application/json"}
         attempt = 0
         while True:
             wait: float | None = None
@@ -46,6 +85,7 @@ class Client:
                 r = self.session.request(method, url, timeout=self.timeout, **kw)
             except (requests.ConnectionError, requests.Timeout) as e:
                 error: Exception = e
+                what = type(e).__name__
             else:
                 if r.status_code < 400:
                     return r
@@ -53,32 +93,57 @@ class Client:
                 if r.status_code not in _RETRY_STATUS:
                     raise error
                 wait = _retry_after(r)
-            if not retry:
-                raise error
+                what = f"{r.status_code} {r.reason or ''}".strip()
             attempt += 1
+            if not retry or (attempts is not None and attempt >= attempts):
+                raise error
             if wait is None:
-                wait = min(30.0, 0.25 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
+                wait = min(MAX_WAIT, 0.25 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
             if deadline is not None and time.monotonic() + wait > deadline:
                 raise error
+            self._log_retry(f"{what} from {method} {_safe_url(url)}; retry {attempt} in {wait:.1f} s")
             if self.stop.wait(wait):
                 raise error
+
+    def _log_retry(self, line: str) -> None:
+        if self.on_retry is None:
+            return
+        with self._retry_lock:
+            now = time.monotonic()
+            if now - self._retry_shown < RETRY_LOG_EVERY:
+                self._retry_hidden += 1
+                return
+            hidden, self._retry_hidden, self._retry_shown = self._retry_hidden, 0, now
+        self.on_retry(line + (f" ({hidden} more retries since the last line)" if hidden else ""))
 
     def json(self, method: str, path: str, **kw: Any) -> Any:
         return self.request(method, path, **kw).json()
 
 
+def _safe_url(url: str) -> str:
+    """The URL without user info or query (where secrets could be)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 def _message(r: requests.Response) -> str:
     try:
         return str(r.json().get("error") or r.text)
-    except ValueError:
+    except (ValueError, AttributeError):
         return r.text[:500]
 
 
 def _retry_after(r: requests.Response) -> float | None:
+    """``Retry-After`` in seconds (RFC 9110: delay-seconds or an HTTP date), at most 300 s."""
     value = r.headers.get("Retry-After")
     if value is None:
         return None
     try:
-        return max(0.0, min(float(value), 300.0))
+        seconds = float(value)
     except ValueError:
-        return None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return None if math.isnan(seconds) else max(0.0, min(seconds, 300.0))

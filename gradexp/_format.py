@@ -438,9 +438,19 @@ def iter_frames(scans: Sequence[PartScan], kind: int) -> Iterator[tuple[Path, Fr
                 yield scan.path, info
 
 
-def recover_part(path: Path) -> Path:
-    """Seal an ``.open`` part left by a crash: keep intact frames, drop a torn tail."""
+def recover_part(path: Path, *, report: Callable[[Repair], None] | None = None) -> Path:
+    """Seal an ``.open`` part left by a crash: keep intact frames, drop a torn tail.
+
+    Every frame's payload is checked (its zstd checksum), not only its header: a part
+    with damage in it is re-sealed from its intact frames by :func:`reseal_part` (the
+    original kept aside), and ``report`` is told what was lost.
+    """
     scan = scan_part(path)
+    if scan.damage or not _payloads_intact(path, scan.frames):
+        repair = reseal_part(path)
+        if report is not None:
+            report(repair)
+        return repair.path
     end = max(scan.valid_end, len(MAGIC_PART))
     with open(path, "r+b") as f:
         if not scan.frames:  # maybe killed before its magic was (fully) written: start it over
@@ -449,6 +459,233 @@ def recover_part(path: Path) -> Path:
         f.truncate(end)
     stream, _, seq = path.name[: -len(PART_SUFFIX + OPEN_SUFFIX)].rpartition("-")
     return PartWriter(path.parent, stream, int(seq), resume=(scan.frames, end)).seal()
+
+
+# -- checking and repairing -------------------------------------------------------------
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+def payload_problem(info: FrameInfo, payload: bytes | memoryview | mmap.mmap) -> str | None:
+    """Why a frame's payload does not decode to its ``raw`` bytes (zstd checksum), or None.
+
+    Streams through the payload: checking a 2 GiB frame needs no 2 GiB buffer."""
+    n = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=False)
+        while chunk := reader.read(1 << 20):
+            n += len(chunk)
+            if n > info.raw:
+                break
+    except zstandard.ZstdError as e:
+        return f"frame payload: {e}"
+    if n > info.raw:
+        return f"frame decodes to more than the {info.raw} bytes its header says"
+    if n < info.raw:
+        return f"frame decodes to {n} bytes, header says {info.raw}"
+    return None
+
+
+def _payloads_intact(path: Path, frames: Sequence[FrameInfo]) -> bool:
+    if not frames:
+        return True
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            return all(payload_problem(info, view[info.data_offset:info.end]) is None for info in frames)
+        finally:
+            view.release()
+
+
+def sealed_problem(data: bytes, *, payloads: bool = False) -> str | None:
+    """Why ``data`` is not a well-formed sealed part (magic, trailer, index, every frame
+    header as its index says; with ``payloads``, every payload's checksum too), or None.
+
+    What the server checks on upload: a part that fails here is refused with a 400."""
+    scan = _read_index(Path("part"), data, len(data))  # type: ignore[arg-type]
+    if scan is None:
+        return "bad magic, trailer or index"
+    view = memoryview(data)
+    for info in scan.frames:
+        try:
+            same = info.end <= scan.valid_end and parse_header(data, info.offset, scan.valid_end) == info
+        except ValueError:
+            same = False
+        if not same:
+            return f"the frame at byte {info.offset} does not match the part's index"
+        if payloads:
+            problem = payload_problem(info, view[info.data_offset:info.end])
+            if problem is not None:
+                return f"byte {info.offset}: {problem}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Repair:
+    """What :func:`reseal_part` kept and lost of a damaged part."""
+
+    original: str
+    """The damaged part's file name."""
+    path: Path
+    """The new sealed part (same stream and seq as the damaged one)."""
+    aside: Path
+    """The damaged original, kept for inspection (never deleted by gradexp)."""
+    kept: int
+    kept_rows: int
+    lost: int
+    """Frames known to be lost: their payload failed its checksum, or the index lists them
+    and their header is unreadable."""
+    lost_rows: int
+    unreadable: int
+    """Bytes that are no intact frame, magic, index or trailer (with no readable index,
+    frames lost in them are not counted)."""
+    indexed: bool
+    """Whether the original index was readable (then ``lost`` counts every lost frame)."""
+
+    def __str__(self) -> str:
+        lost = []
+        if self.lost:
+            lost.append(f"lost {_count(self.lost, 'frame')} ({_count(self.lost_rows, 'row')})")
+        if self.unreadable:
+            lost.append(f"skipped {self.unreadable} unreadable bytes" + (
+                "" if self.indexed else " (the index is unreadable too: frames lost in them are not counted)"))
+        return (f"{self.original} was damaged: re-sealed {_count(self.kept, 'intact frame')} "
+                f"({_count(self.kept_rows, 'row')}) as {self.path.name}, {', '.join(lost) or 'nothing lost'}; "
+                f"the damaged file is kept as {self.aside.name}")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
+
+
+def reseal_part(path: Path) -> Repair:
+    """Rebuild a damaged part (sealed or ``.open``) from its intact frames.
+
+    The new part is the sealed part of the same stream and seq, so the stream's seqs
+    stay as they were; the original is kept as ``<its name>.damaged`` (a hard link made
+    before anything is replaced, so a crash at any point loses nothing). Frames are
+    found by walking headers (resynchronising after damage), and kept only if their
+    payload passes its checksum.
+    """
+    final = path.with_name(path.name[: -len(OPEN_SUFFIX)]) if path.name.endswith(OPEN_SUFFIX) else path
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+                kept, lost, index, covered = _salvage(mm, size, torn_ok=path != final)
+        else:
+            kept, lost, index, covered = [], [], None, 0
+    aside = _keep_aside(path)
+    if index is not None:
+        seen = {i.offset for i in kept} | {i.offset for i in lost}
+        lost += [i for i in index if i.offset not in seen]
+    frames = _write_sealed(final, aside, kept)
+    if final != path:
+        os.unlink(path)
+        _fsync_dir(final.parent)
+    return Repair(path.name, final, aside, len(frames), sum(i.rows for i in frames), len(lost),
+                  sum(i.rows for i in lost), size - covered, index is not None)
+
+
+def _salvage(mm: mmap.mmap, size: int, *, torn_ok: bool
+             ) -> tuple[list[FrameInfo], list[FrameInfo], list[FrameInfo] | None, int]:
+    """Walk a part: (intact data frames, frames whose payload is damaged, the part's own index
+    if it is readable, bytes accounted for). A torn tail counts as accounted for if ``torn_ok``."""
+    from ._arrow import index_from_ipc
+
+    kept: list[FrameInfo] = []
+    lost: list[FrameInfo] = []
+    index: list[FrameInfo] | None = None
+    covered = min(size, len(MAGIC_PART))  # rewritten either way
+    pos = len(MAGIC_PART)
+    view = memoryview(mm)
+    try:
+        while pos < size:
+            try:
+                info, bad = parse_header(mm, pos, size), False
+            except ValueError:
+                info, bad = None, True
+            if info is None or info.end > size:
+                nxt = _resync(mm, pos + 1, size)
+                if nxt < 0:
+                    if torn_ok and not bad:  # an incomplete last frame: where the writer stopped
+                        covered += size - pos
+                    break
+                pos = nxt
+                continue
+            covered += info.end - pos
+            payload = view[info.data_offset:info.end]
+            if info.kind == KIND_INDEX:
+                try:
+                    index = index_from_ipc(decode_payload(info, payload))
+                except (ValueError, CorruptPartError):
+                    pass
+                pos = info.end
+                if bytes(view[pos + 8:pos + _TRAILER.size]) == MAGIC_TRAILER:
+                    covered += _TRAILER.size
+                    pos += _TRAILER.size
+                continue
+            (kept if payload_problem(info, payload) is None else lost).append(info)
+            pos = info.end
+    finally:
+        view.release()
+    return kept, lost, index, covered
+
+
+def _keep_aside(path: Path) -> Path:
+    """Hard-link ``path`` to ``<name>.damaged`` (``.damaged.1``... when taken by another file)."""
+    st = path.stat()
+    for n in range(1000):
+        aside = path.with_name(path.name + DAMAGED_SUFFIX + (f".{n}" if n else ""))
+        try:
+            other = aside.stat()
+        except FileNotFoundError:
+            try:
+                os.link(path, aside)
+            except OSError:  # a file system without hard links
+                import shutil
+
+                shutil.copy2(path, aside)
+            _fsync_dir(path.parent)
+            return aside
+        if (other.st_ino, other.st_dev) == (st.st_ino, st.st_dev):
+            return aside  # kept aside by an earlier attempt that did not finish
+    raise FileExistsError(f"{path}: too many damaged copies kept aside already")
+
+
+def _write_sealed(final: Path, source: Path, frames: Sequence[FrameInfo]) -> list[FrameInfo]:
+    """Write a sealed part of ``source``'s ``frames`` (their bytes copied as they are) to
+    ``final``, via a temporary file, fsynced and renamed; returns the frames as placed."""
+    from ._arrow import index_to_ipc
+
+    tmp = final.with_name(final.name + ".tmp")
+    placed: list[FrameInfo] = []
+    src = os.open(source, os.O_RDONLY)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC_PART)
+            pos = len(MAGIC_PART)
+            for info in frames:
+                at = info.offset
+                while at < info.end:
+                    chunk = os.pread(src, min(info.end - at, 4 << 20), at)
+                    if not chunk:
+                        raise CorruptPartError(str(source), at, "part shrank while it was re-sealed")
+                    f.write(chunk)
+                    at += len(chunk)
+                placed.append(dataclasses.replace(info, offset=pos))
+                pos += info.end - info.offset
+            header, payload = encode_frame(KIND_INDEX, index_to_ipc(placed), rows=len(placed))
+            f.write(header)
+            f.write(payload)
+            f.write(_TRAILER.pack(pos, MAGIC_TRAILER))
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        os.close(src)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return placed
 
 
 def scan_sealed_bytes(data: bytes, label: str) -> PartScan:

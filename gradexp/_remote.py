@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator, Sequence
 from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
+import requests
 
 from . import _arrow, _format
 from ._client import Client
 from ._errors import ApiError, RunNotFoundError
+
+
+READ_ATTEMPTS = 4
+"""Attempts per read: a 5xx or a dropped connection is retried with backoff (~4 s in all),
+then the read fails. A reader is a person or a script waiting, not a sender outliving an outage."""
+READ_DEADLINE = 60.0
+"""Seconds a read may spend retrying (``Retry-After`` included)."""
 
 
 def _quote_key(key: str) -> str:
@@ -33,12 +42,28 @@ class RemoteRun:
                 raise RunNotFoundError(f"no run {ref!r} on {client.host}") from None
             raise
 
+    def _get(self, path: str, what: str, **kw: Any) -> requests.Response:
+        """GET with bounded retries; a failure says what was being read and the server's reason."""
+        url = f"{self.client.host}/api/v1{self.path}{path}"
+        try:
+            return self.client.request("GET", self.path + path, attempts=READ_ATTEMPTS,
+                                       deadline=time.monotonic() + READ_DEADLINE, **kw)
+        except ApiError as e:
+            if e.status == 404:
+                raise
+            raise ApiError(e.status, f"reading {what} of run {self.entity}/{self.project}/{self.id} failed: "
+                                     f"{e.message}", url) from None
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise requests.ConnectionError(
+                f"reading {what} of run {self.entity}/{self.project}/{self.id}: {self.client.host} "
+                f"could not be reached: {e}") from None
+
     name = property(lambda self: self.meta.get("name"))
     tags = property(lambda self: self.meta.get("tags", []))
     notes = property(lambda self: self.meta.get("notes"))
 
     def _refresh(self) -> dict[str, Any]:
-        self.meta = self.client.json("GET", self.path)
+        self.meta = self._get("", "the run's metadata").json()
         return self.meta
 
     @property
@@ -61,7 +86,7 @@ class RemoteRun:
         if keys is not None:
             params["keys"] = ",".join(keys)
         try:
-            r = self.client.request("GET", f"{self.path}/history", params=params)
+            r = self._get("/history", "the history", params=params)
         except ApiError as e:
             if e.status == 404 and keys is not None:
                 raise KeyError(e.message) from None
@@ -69,7 +94,7 @@ class RemoteRun:
         return pa.ipc.open_stream(r.content).read_all()
 
     def tensor_keys(self) -> list[str]:
-        return self.client.json("GET", f"{self.path}/tensors")["keys"]
+        return self._get("/tensors", "the tensor keys").json()["keys"]
 
     def keys(self) -> list[str]:
         names = dict.fromkeys(n for n in self.history().column_names
@@ -79,7 +104,7 @@ class RemoteRun:
 
     def steps(self, key: str) -> list[int]:
         try:
-            return self.client.json("GET", f"{self.path}/tensors/{_quote_key(key)}/steps")["steps"]
+            return self._get(f"/tensors/{_quote_key(key)}/steps", f"the steps of tensor {key!r}").json()["steps"]
         except ApiError as e:
             if e.status == 404:
                 raise KeyError(e.message) from None
@@ -88,7 +113,7 @@ class RemoteRun:
     def tensor(self, key: str, step: int) -> np.ndarray:
         """One request; the server answers with one range read of the part holding it."""
         try:
-            r = self.client.request("GET", f"{self.path}/tensors/{_quote_key(key)}", params={"step": step})
+            r = self._get(f"/tensors/{_quote_key(key)}", f"tensor {key!r} at step {step}", params={"step": step})
         except ApiError as e:
             if e.status == 404:
                 raise KeyError(e.message) from None

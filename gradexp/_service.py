@@ -6,9 +6,20 @@ One sender process per online run (``python -m gradexp._service``), spawned by
 the sender seals the part the trainer left open, uploads everything and marks the
 run crashed. ``gradexp sync`` runs the same :class:`Uploader` in the foreground.
 
-What was uploaded is appended to ``uploaded.log`` in the run folder (one part name
-per line), so nothing is sent twice and a later sync continues where this stopped;
-the server's idempotent part upload covers the gap between a PUT and its log line.
+What was uploaded is appended to ``uploaded.log`` in the run folder, one line per
+part, ``<part name> <sha256> <server>``, and ``#finished <server>`` once the run is
+finished there; ``<server>`` is the host URL and entity (``https://host/alice``). So
+nothing is sent twice to one server, a later sync continues where this stopped, and
+a folder synced to one server still uploads in full to another. Lines without a
+server (written by earlier versions) say only that the part went *somewhere*: they count for
+no server, so such a folder is sent again, and a server that has the parts already
+answers each with 200 (the same bytes are a no-op). The server's idempotent part
+upload also covers the gap between a PUT and its log line.
+
+A part that is not a well-formed sealed part (damaged on disk), or that the server
+refuses as damaged (400), is re-sealed from its intact frames under the same name
+(:func:`gradexp._format.reseal_part`; the original is kept as ``<name>.damaged``),
+one line says what was lost, and the upload goes on.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,10 +43,16 @@ DONE_MARK = "#finished"
 HEARTBEAT = 30.0
 
 
-class Uploader:
-    """Uploads one run folder. Not thread-safe; one per run."""
+def _stderr(line: str) -> None:
+    print(f"gradexp: {line}", file=sys.stderr, flush=True)
 
-    def __init__(self, run_dir: Path, client: Client, entity: str) -> None:
+
+class Uploader:
+    """Uploads one run folder to one server (``client``'s host, as ``entity``). Not
+    thread-safe; one per run. ``report`` is told, in one line, about each damaged part."""
+
+    def __init__(self, run_dir: Path, client: Client, entity: str, *,
+                 report: Callable[[str], None] = _stderr) -> None:
         self.dir = Path(run_dir)
         self.client = client
         meta = read_json(self.dir / RUN_JSON)
@@ -43,6 +61,9 @@ class Uploader:
         self.meta: dict[str, Any] = meta
         self.path = f"/runs/{entity}/{meta['project']}/{meta['id']}"
         self.url = f"{client.host}/{entity}/{meta['project']}/{meta['id']}"
+        self.server = f"{client.host}/{entity}"
+        """What uploaded.log lines name: the server and the entity the parts went to."""
+        self.report = report
         self._log = self.dir / UPLOADED_LOG
         self.uploaded, self.finished = self._read_log()
         self._meta_stamp: tuple[float, float] | None = None
@@ -52,12 +73,22 @@ class Uploader:
         self._second: Client | None = None
 
     def _read_log(self) -> tuple[set[str], bool]:
+        """Parts uploaded to this server, and whether the run was finished there."""
         try:
             lines = self._log.read_text().splitlines()
         except FileNotFoundError:
             return set(), False
-        names = {ln.split()[0] for ln in lines if ln and not ln.startswith("#")}
-        return names, DONE_MARK in lines
+        names: set[str] = set()
+        finished = False
+        for line in lines:
+            fields = line.split()
+            if not fields:
+                continue
+            if fields[0] == DONE_MARK:
+                finished = finished or fields[1:] == [self.server]
+            elif not fields[0].startswith("#") and fields[2:] == [self.server]:
+                names.add(fields[0])
+        return names, finished
 
     def _append_log(self, line: str) -> None:
         with open(self._log, "a") as f:
@@ -109,17 +140,35 @@ class Uploader:
 
     def upload(self, part: Path, *, deadline: float | None = None, client: Client | None = None) -> None:
         data = part.read_bytes()
-        stream, _, seq = part.name[: -len(_format.PART_SUFFIX)].rpartition("-")
-        # No client-side hash: every frame carries zstd's content checksum, which the server
-        # checks for history frames, and TCP/TLS guard the transfer; the server's SHA-256
-        # (returned) is what makes re-uploads idempotent. Hashing here cost ~1 ms/MB.
-        r = (client or self.client).request("PUT", f"{self.path}/parts/{stream}/{int(seq)}", data=data,
-                                            deadline=deadline,
-                                            headers={"Content-Type": "application/octet-stream"})
+        if _format.sealed_problem(data) is not None:  # damaged on disk: the server would refuse it
+            part, data = self._repair(part)
+        try:
+            r = self._put(part, data, deadline=deadline, client=client)
+        except ApiError as e:
+            # The server checks every frame (payloads too); a damaged one is a 400.
+            if e.status != 400 or _format.sealed_problem(data, payloads=True) is None:
+                raise
+            part, data = self._repair(part)
+            r = self._put(part, data, deadline=deadline, client=client)
         with self._lock:
-            self._append_log(f"{part.name} {r.json().get('sha256', '')}")
+            self._append_log(f"{part.name} {r.json().get('sha256', '')} {self.server}")
             self.uploaded.add(part.name)
             self.sent_bytes += len(data)
+
+    def _put(self, part: Path, data: bytes, *, deadline: float | None, client: Client | None) -> Any:
+        stream, _, seq = part.name[: -len(_format.PART_SUFFIX)].rpartition("-")
+        # No client-side hash: every frame carries zstd's content checksum, which the server
+        # checks, and TCP/TLS guard the transfer; the server's SHA-256 (returned) is what
+        # makes re-uploads idempotent. Hashing here cost ~1 ms/MB.
+        return (client or self.client).request("PUT", f"{self.path}/parts/{stream}/{int(seq)}", data=data,
+                                               deadline=deadline,
+                                               headers={"Content-Type": "application/octet-stream"})
+
+    def _repair(self, part: Path) -> tuple[Path, bytes]:
+        """Re-seal a damaged part from its intact frames (same name), say what was lost."""
+        repair = _format.reseal_part(part)
+        self.report(str(repair))
+        return repair.path, repair.path.read_bytes()
 
     def upload_pending(self, *, deadline: float | None = None,
                        progress: Callable[[int], None] | None = None) -> int:
@@ -139,9 +188,7 @@ class Uploader:
                     progress(part.stat().st_size)
             return len(pending)
         if self._second is None:
-            self._second = Client(self.client.host, self.client.session.headers["Authorization"][7:],
-                                  timeout=self.client.timeout)
-            self._second.stop = self.client.stop
+            self._second = self.client.clone()
         queue = list(reversed(tensors))
         errors: list[BaseException] = []
 
@@ -175,7 +222,7 @@ class Uploader:
             counts[stream] = counts.get(stream, 0) + 1
         self.client.request("POST", f"{self.path}/finish", deadline=deadline,
                             json={"exit_code": exit_code, "status": status, "parts": counts})
-        self._append_log(DONE_MARK)
+        self._append_log(f"{DONE_MARK} {self.server}")
         self.finished = True
 
     def recover(self) -> list[Path]:
@@ -184,8 +231,8 @@ class Uploader:
 
         if is_locked(self.dir / LOCK):
             raise RuntimeError(f"run {self.dir} is still running")
-        return [_format.recover_part(p) for p in _format.list_parts(self.dir / PARTS)
-                if p.name.endswith(_format.OPEN_SUFFIX)]
+        return [_format.recover_part(p, report=lambda r: self.report(str(r)))
+                for p in _format.list_parts(self.dir / PARTS) if p.name.endswith(_format.OPEN_SUFFIX)]
 
 
 def final_status(meta: dict[str, Any]) -> tuple[str, int | None]:
@@ -195,13 +242,15 @@ def final_status(meta: dict[str, Any]) -> tuple[str, int | None]:
     return "crashed", None
 
 
-def sync(run_dir: Path, client: Client, entity: str, *,
-         progress: Callable[[int], None] | None = None) -> tuple[int, bool]:
+def sync(run_dir: Path, client: Client, entity: str, *, progress: Callable[[int], None] | None = None,
+         report: Callable[[str], None] = _stderr) -> tuple[int, bool]:
     """Upload a run that is not running any more, and finish it on the server.
 
     Returns (parts uploaded, whether there was anything to do). Idempotent.
     """
-    up = Uploader(run_dir, client, entity)
+    if client.on_retry is None:  # in the foreground, a retry is news too
+        client.on_retry = report
+    up = Uploader(run_dir, client, entity, report=report)
     if up.finished and not up.pending():
         return 0, False
     up.recover()
@@ -219,17 +268,61 @@ def sync(run_dir: Path, client: Client, entity: str, *,
 # -- the sender process ---------------------------------------------------------------------------
 
 def _emit(event: str, **fields: Any) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
-    sys.stdout.flush()
+    """One event for the training process. Once it is gone (crashed), events go nowhere:
+    stdout is pointed at /dev/null so neither this nor the exit's flush raises."""
+    try:
+        sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _log(line: str) -> None:
+    """One line in sender.log (the sender's stderr), with the UTC time."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(f"{stamp} gradexp sender: {line}", file=sys.stderr, flush=True)
+
+
+def _warn(line: str) -> None:
+    """Something the user should know (a damaged part): in sender.log and at finish()."""
+    _log(line)
+    _emit("warning", message=line)
+
+
+def failure(error: BaseException, run_dir: Path) -> tuple[str, str]:
+    """(what failed, what to do) for an error that stopped uploading."""
+    sync = f"gradexp sync {run_dir}"
+    if isinstance(error, ApiError):
+        if error.status in (401, 403):
+            return (f"the server refused the API key ({error})",
+                    f"sign in again with `gradexp login` (or set GRADEXP_API_KEY to a valid key), then run: {sync}")
+        return (f"the server refused the upload ({error})",
+                f"the server's answer says why; once that is fixed, run: {sync} (details in {run_dir}/sender.log)")
+    return (f"the sender failed: {type(error).__name__}: {error}",
+            f"the traceback is in {run_dir}/sender.log; what is left stays in the run folder, "
+            f"upload it with: {sync}")
 
 
 def main() -> None:
     """``python -m gradexp._service``: read the handshake from stdin, then upload until told to stop."""
     hello = json.loads(sys.stdin.readline())
-    client = Client(hello["host"], hello["api_key"])
     run_dir = Path(hello["run_dir"])
+    try:
+        _serve(hello, run_dir)
+    except Exception as e:  # a final answer (not a transient one) or a bug: say so, leave it to sync
+        what, todo = failure(e, run_dir)
+        if not isinstance(e, ApiError):
+            traceback.print_exc()
+        _log(f"{what}; {todo}")
+        _emit("error", message=what, hint=todo)
+
+
+def _serve(hello: dict[str, Any], run_dir: Path) -> None:
+    client = Client(hello["host"], hello["api_key"], on_retry=_log)
     entity = hello.get("entity") or client.json("GET", "/viewer")["entity"]
-    up = Uploader(run_dir, client, entity)
+    up = Uploader(run_dir, client, entity, report=_warn)
     commands: list[str] = []
     wake = threading.Event()
 
@@ -243,17 +336,12 @@ def main() -> None:
     threading.Thread(target=read_commands, daemon=True).start()
     registered = False
     while True:
-        try:
-            if not registered:
-                up.put_run()
-                registered = True
-                _emit("registered", url=up.url)
-            up.upload_pending()
-            up.sync_meta()
-        except ApiError as e:  # a final answer (not a transient one): say so and leave it to sync
-            _emit("error", message=str(e))
-            print(f"gradexp sender: {e}", file=sys.stderr)
-            return
+        if not registered:
+            up.put_run()
+            registered = True
+            _emit("registered", url=up.url)
+        up.upload_pending()
+        up.sync_meta()
         if commands:
             cmd = commands.pop(0)
             if cmd.startswith("finish"):
@@ -271,8 +359,9 @@ def _finish(up: Uploader, status: str, code: int | None) -> None:
     total = up.pending_bytes()
     sent = 0
     for part in up.pending():
+        size = part.stat().st_size
         up.upload(part)
-        sent += part.stat().st_size
+        sent += size
         _emit("progress", sent=sent, total=total)
     up.meta = read_json(up.dir / RUN_JSON, up.meta)
     if up.meta.get("status") == "failed":  # the trainer's finish() found a failure of gradexp's own
@@ -290,7 +379,9 @@ def _crashed(up: Uploader) -> None:
     while is_locked(up.dir / LOCK) and time.monotonic() < deadline:
         time.sleep(0.1)
     if is_locked(up.dir / LOCK):
-        return  # something still holds the run (a forked child): `gradexp sync` finishes it later
+        _log("the training process is gone but something still holds the run: "
+             f"`gradexp sync {up.dir}` finishes it once that has exited")
+        return
     up.recover()
     meta = read_json(up.dir / RUN_JSON, up.meta)
     if meta.get("status") == "running":
@@ -300,9 +391,9 @@ def _crashed(up: Uploader) -> None:
     status, code = final_status(meta)
     up.upload_pending()
     up.finish(status, code)
+    _log(f"the training process exited without finish(); uploaded the rest and marked the run {status}")
     _emit("done", url=up.url)
 
 
 if __name__ == "__main__":
     main()
-

@@ -54,6 +54,20 @@ class Sender:
                 return e
         return None
 
+    def _why(self, timeout: float) -> str:
+        """What stopped the upload, and what to do about it (the sender's own words if it said)."""
+        err = self.last("error")
+        log = self.run_dir / "sender.log"
+        sync = f"gradexp sync {self.run_dir}"
+        if err is not None:
+            return f"gradexp: the upload failed: {err['message']}.\n  {err.get('hint') or 'Run: ' + sync}"
+        if self.last("exit") is not None:
+            code = self.proc.wait(5)
+            return (f"gradexp: the upload failed: the sender process exited (code {code}) before it finished; "
+                    f"see {log}.\n  What is left stays in {self.run_dir}; upload it with: {sync}")
+        return (f"gradexp: the upload did not finish within {timeout:.0f} s (finish_timeout); what is left "
+                f"stays in {self.run_dir}.\n  Upload it with: {sync}")
+
     def finish(self, exit_code: int, *, timeout: float, out: TextIO = sys.stderr) -> bool:
         """Ask the sender to upload the rest and finish the run; True if it did within ``timeout``."""
         try:
@@ -77,12 +91,12 @@ class Sender:
                     out.flush()
         if shown:
             out.write("\n")
+        for e in self.events:
+            if e["event"] == "warning":
+                out.write(f"gradexp: {e['message']}\n")
         done = self.last("done") is not None
         if not done:
-            err = self.last("error")
-            why = err["message"] if err else f"the upload did not finish within {timeout:.0f} s"
-            out.write(f"gradexp: {why}; what is left stays in {self.run_dir}. "
-                      f"Upload it with: gradexp sync {self.run_dir}\n")
+            out.write(self._why(timeout) + "\n")
             self.proc.terminate()
         try:
             self.proc.wait(5)

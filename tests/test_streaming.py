@@ -83,6 +83,11 @@ def uploaded_log(trainer: Trainer) -> list[str]:
     return (trainer.run_dir / UPLOADED_LOG).read_text().splitlines()
 
 
+def done_line(server: GradexpServer) -> str:
+    """uploaded.log's last line once the run is finished on ``server`` (records are per server)."""
+    return f"{DONE_MARK} {server.url}/{USER}"
+
+
 # -- the happy path, live --------------------------------------------------------------------------
 
 def test_online_run_is_live_on_the_server_then_finished(shared, tmp_path):
@@ -108,7 +113,7 @@ def test_online_run_is_live_on_the_server_then_finished(shared, tmp_path):
     assert meta["status"] == "finished" and meta["exit_code"] == 0 and meta["finished_at"]
     assert meta["summary"]["loss"] == values(n - 1)["loss"]
     log = uploaded_log(t)
-    assert log[-1] == DONE_MARK
+    assert log[-1] == done_line(shared)
     assert sorted(line.split()[0] for line in log[:-1]) == sorted(p.name for p in (t.run_dir / "parts").iterdir())
     assert_uploaded_exactly_once(shared.db_url, USER, "stream", "live", t.run_dir)
     final = remote(shared, "live")
@@ -141,7 +146,7 @@ def test_server_killed_and_restarted_during_a_run_loses_and_duplicates_nothing(t
         assert r.status == "finished"
         check_history(r.history(), range(n))
         check_tensors(r, range(n))
-        assert uploaded_log(t)[-1] == DONE_MARK
+        assert uploaded_log(t)[-1] == done_line(server)
         assert_uploaded_exactly_once(server.db_url, USER, "stream", "bounce", t.run_dir)
     finally:
         server.stop()
@@ -166,7 +171,7 @@ def test_trainer_killed_the_sender_uploads_the_rest_and_marks_the_run_crashed(sh
             return False
     wait_for(crashed, "the run marked crashed on the server", timeout=60, interval=0.2)
     # The sender writes its log line once the server has answered the finish.
-    wait_for(lambda: uploaded_log(t)[-1] == DONE_MARK, "the sender's last log line", timeout=30)
+    wait_for(lambda: uploaded_log(t)[-1] == done_line(shared), "the sender's last log line", timeout=30)
     r = remote(shared, "killed")
     assert r.meta["exit_code"] is None
     h = r.history()
@@ -232,7 +237,7 @@ def test_sync_uploads_an_offline_run_once(shared, tmp_path):
     check_tensors(r, range(n))
     assert_uploaded_exactly_once(shared.db_url, USER, "stream", "offline", run.dir)
     log = (run.dir / UPLOADED_LOG).read_text().splitlines()
-    assert log[-1] == DONE_MARK and sorted(x.split()[0] for x in log[:-1]) == parts
+    assert log[-1] == done_line(shared) and sorted(x.split()[0] for x in log[:-1]) == parts
     before = remote(shared, "offline").meta
 
     again = sync(shared, "--dir", str(tmp_path / "runs"), env=trainer_env(shared))  # host and key from the env
@@ -257,7 +262,7 @@ def test_finish_timeout_leaves_the_rest_to_sync(tmp_path):
         assert timeout - 0.5 <= took <= timeout + 10, took
         assert "gradexp sync" in t.stderr and str(t.run_dir) in t.stderr, t.stderr
         assert f"within {timeout:.0f} s" in t.stderr, t.stderr
-        assert DONE_MARK not in (t.run_dir / UPLOADED_LOG).read_text().splitlines()
+        assert done_line(server) not in (t.run_dir / UPLOADED_LOG).read_text().splitlines()
 
         server.start()
         r = remote(server, "orphan")
@@ -269,6 +274,6 @@ def test_finish_timeout_leaves_the_rest_to_sync(tmp_path):
         check_history(r.history(), range(n))
         check_tensors(r, range(n))
         assert_uploaded_exactly_once(server.db_url, USER, "stream", "orphan", t.run_dir)
-        assert (t.run_dir / UPLOADED_LOG).read_text().splitlines()[-1] == DONE_MARK
+        assert (t.run_dir / UPLOADED_LOG).read_text().splitlines()[-1] == done_line(server)
     finally:
         server.stop()

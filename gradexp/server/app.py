@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -34,6 +33,16 @@ from .store import STREAMS, Store
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 FRAME = "application/x-gradexp-frame"
+
+
+class ExactJSONResponse(JSONResponse):
+    """JSON with non-finite floats as the tokens NaN, Infinity and -Infinity (as Python's json
+    writes and reads them): runs store what their config and summary hold, and a loss that
+    went NaN is what a user most needs to see. Starlette's JSONResponse refuses them (a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=True, indent=None,
+                          separators=(",", ":")).encode("utf-8")
 
 
 class HTTPError(Exception):
@@ -142,7 +151,7 @@ class Server:
             with self.engine.connect() as conn:
                 return db.list_runs(conn, v.entity_id, project=q.get("project"), status=q.get("status"),
                                     tags=q.getlist("tag"))
-        return JSONResponse({"runs": await run_in_threadpool(work)})
+        return ExactJSONResponse({"runs": await run_in_threadpool(work)})
 
     async def put_run(self, request: Request) -> Response:
         v = await self.viewer(request)
@@ -157,7 +166,7 @@ class Server:
             with self.engine.begin() as conn:
                 pk = db.upsert_run(conn, v.entity_id, project, run_id, fields)
                 return db.run_row(conn, pk)
-        return JSONResponse(await run_in_threadpool(work))
+        return ExactJSONResponse(await run_in_threadpool(work))
 
     async def get_run(self, request: Request) -> Response:
         v = await self.viewer(request)
@@ -169,7 +178,7 @@ class Server:
                 row = db.run_row(conn, pk)
                 row["parts"] = db.part_counts(conn, pk)
             return row
-        return JSONResponse(await run_in_threadpool(work))
+        return ExactJSONResponse(await run_in_threadpool(work))
 
     async def patch_run(self, request: Request) -> Response:
         v = await self.viewer(request)
@@ -185,7 +194,7 @@ class Server:
                 values = db._run_values(fields)
                 db.update_run(conn, pk, heartbeat_at=time.time(), **values)
                 return db.run_row(conn, pk)
-        return JSONResponse(await run_in_threadpool(work))
+        return ExactJSONResponse(await run_in_threadpool(work))
 
     async def put_part(self, request: Request) -> Response:
         v = await self.viewer(request)
@@ -251,7 +260,7 @@ class Server:
             with self.engine.begin() as conn:
                 db.update_run(conn, pk, status=status, exit_code=exit_code, finished_at=time.time())
                 return db.run_row(conn, pk)
-        return JSONResponse(await run_in_threadpool(work))
+        return ExactJSONResponse(await run_in_threadpool(work))
 
     async def get_history(self, request: Request) -> Response:
         v = await self.viewer(request)
@@ -279,8 +288,8 @@ class Server:
             return Response(data, media_type="application/vnd.apache.parquet", headers={
                 "Content-Disposition": f'attachment; filename="{project}-{run_id}.parquet"'})
         if fmt == "json":
-            return JSONResponse({"columns": {name: [_json_safe(x) for x in col.to_pylist()]
-                                             for name, col in zip(table.column_names, table.columns)}})
+            return ExactJSONResponse({"columns": {name: col.to_pylist()
+                                                  for name, col in zip(table.column_names, table.columns)}})
         raise HTTPError(400, f"unknown format {fmt!r}; formats: arrow, json, parquet")
 
     async def list_tensor_keys(self, request: Request) -> Response:
@@ -364,16 +373,6 @@ def _verify_frames(data: bytes, scan: _format.PartScan, label: str) -> None:
             raise ValueError(f"{label}: the frame at byte {info.offset} does not match the part's index")
         if info.kind == _format.KIND_HISTORY:
             _format.decode_payload(info, view[info.data_offset:info.end], label)
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
