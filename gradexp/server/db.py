@@ -24,6 +24,9 @@ except ImportError:  # pragma: no cover - not POSIX
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+KEY_CHARS = 1024
+"""The longest tensor key in characters (``frames.key``); longer keys are refused on upload."""
+
 _TIME = sa.Double
 """Timestamps (Unix seconds). DOUBLE: MySQL/MariaDB's FLOAT is 4 bytes and reaches the
 client with 6 significant digits, an error of over an hour for a current timestamp."""
@@ -106,7 +109,7 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("run_pk", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
         sa.Column("part_id", sa.Integer, sa.ForeignKey("parts.id"), nullable=False),
         sa.Column("kind", sa.SmallInteger, nullable=False),
-        sa.Column("key", sa.String(1024), nullable=False),
+        sa.Column("key", sa.String(KEY_CHARS), nullable=False),
         sa.Column("step_min", sa.BigInteger, nullable=False),
         sa.Column("step_max", sa.BigInteger, nullable=False),
         sa.Column("rows", sa.Integer, nullable=False),

@@ -1,0 +1,308 @@
+"""Part uploads and their storage: races between conflicting uploads, streamed bodies,
+frame checksums and key limits on upload, and the server's access log.
+
+Servers are real processes (tests/services.py); parts are built with the format's own
+writer, so each test controls exactly which bytes go up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import sqlalchemy as sa
+
+import gradexp
+from gradexp import _arrow, _format
+from gradexp.server import db
+from gradexp.server.store import Store
+from services import HOST, GradexpServer, same_bits, wait_for
+
+
+def build_part(folder: Path, frames: list[tuple[str, list[int], np.ndarray]]) -> bytes:
+    """A sealed tensors part holding one frame per (key, steps, stacked rows), as the client
+    writes them (no byte-shuffle, so a test can reach into a payload at a known place)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    seq = len(list(folder.iterdir()))
+    w = _format.PartWriter(folder, "tensors", seq)
+    for key, steps, stacked in frames:
+        raw = _arrow.tensor_ipc(key, steps, stacked, stacked.dtype, stacked.shape[1:])
+        header, payload = _format.encode_frame(_format.KIND_TENSOR, raw, key=key, step_min=min(steps),
+                                               step_max=max(steps), rows=len(steps))
+        w.append(_format.KIND_TENSOR, header, payload, step_min=min(steps), step_max=max(steps), rows=len(steps),
+                 key=key, raw=len(raw), filt=_format.FILTER_NONE, elem=1)
+    return w.seal().read_bytes()
+
+
+def session(key: str) -> requests.Session:
+    s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {key}"
+    return s
+
+
+def put_part(s: requests.Session, base: str, stream: str, seq: int, data: bytes) -> requests.Response:
+    return s.put(f"{base}/parts/{stream}/{seq}", data=data, timeout=120,
+                 headers={"X-Gradexp-SHA256": hashlib.sha256(data).hexdigest()})
+
+
+def read_tensor(http: requests.Session, base: str, key: str, step: int) -> np.ndarray:
+    """One tensor read over plain HTTP (once: the client would retry a 500 for good)."""
+    r = http.get(f"{base}/tensors/{key}", params={"step": step}, timeout=60)
+    assert r.status_code == 200, f"{r.status_code}: {r.text[:200]}"
+    frame = r.content
+    info = _format.parse_header(frame, 0, len(frame))
+    assert info is not None and info.key == key, "not the frame asked for"
+    steps, arrays = _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:]))
+    return arrays[list(steps).index(step)]
+
+
+# -- the object store itself ---------------------------------------------------------------------
+
+def test_concurrent_puts_of_one_key_in_threads_each_write_a_whole_object(tmp_path):
+    """Writers of one key in one process (threads) must not share a temporary file: each
+    put succeeds and the object ends as exactly one writer's bytes."""
+    store = Store(str(tmp_path / "objects"))
+    key = "runs/1/1/r/history-segments/000000-000031.parquet"
+    bodies = [bytes([i]) * (3 << 20) for i in range(8)]
+    for _ in range(5):
+        barrier = threading.Barrier(len(bodies))
+        errors: list[BaseException] = []
+
+        def put(body: bytes) -> None:
+            try:
+                barrier.wait(30)
+                store.put(key, body)
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=put, args=(b,)) for b in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert store.get(key) in bodies
+    assert [p.name for p in (tmp_path / "objects" / key).parent.iterdir()] == [key.rpartition("/")[2]]
+
+
+# -- conflicting uploads racing -------------------------------------------------------------------
+
+VARIANTS = 4
+SEQS = 10
+
+
+def variant_parts(folder: Path) -> dict[tuple[int, int], bytes]:
+    """(variant, seq) -> a part holding tensor "w" (its own frame, read without decoding) at
+    step ``seq`` and "b" (two rows, decoded on read) at steps ``seq`` and ``seq + 1000``,
+    filled with a value unique to (variant, seq)."""
+    out = {}
+    for v in range(VARIANTS):
+        for s in range(SEQS):
+            mark = v * 1000 + s
+            w = np.full((1, 70_000), mark, np.float32)
+            b = np.full((2, 5), mark, np.int64)
+            out[(v, s)] = build_part(folder / f"v{v}", [("w", [s], w), ("b", [s, s + 1000], b)])
+    return out
+
+
+@pytest.fixture(params=["sqlite+folder", "postgresql+folder", "postgresql+s3"])
+def shared(request, tmp_path):
+    """(db URL, store URL): one database and one store for two servers."""
+    database, store = request.param.split("+")
+    if database == "sqlite":
+        db_url = f"sqlite:///{tmp_path / 'gradexp.db'}"
+    else:
+        db_url = request.getfixturevalue("postgres").new_database()
+    store_url = str(tmp_path / "objects") if store == "folder" else request.getfixturevalue("s3").new_store()[1]
+    return db_url, store_url
+
+
+def test_conflicting_concurrent_uploads_leave_exactly_the_winners_bytes(shared, tmp_path):
+    """Different bytes PUT at once to one (run, stream, seq), through two server processes on
+    one database and one store, from several threads: one upload wins (201), the others get
+    409, and every read afterwards returns the winner's values, through either server."""
+    db_url, store_url = shared
+    a = GradexpServer(tmp_path / "a", db_url=db_url, store_url=store_url)
+    b = GradexpServer(tmp_path / "b", db_url=db_url, store_url=store_url)
+    key = a.user_with_key("u")
+    a.start(wait=False)
+    b.start(wait=False)
+    try:
+        a.wait_up()
+        b.wait_up()
+        parts = variant_parts(tmp_path / "parts")
+        base = {srv.url: f"{srv.url}/api/v1/runs/u/race/r" for srv in (a, b)}
+        assert session(key).put(base[a.url], json={}, timeout=30).status_code == 200
+        codes: dict[tuple[int, int], int] = {}
+        errors: list[BaseException] = []
+
+        def upload(srv: GradexpServer, v: int, s: int, barrier: threading.Barrier) -> None:
+            try:
+                http = session(key)
+                barrier.wait(30)
+                codes[(v, s)] = put_part(http, base[srv.url], "tensors", s, parts[(v, s)]).status_code
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        for s in range(SEQS):
+            barrier = threading.Barrier(VARIANTS)
+            threads = [threading.Thread(target=upload, args=((a, b)[v % 2], v, s, barrier)) for v in range(VARIANTS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        assert not errors, errors
+        winners = {}
+        for s in range(SEQS):
+            got = sorted(codes[(v, s)] for v in range(VARIANTS))
+            assert got == [201] + [409] * (VARIANTS - 1), (s, got)
+            winners[s] = next(v for v in range(VARIANTS) if codes[(v, s)] == 201)
+
+        wrong = []
+        for srv in (a, b):
+            http = session(key)
+            for s in range(SEQS):
+                mark = winners[s] * 1000 + s
+                try:
+                    w, b1, b2 = (read_tensor(http, base[srv.url], k, step)
+                                 for k, step in (("w", s), ("b", s), ("b", s + 1000)))
+                except (AssertionError, ValueError, requests.RequestException) as e:  # another upload's bytes at the winner's offsets
+                    wrong.append((srv.url, s, str(e)[:200]))
+                    continue
+                if not (same_bits(w, np.full(70_000, mark, np.float32))
+                        and same_bits(b1, np.full(5, mark, np.int64)) and same_bits(b2, b1)):
+                    wrong.append((srv.url, s, f"read {w[0]}, {b1[0]}; the winner wrote {mark}"))
+        assert not wrong, f"{len(wrong)} of {2 * SEQS} reads disagree with the winning upload: {wrong}"
+        engine = db.connect(db_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(sa.select(db.parts.c.seq, db.parts.c.sha256, db.parts.c.object_key)).all()
+        finally:
+            engine.dispose()
+        store = Store(store_url)
+        assert len(rows) == SEQS
+        for seq, sha, object_key in rows:  # the row's object holds exactly the row's bytes
+            assert hashlib.sha256(store.get(object_key)).hexdigest() == sha == \
+                hashlib.sha256(parts[(winners[seq], seq)]).hexdigest()
+    finally:
+        a.stop()
+        b.stop()
+
+
+# -- what an upload is checked for ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    work = tmp_path_factory.mktemp("parts-store")
+    server = GradexpServer(work, db_url=f"sqlite:///{work / 'gradexp.db'}", store_url=str(work / "objects"))
+    server.key = server.user_with_key("u")
+    server.objects = work / "objects"
+    server.start()
+    yield server
+    server.stop()
+
+
+def new_run(srv: GradexpServer, run_id: str) -> str:
+    base = f"{srv.url}/api/v1/runs/u/checks/{run_id}"
+    assert session(srv.key).put(base, json={}, timeout=30).status_code == 200
+    return base
+
+
+def stored(srv: GradexpServer, run_id: str) -> list[Path]:
+    return [p for p in srv.objects.rglob("*") if p.is_file() and f"/{run_id}/" in p.as_posix()]
+
+
+def test_a_damaged_tensor_frame_is_refused_naming_the_part_and_the_frame(srv, tmp_path):
+    """One flipped bit in a tensor frame's payload (its header and the part's index intact):
+    400 naming the part and the frame's offset, and nothing stored; the intact part goes in."""
+    arrays = [np.arange(i * 1000, i * 1000 + 60_000, dtype=np.float32)[None] for i in range(3)]
+    good = build_part(tmp_path / "p", [("w", [i], arrays[i]) for i in range(3)])
+    frames = _format.scan_sealed_bytes(good, "good").frames
+    base = new_run(srv, "damaged")
+    http = session(srv.key)
+    for target in frames:  # the first, a middle and the last frame
+        for where in (target.data_offset + 20, (target.data_offset + target.end) // 2, target.end - 2):
+            bad = bytearray(good)
+            bad[where] ^= 0x10
+            r = put_part(http, base, "tensors", 0, bytes(bad))
+            assert r.status_code == 400, (where, r.status_code, r.text)
+            msg = r.json()["error"]
+            assert "part tensors/0" in msg and f"at byte {target.offset}:" in msg, msg
+    assert stored(srv, "damaged") == []
+    assert http.get(base, timeout=30).json()["parts"] == {}
+    assert put_part(http, base, "tensors", 0, good).status_code == 201
+    run = gradexp.Api(host=srv.url, api_key=srv.key).run("u/checks/damaged")
+    assert same_bits(run.tensor("w", 2), arrays[2][0])
+
+
+def test_frame_keys_over_the_limit_are_refused_naming_the_key(srv, tmp_path):
+    """A tensor key over 1,024 characters: 400 naming the key (on PostgreSQL it was a 500
+    that the client retried forever), nothing stored; 1,024 characters go in and read back."""
+    base = new_run(srv, "long-keys")
+    http = session(srv.key)
+    x = np.ones((1, 3), np.float32)
+    too_long = "k" * 1000 + "/over-" + "z" * 19  # 1,025 characters
+    r = put_part(http, base, "tensors", 0, build_part(tmp_path / "long", [("ok", [0], x), (too_long, [1], x)]))
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]
+    assert "part tensors/0" in msg and "1025 characters" in msg and "1024" in msg and too_long[:100] in msg, msg
+    assert stored(srv, "long-keys") == []
+    longest = "\U0001F600" * 1024  # 1,024 characters of 4 bytes each
+    assert put_part(http, base, "tensors", 0, build_part(tmp_path / "max", [(longest, [0], x)])).status_code == 201
+    run = gradexp.Api(host=srv.url, api_key=srv.key).run("u/checks/long-keys")
+    assert run.tensor_keys() == [longest]
+    assert same_bits(run.tensor(longest, 0), x[0])
+
+
+def test_an_upload_is_received_into_a_file_not_memory_and_an_aborted_one_leaves_nothing(srv, tmp_path):
+    """The body of an upload goes to a spool file as it arrives (the server never holds a
+    whole part in memory); a client that goes away midway leaves no file and no part."""
+    base = new_run(srv, "aborted")
+    path = base.removeprefix(srv.url) + "/parts/tensors/0"
+    size = 64 << 20
+    sent = 24 << 20
+    spool = srv.objects / ".incoming"
+    with socket.create_connection((HOST, srv.port), timeout=30) as sock:
+        sock.sendall((f"PUT {path} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {srv.key}\r\n"
+                      f"Content-Length: {size}\r\nContent-Type: application/octet-stream\r\n\r\n").encode())
+        chunk = b"\0" * (1 << 20)
+        for _ in range(sent // len(chunk)):
+            sock.sendall(chunk)
+        # Most of what was sent is on disk while the rest has not come (socket buffers hold some).
+        files = wait_for(lambda: [p for p in spool.iterdir() if p.stat().st_size >= sent // 2],
+                         "the upload's spool file", timeout=60)
+        assert len(files) == 1
+    wait_for(lambda: not list(spool.iterdir()), "the aborted upload's spool file to go", timeout=60)
+    assert stored(srv, "aborted") == []
+    assert session(srv.key).get(base, timeout=30).json()["parts"] == {}
+
+
+def test_the_longest_key_of_four_byte_characters_fits_every_database(tmp_path, request):
+    """frames.key holds 1,024 four-byte characters on SQLite, PostgreSQL and MariaDB."""
+    urls = {"sqlite": f"sqlite:///{tmp_path / 'k.db'}",
+            "postgresql": request.getfixturevalue("postgres").new_database(),
+            "mariadb": request.getfixturevalue("mariadb").new_database()}
+    longest = "\U0001F600" * 1024
+    x = np.ones((1, 2), np.float32)
+    data = build_part(tmp_path / "p", [(longest, [0], x)])
+    scan = _format.scan_sealed_bytes(data, "p")
+    for name, url in urls.items():
+        engine = db.connect(url)
+        try:
+            db.migrate(engine)
+            db.create_user(engine, "u")
+            with engine.begin() as conn:
+                pk = db.upsert_run(conn, db.entity_id(conn, "u"), "p", "r", {})
+                assert db.add_part(conn, pk, "tensors", 0, hashlib.sha256(data).hexdigest(), len(data), "k",
+                                   scan.frames)
+            with engine.connect() as conn:
+                assert db.tensor_keys(conn, pk) == [longest], name
+                assert len(db.tensor_frames(conn, pk, longest, 0)) == 1, name
+        finally:
+            engine.dispose()
