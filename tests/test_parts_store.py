@@ -8,6 +8,7 @@ writer, so each test controls exactly which bytes go up.
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 import threading
 import time
@@ -306,3 +307,60 @@ def test_the_longest_key_of_four_byte_characters_fits_every_database(tmp_path, r
                 assert len(db.tensor_frames(conn, pk, longest, 0)) == 1, name
         finally:
             engine.dispose()
+
+
+# -- the access log -------------------------------------------------------------------------------
+
+def access_lines(srv: GradexpServer, marker: str) -> list[str]:
+    return [line for line in srv.log.read_text(errors="replace").splitlines() if marker in line]
+
+
+def test_every_request_is_in_the_access_log_without_secrets(srv, tmp_path):
+    """On by default: one line per request with method, path, status, bytes, duration and
+    user; never an API key, a sign-in token or anything from the query string."""
+    from services import WebSession
+
+    base = new_run(srv, "logged")
+    http = session(srv.key)
+    part = build_part(tmp_path / "p", [("w", [0], np.ones((1, 8), np.float32))])
+    assert put_part(http, base, "tensors", 0, part).status_code == 201
+    assert http.get(f"{base}/tensors/w", params={"step": 0, "secret": "q-s3cr3t"}, timeout=30).status_code == 200
+    assert requests.get(f"{srv.url}/api/v1/viewer", headers={"Authorization": "Bearer gx_wrong-key-xyz"},
+                        timeout=30).status_code == 401
+    token = srv.cli("signin-link", "u", "--base-url", srv.url).strip().rpartition("token=")[2]
+    assert len(token) > 20
+    assert requests.get(f"{srv.url}/login/link", params={"token": token}, timeout=30).status_code == 200
+    srv.user_with_password("web-user", "a long enough password")
+    web = WebSession(srv.url)
+    assert web.sign_in("web-user", "a long enough password").status_code == 303
+    assert web.get("/keys").status_code == 200
+
+    path = base.removeprefix(srv.url)
+
+    def logged() -> list[str]:
+        return access_lines(srv, '"GET /keys"')
+    wait_for(logged, "the access log line of the last request", timeout=30)
+    text = srv.log.read_text(errors="replace")
+    for secret in (srv.key, "gx_wrong-key-xyz", token, "q-s3cr3t", "a long enough password"):
+        assert secret not in text
+    [put] = access_lines(srv, f'"PUT {path}/parts/tensors/0"')
+    assert re.search(rf' u "PUT {re.escape(path)}/parts/tensors/0" 201 in={len(part)} out=\d+ \d+\.\dms$', put), put
+    [get] = access_lines(srv, f'"GET {path}/tensors/w"')
+    assert re.search(r' u "GET \S+/tensors/w" 200 in=0 out=\d{3,} \d+\.\dms$', get), get
+    assert any(re.search(r' - "GET /api/v1/viewer" 401 in=0 out=\d+ \d+\.\dms$', x)
+               for x in access_lines(srv, '"GET /api/v1/viewer"'))
+    assert re.search(r' - "GET /login/link" 200 ', access_lines(srv, '"GET /login/link"')[-1])
+    assert re.search(r' web-user "GET /keys" 200 ', logged()[-1])
+
+
+def test_the_access_log_can_be_turned_off(tmp_path):
+    server = GradexpServer(tmp_path, data_dir=tmp_path / "data")
+    where = server._where
+    server._where = lambda: [*where(), "--no-access-log"]  # type: ignore[method-assign]
+    server.start()
+    try:
+        assert requests.get(f"{server.url}/api/v1/openapi.json", timeout=30).status_code == 200
+        assert server.healthy()
+    finally:
+        server.stop()
+    assert not access_lines(server, "/api/v1/openapi.json") and not access_lines(server, "/healthz")

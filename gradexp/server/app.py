@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import mmap
 import re
@@ -20,15 +21,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
+from urllib.parse import quote
 
 import numpy as np
 import sqlalchemy as sa
 import zstandard
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import _arrow, _format
 from .._errors import CorruptPartError
@@ -82,6 +86,7 @@ class Server:
         viewer = await run_in_threadpool(db.authenticate, self.engine, key.strip())
         if viewer is None:
             raise HTTPError(401, "invalid or revoked API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        request.state.user = viewer.user  # for the access log
         return viewer
 
     def address(self, request: Request, viewer: db.Viewer) -> tuple[str, str]:
@@ -471,7 +476,56 @@ def _handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request]
     return wrapped
 
 
-def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30) -> Starlette:
+_access = logging.getLogger("gradexp.access")
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request to the ``gradexp.access`` logger.
+
+    ``<client> <user or -> "<method> <path>" <status> in=<bytes> out=<bytes> <ms>ms``. The
+    path is logged without its query string (where sign-in tokens and authorization codes
+    travel), percent-encoded so a key in it cannot forge a line; no header is logged. The
+    user is the one a request authenticated as (``request.state.user``), if any."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        status: int | None = None
+        received = sent = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            client = scope.get("client")
+            _access.info('%s %s "%s %s" %s in=%d out=%d %.1fms', client[0] if client else "-",
+                            state.get("user") or "-", scope["method"], quote(scope["path"], safe="/:@!$&'()*+,;=~"),
+                            status if status is not None else 500, received, sent,
+                            (time.perf_counter() - start) * 1e3)
+
+
+def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
+               access_log: bool = True) -> Starlette:
+    """The application; ``access_log`` adds :class:`AccessLog` (the caller sets up logging)."""
     s = Server(Config(db_url=db_url, store_url=store_url, max_body_bytes=max_body_bytes))
     run = "/api/v1/runs/{entity}/{project}/{run_id}"
     routes = [
@@ -491,6 +545,6 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30) ->
         Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
     ]
     routes += web.routes(s.engine)
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)] if access_log else [])
     app.state.server = s
     return app
