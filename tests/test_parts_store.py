@@ -284,27 +284,71 @@ def test_an_upload_is_received_into_a_file_not_memory_and_an_aborted_one_leaves_
     assert session(srv.key).get(base, timeout=30).json()["parts"] == {}
 
 
-def test_the_longest_key_of_four_byte_characters_fits_every_database(tmp_path, request):
-    """frames.key holds 1,024 four-byte characters on SQLite, PostgreSQL and MariaDB."""
-    urls = {"sqlite": f"sqlite:///{tmp_path / 'k.db'}",
-            "postgresql": request.getfixturevalue("postgres").new_database(),
-            "mariadb": request.getfixturevalue("mariadb").new_database()}
-    longest = "\U0001F600" * 1024
-    x = np.ones((1, 2), np.float32)
-    data = build_part(tmp_path / "p", [(longest, [0], x)])
-    scan = _format.scan_sealed_bytes(data, "p")
-    for name, url in urls.items():
+@pytest.fixture
+def every_database(tmp_path, request) -> dict[str, str]:
+    """A new empty database on each backend; MariaDB's made with the server's default
+    character set (latin1 on MariaDB 10), as a plain ``CREATE DATABASE`` makes it."""
+    maria = request.getfixturevalue("mariadb")
+    name = "gx_plain_" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:10]
+    c = maria._connect()
+    try:
+        with c.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{name}`")
+    finally:
+        c.close()
+    return {"sqlite": f"sqlite:///{tmp_path / 'k.db'}", "postgresql": request.getfixturevalue("postgres").new_database(),
+            "mariadb": maria.url(name)}
+
+
+EXACT_KEYS = ["\U0001F600" * 1024, "w", "W", "w ", "\u00e9", "e"]
+"""The longest key (1,024 four-byte characters) and keys only an exact comparison tells apart."""
+
+
+def add_frames(engine: sa.engine.Engine, run_id: str, keys: list[str], tmp_path: Path) -> int:
+    """A run with one tensors part holding one frame per key; returns the run's pk."""
+    data = build_part(tmp_path / run_id, [(k, [0], np.full((1, 2), i, np.float32)) for i, k in enumerate(keys)])
+    scan = _format.scan_sealed_bytes(data, run_id)
+    with engine.begin() as conn:
+        pk = db.upsert_run(conn, db.entity_id(conn, "u"), "p", run_id, {})
+        assert db.add_part(conn, pk, "tensors", 0, hashlib.sha256(data).hexdigest(), len(data), "k", scan.frames)
+    return pk
+
+
+def check_exact(engine: sa.engine.Engine, pk: int, keys: list[str], name: str) -> None:
+    with engine.connect() as conn:
+        assert sorted(db.tensor_keys(conn, pk)) == sorted(keys), name
+        for i, k in enumerate(keys):
+            rows = db.tensor_frames(conn, pk, k, 0)
+            assert len(rows) == 1, (name, k, len(rows))
+
+
+def test_frame_keys_are_stored_and_found_exactly_on_every_database(every_database, tmp_path):
+    """frames.key holds any key up to 1,024 characters (four-byte ones too), and finding a
+    key's frames never finds another key's (a case or trailing-space variant)."""
+    for name, url in every_database.items():
         engine = db.connect(url)
         try:
             db.migrate(engine)
             db.create_user(engine, "u")
-            with engine.begin() as conn:
-                pk = db.upsert_run(conn, db.entity_id(conn, "u"), "p", "r", {})
-                assert db.add_part(conn, pk, "tensors", 0, hashlib.sha256(data).hexdigest(), len(data), "k",
-                                   scan.frames)
+            check_exact(engine, add_frames(engine, "r", EXACT_KEYS, tmp_path), EXACT_KEYS, name)
+        finally:
+            engine.dispose()
+
+
+def test_migration_5_upgrades_a_version_4_database_in_place(every_database, tmp_path):
+    """A version-4 database keeps its frames through the upgrade, which makes keys exact."""
+    for name, url in every_database.items():
+        engine = db.connect(url)
+        try:
+            assert db.migrate(engine, target=4) == 0
+            db.create_user(engine, "u")
+            old = ["grad/W", "grad/x"]
+            before = add_frames(engine, "before", old, tmp_path)
+            assert db.migrate(engine) == 4
             with engine.connect() as conn:
-                assert db.tensor_keys(conn, pk) == [longest], name
-                assert len(db.tensor_frames(conn, pk, longest, 0)) == 1, name
+                assert db.current_version(conn) == db.SCHEMA_VERSION == 5
+            check_exact(engine, before, old, name)
+            check_exact(engine, add_frames(engine, "after", EXACT_KEYS, tmp_path), EXACT_KEYS, name)
         finally:
             engine.dispose()
 
