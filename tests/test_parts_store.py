@@ -280,6 +280,8 @@ def test_an_upload_is_received_into_a_file_not_memory_and_an_aborted_one_leaves_
                          "the upload's spool file", timeout=60)
         assert len(files) == 1
     wait_for(lambda: not list(spool.iterdir()), "the aborted upload's spool file to go", timeout=60)
+    assert wait_for(lambda: access_lines(srv, f'"PUT {path}" 400'), "the aborted upload in the access log")
+    assert "Traceback" not in srv.log.read_text(errors="replace")
     assert stored(srv, "aborted") == []
     assert session(srv.key).get(base, timeout=30).json()["parts"] == {}
 

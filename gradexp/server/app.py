@@ -29,7 +29,7 @@ import zstandard
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -283,6 +283,8 @@ class Server:
                     writing = None
                 if batch:
                     await run_in_threadpool(write, batch)
+            except ClientDisconnect:  # nobody reads the answer, but the access log gets no traceback
+                raise HTTPError(400, f"the client went away after {size} bytes of the body") from None
             finally:
                 if writing is not None:  # the body failed midway: let the worker finish with the file
                     with contextlib.suppress(Exception):
