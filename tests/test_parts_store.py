@@ -11,7 +11,6 @@ import hashlib
 import re
 import socket
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +172,8 @@ def test_conflicting_concurrent_uploads_leave_exactly_the_winners_bytes(shared, 
                 try:
                     w, b1, b2 = (read_tensor(http, base[srv.url], k, step)
                                  for k, step in (("w", s), ("b", s), ("b", s + 1000)))
-                except (AssertionError, ValueError, requests.RequestException) as e:  # another upload's bytes at the winner's offsets
+                except (AssertionError, ValueError, requests.RequestException) as e:
+                    # another upload's bytes at the winner's offsets (or a 500 reading them)
                     wrong.append((srv.url, s, str(e)[:200]))
                     continue
                 if not (same_bits(w, np.full(70_000, mark, np.float32))
@@ -298,8 +298,8 @@ def every_database(tmp_path, request) -> dict[str, str]:
             cur.execute(f"CREATE DATABASE `{name}`")
     finally:
         c.close()
-    return {"sqlite": f"sqlite:///{tmp_path / 'k.db'}", "postgresql": request.getfixturevalue("postgres").new_database(),
-            "mariadb": maria.url(name)}
+    return {"sqlite": f"sqlite:///{tmp_path / 'k.db'}",
+            "postgresql": request.getfixturevalue("postgres").new_database(), "mariadb": maria.url(name)}
 
 
 EXACT_KEYS = ["\U0001F600" * 1024, "w", "W", "w ", "\u00e9", "e"]
@@ -319,7 +319,7 @@ def add_frames(engine: sa.engine.Engine, run_id: str, keys: list[str], tmp_path:
 def check_exact(engine: sa.engine.Engine, pk: int, keys: list[str], name: str) -> None:
     with engine.connect() as conn:
         assert sorted(db.tensor_keys(conn, pk)) == sorted(keys), name
-        for i, k in enumerate(keys):
+        for k in keys:
             rows = db.tensor_frames(conn, pk, k, 0)
             assert len(rows) == 1, (name, k, len(rows))
 
