@@ -9,9 +9,11 @@ process) on a free loopback port and measures, against the issue's targets:
    many probes (target p95 <= 2 s);
 3. 32 concurrent runs uploading parts to one server, one process each: 5xx count
    (target 0) and part PUT latency p50/p99 (target p99 <= 200 ms);
-4. Parquet compaction at finish for 1,000,000 steps x 10 metrics (the finish call).
+4. Parquet compaction at finish for 1,000,000 steps x 10 metrics (the finish call);
+5. latency of small requests (``GET /healthz``, ``GET`` a run) while a 256 MB part
+   uploads: p50/p99/max, to see whether the upload stalls the server.
 
-    python benchmarks/bench_server.py [--quick]
+    python benchmarks/bench_server.py [--quick] [--only upload,stall,...]
 
 Prints a Markdown report on stdout, progress on stderr.
 """
@@ -201,49 +203,129 @@ def bench_compaction(server: Server, root: Path, steps: int) -> dict[str, float]
             "finish_s": dt}
 
 
+def bench_stall(server: Server, root: Path, mb: int, rounds: int) -> dict[str, float]:
+    """Small requests, back to back from one client, while another client uploads one part of
+    ``mb`` MB (dense float32 tensors, 4 MiB each): their latency, and the upload's time."""
+    import threading
+
+    rng = np.random.default_rng(2)
+    pool = [(rng.standard_normal(1 << 20) * 1e-3).astype(np.float32) for _ in range(8)]
+    n = int(mb * MB / (3.5 * 1.048576 * MB)) + 1  # compressed ~3.5 MiB each
+
+    def fill(run) -> None:  # type: ignore[no-untyped-def]
+        for i in range(n):
+            run.log({"grad": pool[i % len(pool)] + np.float32(i * 1e-7)})
+
+    with gradexp.init("bench", id="stall", dir=root / "runs", mode="offline", part_max_bytes=4 << 30) as run:
+        fill(run)
+    [part] = sorted((run.dir / "parts").glob("tensors-*.gxp"))
+    data = part.read_bytes()
+    s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {server.key}"
+    base = f"{server.url}/api/v1/runs/local/bench/stall"
+    s.put(base, json={}).raise_for_status()
+    lat: list[float] = []
+    uploads: list[float] = []
+    for r in range(rounds):
+        done = threading.Event()
+
+        def upload() -> None:
+            up = requests.Session()
+            up.headers["Authorization"] = f"Bearer {server.key}"
+            t = time.perf_counter()
+            resp = up.put(f"{base}/parts/tensors/{r}", data=data, timeout=600)
+            uploads.append(time.perf_counter() - t)
+            assert resp.status_code == 201, resp.text
+            done.set()
+
+        th = threading.Thread(target=upload)
+        th.start()
+        probe = 0
+        while not done.is_set():
+            t = time.perf_counter()
+            target = "/healthz" if probe % 2 else "/api/v1/runs/local/bench/stall"
+            s.get(server.url + target, timeout=600).raise_for_status()
+            lat.append(time.perf_counter() - t)
+            probe += 1
+            time.sleep(0.002)
+        th.join()
+    a = np.array(lat) * 1e3
+    return {"part_MB": len(data) / MB, "rounds": rounds, "probes": len(lat), "p50_ms": float(np.percentile(a, 50)),
+            "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()),
+            "upload_s": float(np.median(uploads)), "upload_MBps": len(data) / MB / float(np.median(uploads))}
+
+
+SECTIONS = ("upload", "visible", "concurrent", "burst", "compaction", "stall")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     args = ap.parse_args()
     q = args.quick
+    only = set(args.only.split(","))
     root = Path(tempfile.mkdtemp(prefix="gradexp-bench-server-"))
     server = Server(root)
+    out: dict[str, dict[str, float]] = {}
     try:
-        log("upload throughput...")
-        up = bench_upload(server, root, 30 if q else 250)
-        log("log -> visible...")
-        vis = bench_visible(server, root, 10 if q else 60)
-        log("32 concurrent runs, streaming (a part every 0.5 s each)...")
-        conc = bench_concurrent(server, root, 32, 20 if q else 60, 0.5)
-        log("32 concurrent runs, back to back...")
-        burst = bench_concurrent(server, root, 32, 20 if q else 60, 0.0)
-        log("compaction at finish...")
-        comp = bench_compaction(server, root, 100_000 if q else 1_000_000)
+        if "upload" in only:
+            log("upload throughput...")
+            out["upload"] = bench_upload(server, root, 30 if q else 250)
+        if "visible" in only:
+            log("log -> visible...")
+            out["visible"] = bench_visible(server, root, 10 if q else 60)
+        if "concurrent" in only:
+            log("32 concurrent runs, streaming (a part every 0.5 s each)...")
+            out["concurrent"] = bench_concurrent(server, root, 32, 20 if q else 60, 0.5)
+        if "burst" in only:
+            log("32 concurrent runs, back to back...")
+            out["concurrent_burst"] = bench_concurrent(server, root, 32, 20 if q else 60, 0.0)
+        if "compaction" in only:
+            log("compaction at finish...")
+            out["compaction"] = bench_compaction(server, root, 100_000 if q else 1_000_000)
+        if "stall" in only:
+            log("small requests while a 256 MB part uploads...")
+            out["stall"] = bench_stall(server, root, 64 if q else 256, 1 if q else 3)
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
     if args.json is not None:
         import json
 
-        args.json.write_text(json.dumps({"upload": up, "visible": vis, "concurrent": conc,
-                                         "concurrent_burst": burst, "compaction": comp}, indent=2))
+        args.json.write_text(json.dumps(out, indent=2))
     ok = lambda b: "yes" if b else "**no**"  # noqa: E731
     print("### Server and streaming (embedded server: SQLite + local folder, one uvicorn process)\n")
     print("| measure | result | target | met |")
     print("| --- | --- | --- | --- |")
-    print(f"| upload of tensor parts (`gradexp sync`, {up['parts']} parts, {up['compressed_MB']:.0f} MB "
-          f"compressed from {up['raw_MB']:.0f} MB raw) | {up['MBps']:.0f} MB/s compressed "
-          f"({up['seconds']:.2f} s) | >= 300 MB/s | {ok(up['MBps'] >= 300)} |")
-    print(f"| `log()` to visible through the API ({vis['probes']} probes) | p50 {vis['p50_s']:.2f} s, "
-          f"p95 {vis['p95_s']:.2f} s, max {vis['max_s']:.2f} s | p95 <= 2 s | {ok(vis['p95_s'] <= 2)} |")
-    for label, c in (("streaming, a part every 0.5 s per run", conc), ("back to back (stress)", burst)):
-        print(f"| 32 concurrent runs, {label}: {c['puts']} part PUTs of ~1 MiB | {c['5xx']} 5xx "
-              f"({c['non_2xx']} non-2xx); PUT p50 {c['p50_ms']:.0f} ms, p99 {c['p99_ms']:.0f} ms, "
-              f"max {c['max_ms']:.0f} ms; {c['wall_s']:.1f} s wall | 0 5xx, p99 <= 200 ms | "
-              f"{ok(c['5xx'] == 0 and c['p99_ms'] <= 200)} |")
-    print(f"| Parquet compaction at finish, {comp['steps']:,} steps x 10 metrics "
-          f"({comp['history_parts']} history parts) | {comp['finish_s']:.2f} s | (measured) | |")
+    if "upload" in out:
+        up = out["upload"]
+        print(f"| upload of tensor parts (`gradexp sync`, {up['parts']} parts, {up['compressed_MB']:.0f} MB "
+              f"compressed from {up['raw_MB']:.0f} MB raw) | {up['MBps']:.0f} MB/s compressed "
+              f"({up['seconds']:.2f} s) | >= 300 MB/s | {ok(up['MBps'] >= 300)} |")
+    if "visible" in out:
+        vis = out["visible"]
+        print(f"| `log()` to visible through the API ({vis['probes']} probes) | p50 {vis['p50_s']:.2f} s, "
+              f"p95 {vis['p95_s']:.2f} s, max {vis['max_s']:.2f} s | p95 <= 2 s | {ok(vis['p95_s'] <= 2)} |")
+    for label, name in (("streaming, a part every 0.5 s per run", "concurrent"),
+                        ("back to back (stress)", "concurrent_burst")):
+        if name in out:
+            c = out[name]
+            print(f"| 32 concurrent runs, {label}: {c['puts']} part PUTs of ~1 MiB | {c['5xx']} 5xx "
+                  f"({c['non_2xx']} non-2xx); PUT p50 {c['p50_ms']:.0f} ms, p99 {c['p99_ms']:.0f} ms, "
+                  f"max {c['max_ms']:.0f} ms; {c['wall_s']:.1f} s wall | 0 5xx, p99 <= 200 ms | "
+                  f"{ok(c['5xx'] == 0 and c['p99_ms'] <= 200)} |")
+    if "compaction" in out:
+        comp = out["compaction"]
+        print(f"| Parquet compaction at finish, {comp['steps']:,} steps x 10 metrics "
+              f"({comp['history_parts']} history parts) | {comp['finish_s']:.2f} s | (measured) | |")
+    if "stall" in out:
+        st = out["stall"]
+        print(f"| small requests (`GET /healthz`, `GET` a run) during a {st['part_MB']:.0f} MB part upload "
+              f"({st['probes']} over {st['rounds']} uploads) | p50 {st['p50_ms']:.1f} ms, p99 {st['p99_ms']:.1f} ms, "
+              f"max {st['max_ms']:.0f} ms; the upload {st['upload_s']:.2f} s ({st['upload_MBps']:.0f} MB/s) | "
+              f"(measured) | |")
     print()
 
 

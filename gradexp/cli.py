@@ -287,15 +287,18 @@ def _runs_in(folder: Path) -> list[Path]:
               help="Where the embedded defaults live (default: the user data dir).")
 @click.option("--max-body", "max_body", type=click.IntRange(min=1), default=2 << 30, show_default=True,
               help="Largest request body (an uploaded part) in bytes; larger ones get 413.")
+@click.option("--access-log/--no-access-log", "access_log", default=True, show_default=True,
+              envvar="GRADEXP_SERVER_ACCESS_LOG",
+              help="One line per request on stderr (method, path, status, bytes, ms, user).")
 @click.pass_context
 def server(ctx: click.Context, bind: str, port: int, db_url: str | None, store_url: str | None,
-           data_dir: Path | None, max_body: int) -> None:
+           data_dir: Path | None, max_body: int, access_log: bool) -> None:
     """Run the gradexp server (needs the [server] extra: pip install -e '.[server]' in a clone)."""
     from .server import cli as server_cli
 
     ctx.obj = server_cli.Paths.resolve(db_url, store_url, data_dir)
     if ctx.invoked_subcommand is None:
-        server_cli.serve(ctx.obj, bind, port, max_body_bytes=max_body)
+        server_cli.serve(ctx.obj, bind, port, max_body_bytes=max_body, access_log=access_log)
 
 
 @server.command("create-user")

@@ -9,22 +9,32 @@ can serve one database and one bucket behind a load balancer.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import logging
+import mmap
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable
+from urllib.parse import quote
 
 import numpy as np
 import sqlalchemy as sa
+import zstandard
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import _arrow, _format
+from .._errors import CorruptPartError
 from .._version import __version__
 from . import db, history, web
 from .openapi import openapi
@@ -33,6 +43,11 @@ from .store import STREAMS, Store
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 FRAME = "application/x-gradexp-frame"
+_SPOOL_BATCH = 4 << 20
+"""Bytes of an upload gathered on the event loop before a worker thread hashes and writes
+them: large enough that handing off costs little, small enough that the loop never holds
+more than a few of them."""
+_CHECK_CHUNK = 1 << 20
 
 
 class ExactJSONResponse(JSONResponse):
@@ -80,6 +95,7 @@ class Server:
         viewer = await run_in_threadpool(db.authenticate, self.engine, key.strip())
         if viewer is None:
             raise HTTPError(401, "invalid or revoked API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        request.state.user = viewer.user  # for the access log
         return viewer
 
     def address(self, request: Request, viewer: db.Viewer) -> tuple[str, str]:
@@ -203,37 +219,86 @@ class Server:
         seq = request.path_params["seq"]
         if stream not in STREAMS:
             raise HTTPError(400, f"unknown stream {stream!r}; streams: {', '.join(STREAMS)}")
-        data = await self.body(request)
-        digest = hashlib.sha256(data).hexdigest()
-        claimed = request.headers.get("x-gradexp-sha256")
-        if claimed and claimed.lower() != digest:
-            raise HTTPError(400, "body does not match its X-Gradexp-SHA256 header (corrupted in transit?)")
+        label = f"part {stream}/{seq}"
+        with self.store.spool() as spool:
+            digest, size = await self.receive(request, spool)
+            claimed = request.headers.get("x-gradexp-sha256")
+            if claimed and claimed.lower() != digest:
+                raise HTTPError(400, "body does not match its X-Gradexp-SHA256 header (corrupted in transit?)")
 
-        def work() -> tuple[int, dict[str, Any]]:
-            pk, pid = self.run_pk(v, project, run_id)
-            with self.engine.connect() as conn:
-                existing = db.part(conn, pk, stream, seq)
-            if existing is not None:
-                if existing["sha256"] == digest:
-                    return 200, {"stored": False, "sha256": digest}
-                raise HTTPError(409, f"part {stream}/{seq} of this run exists with other content")
-            try:
-                scan = _format.scan_sealed_bytes(data, f"{stream}-{seq}")
-                _verify_frames(data, scan, f"{stream}-{seq}")
-            except ValueError as e:
-                raise HTTPError(400, str(e)) from None
-            key = Store.part_key(v.entity_id, pid, run_id, stream, seq)
-            self.store.put(key, data)
-            with self.engine.begin() as conn:
-                if not db.add_part(conn, pk, stream, seq, digest, len(data), key, scan.frames):
-                    again = db.part(conn, pk, stream, seq)  # a concurrent upload won the race
-                    if again is None or again["sha256"] != digest:
-                        raise HTTPError(409, f"part {stream}/{seq} of this run exists with other content")
-                    return 200, {"stored": False, "sha256": digest}
-                db.update_run(conn, pk, heartbeat_at=time.time())
-            return 201, {"stored": True, "sha256": digest}
-        status, body = await run_in_threadpool(work)
+            def work() -> tuple[int, dict[str, Any]]:
+                pk, pid = self.run_pk(v, project, run_id)
+                with self.engine.connect() as conn:
+                    existing = db.part(conn, pk, stream, seq)
+                if existing is not None:
+                    if existing["sha256"] == digest:
+                        return 200, {"stored": False, "sha256": digest}
+                    raise HTTPError(409, f"{label} of this run exists with other content")
+                try:
+                    scan = _check_part(spool, size, label)
+                except ValueError as e:
+                    raise HTTPError(400, str(e)) from None
+                # Content-addressed: a concurrent upload of other bytes to this (run, stream,
+                # seq) writes another object, so whichever row wins names its own bytes.
+                key = Store.part_key(v.entity_id, pid, run_id, stream, seq, digest)
+                self.store.put_file(key, spool)
+                with self.engine.begin() as conn:
+                    if not db.add_part(conn, pk, stream, seq, digest, size, key, scan.frames):
+                        again = db.part(conn, pk, stream, seq)  # a concurrent upload won the race
+                        if again is None or again["sha256"] != digest:
+                            self.store.delete(key)  # no row will ever name it
+                            raise HTTPError(409, f"{label} of this run exists with other content")
+                        return 200, {"stored": False, "sha256": digest}
+                    db.update_run(conn, pk, heartbeat_at=time.time())
+                return 201, {"stored": True, "sha256": digest}
+            status, body = await run_in_threadpool(work)
         return JSONResponse(body, status_code=status)
+
+    async def receive(self, request: Request, path: Path) -> tuple[str, int]:
+        """Stream the request body into the file at ``path``; return its SHA-256 (hex) and size.
+
+        Chunks are gathered into batches of ``_SPOOL_BATCH`` bytes; a worker thread hashes and
+        writes each batch while the loop receives the next, so neither a large upload nor its
+        hashing holds up other requests."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and int(declared) > limit:
+            raise HTTPError(413, f"request body over the limit of {limit} bytes")
+        sha = hashlib.sha256()
+        size = 0
+        with open(path, "wb") as f:
+            def write(chunks: list[bytes]) -> None:
+                for chunk in chunks:
+                    sha.update(chunk)
+                    f.write(chunk)
+
+            writing: asyncio.Future[None] | None = None
+            try:
+                batch: list[bytes] = []
+                batched = 0
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPError(413, f"request body over the limit of {limit} bytes")
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= _SPOOL_BATCH:
+                        if writing is not None:
+                            await writing
+                        writing = asyncio.ensure_future(run_in_threadpool(write, batch))
+                        batch, batched = [], 0
+                if writing is not None:
+                    await writing
+                    writing = None
+                if batch:
+                    await run_in_threadpool(write, batch)
+            except ClientDisconnect:  # nobody reads the answer, but the access log gets no traceback
+                raise HTTPError(400, f"the client went away after {size} bytes of the body") from None
+            finally:
+                if writing is not None:  # the body failed midway: let the worker finish with the file
+                    with contextlib.suppress(Exception):
+                        await writing
+        return sha.hexdigest(), size
 
     async def finish_run(self, request: Request) -> Response:
         v = await self.viewer(request)
@@ -359,20 +424,45 @@ class Server:
         return Response(await run_in_threadpool(work), media_type=FRAME)
 
 
-def _verify_frames(data: bytes, scan: _format.PartScan, label: str) -> None:
-    """Check every frame header against the part's index, and decode every history frame.
+def _check_part(path: Path, size: int, label: str) -> _format.PartScan:
+    """Index the sealed part in the file at ``path`` and check every frame of it; ValueError
+    naming the part (and the frame's offset) if anything is damaged."""
+    if size == 0:
+        raise ValueError(f"{label}: not a sealed gradexp part (empty body)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+        scan = _format.scan_sealed_bytes(mm, label)  # type: ignore[arg-type]
+        with memoryview(mm) as view:
+            _verify_frames(view, scan, label)
+    return scan
 
-    Parts are immutable once stored, so a damaged history frame let in here would make
-    the run's history unreadable, and its finish fail, for good. Tensor payloads are not
-    decoded here (that would cost ~30% of upload throughput): a damaged one can only make
-    that one tensor unreadable, which its read reports. ValueError if anything is damaged.
+
+def _verify_frames(data: memoryview, scan: _format.PartScan, label: str) -> None:
+    """Check every frame header against the part's index, every frame key against the
+    key limit, and every payload against its zstd content checksum.
+
+    Parts are immutable once stored, so a damaged frame let in here would make its
+    tensor (or the run's history, and its finish) unreadable for good. Checking means
+    decompressing, into a small reused buffer (nothing is kept): about as fast as the
+    SHA-256 of the upload (docs/benchmarks.md). ValueError if anything is damaged.
     """
-    view = memoryview(data)
+    scratch = bytearray(_CHECK_CHUNK)
+    dctx = zstandard.ZstdDecompressor()
     for info in scan.frames:
         if info.end > scan.valid_end or _format.parse_header(data, info.offset, scan.valid_end) != info:
             raise ValueError(f"{label}: the frame at byte {info.offset} does not match the part's index")
-        if info.kind == _format.KIND_HISTORY:
-            _format.decode_payload(info, view[info.data_offset:info.end], label)
+        if len(info.key) > db.KEY_CHARS:
+            raise ValueError(f"{label}: the frame at byte {info.offset} has a key of {len(info.key)} characters, "
+                             f"over the limit of {db.KEY_CHARS}: {info.key[:100]!r}...")
+        n = 0
+        try:  # the with blocks let go of the payload's buffer: the caller closes its mmap
+            with data[info.data_offset:info.end] as payload, \
+                    dctx.stream_reader(payload, read_across_frames=False) as reader:
+                while got := reader.readinto(scratch):
+                    n += got
+        except zstandard.ZstdError as e:
+            raise CorruptPartError(label, info.offset, f"frame payload: {e}") from None
+        if n != info.raw:
+            raise CorruptPartError(label, info.offset, f"frame decodes to {n} bytes, header says {info.raw}")
 
 
 def _handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -387,7 +477,56 @@ def _handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request]
     return wrapped
 
 
-def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30) -> Starlette:
+_access = logging.getLogger("gradexp.access")
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request to the ``gradexp.access`` logger.
+
+    ``<client> <user or -> "<method> <path>" <status> in=<bytes> out=<bytes> <ms>ms``. The
+    path is logged without its query string (where sign-in tokens and authorization codes
+    travel), percent-encoded so a key in it cannot forge a line; no header is logged. The
+    user is the one a request authenticated as (``request.state.user``), if any."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        status: int | None = None
+        received = sent = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            client = scope.get("client")
+            _access.info('%s %s "%s %s" %s in=%d out=%d %.1fms', client[0] if client else "-",
+                            state.get("user") or "-", scope["method"], quote(scope["path"], safe="/:@!$&'()*+,;=~"),
+                            status if status is not None else 500, received, sent,
+                            (time.perf_counter() - start) * 1e3)
+
+
+def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
+               access_log: bool = True) -> Starlette:
+    """The application; ``access_log`` adds :class:`AccessLog` (the caller sets up logging)."""
     s = Server(Config(db_url=db_url, store_url=store_url, max_body_bytes=max_body_bytes))
     run = "/api/v1/runs/{entity}/{project}/{run_id}"
     routes = [
@@ -407,6 +546,6 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30) ->
         Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
     ]
     routes += web.routes(s.engine)
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)] if access_log else [])
     app.state.server = s
     return app

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -88,7 +90,7 @@ def bootstrap(paths: Paths) -> Path | None:
     return path
 
 
-def serve(paths: Paths, bind: str, port: int, *, max_body_bytes: int = 2 << 30) -> None:
+def serve(paths: Paths, bind: str, port: int, *, max_body_bytes: int = 2 << 30, access_log: bool = True) -> None:
     try:
         import uvicorn
 
@@ -112,10 +114,26 @@ def serve(paths: Paths, bind: str, port: int, *, max_body_bytes: int = 2 << 30) 
                        f"  {base}/login/link?token={link}\n"
                        f"(it works once, for {accounts.LINK_SECONDS // 3600} h; a restart prints a new one until "
                        f"'{BOOTSTRAP_USER}' has a password)", err=True)
-    app = create_app(db_url=paths.db_url, store_url=paths.store_url, max_body_bytes=max_body_bytes)
+    app = create_app(db_url=paths.db_url, store_url=paths.store_url, max_body_bytes=max_body_bytes,
+                     access_log=access_log)
+    if access_log:
+        _log_access_to_stderr()
     click.echo(f"gradexp server on http://{bind}:{port}  (database {_safe(paths.db_url)}, "
                f"store {_safe(paths.store_url)})", err=True)
     uvicorn.run(app, host=bind, port=port, log_level="warning", access_log=False)
+
+
+def _log_access_to_stderr() -> None:
+    """Send the ``gradexp.access`` lines to stderr with a timestamp, unless logging was set
+    up for them already (uvicorn's own access log stays off: these replace it)."""
+    logger = logging.getLogger("gradexp.access")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _link_host(bind: str) -> str:

@@ -24,6 +24,9 @@ except ImportError:  # pragma: no cover - not POSIX
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+KEY_CHARS = 1024
+"""The longest tensor key in characters (``frames.key``); longer keys are refused on upload."""
+
 _TIME = sa.Double
 """Timestamps (Unix seconds). DOUBLE: MySQL/MariaDB's FLOAT is 4 bytes and reaches the
 client with 6 significant digits, an error of over an hour for a current timestamp."""
@@ -106,7 +109,7 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("run_pk", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
         sa.Column("part_id", sa.Integer, sa.ForeignKey("parts.id"), nullable=False),
         sa.Column("kind", sa.SmallInteger, nullable=False),
-        sa.Column("key", sa.String(1024), nullable=False),
+        sa.Column("key", sa.String(KEY_CHARS), nullable=False),
         sa.Column("step_min", sa.BigInteger, nullable=False),
         sa.Column("step_max", sa.BigInteger, nullable=False),
         sa.Column("rows", sa.Integer, nullable=False),
@@ -207,8 +210,24 @@ def _v4(conn: Connection) -> None:
                                                                "signin_links")])
 
 
+def _v5(conn: Connection) -> None:
+    """MySQL/MariaDB: ``frames.key`` in utf8mb4 with a binary, no-pad collation; no-op elsewhere.
+
+    Any key of up to ``KEY_CHARS`` characters then fits (in a database made with the
+    server's default character set, latin1 on MariaDB 10, a 4-byte character was refused),
+    and keys compare exactly (under the default collations "w", "W" and "w " were one key,
+    so reading one could return another's tensor)."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return
+    have = {row[0] for row in conn.execute(sa.text("SHOW COLLATION WHERE Charset = 'utf8mb4'"))}
+    # MariaDB's binary no-pad collation, MySQL 8's, then the plain binary one (pads with spaces).
+    collation = next(c for c in ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin") if c in have)
+    conn.execute(sa.text(f"ALTER TABLE frames MODIFY COLUMN `key` VARCHAR({KEY_CHARS}) "
+                         f"CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL"))
+
+
 meta = sa.MetaData()
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _define(meta, SCHEMA_VERSION)
 schema_version = meta.tables["gradexp_schema"]
 users = meta.tables["users"]
@@ -225,7 +244,7 @@ auth_codes = meta.tables["auth_codes"]
 login_failures = meta.tables["login_failures"]
 signin_links = meta.tables["signin_links"]
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

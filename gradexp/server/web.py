@@ -130,7 +130,10 @@ class Web:
         token = request.cookies.get(SESSION_COOKIE)
         if not token:
             return None
-        return await run_in_threadpool(accounts.session, self.engine, token)
+        s = await run_in_threadpool(accounts.session, self.engine, token)
+        if s is not None:
+            request.state.user = s.user  # for the access log
+        return s
 
     @staticmethod
     async def body(request: Request) -> bytes:
