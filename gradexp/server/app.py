@@ -12,26 +12,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import numpy as np
 import sqlalchemy as sa
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import _arrow, _format
 from .._version import __version__
 from . import db, history, web
-from .openapi import openapi
-from .store import STREAMS, Store
+from .openapi import (MODELS, FinishBody, HistoryQuery, PartPath, RunPatch, RunPath, RunPut, RunsQuery, StepQuery,
+                      TensorPath, openapi)
+from .store import Store
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 FRAME = "application/x-gradexp-frame"
 
@@ -74,14 +75,10 @@ class Server:
         return viewer
 
     def address(self, request: Request, viewer: db.Viewer) -> tuple[str, str]:
-        p = request.path_params
-        entity, project, run_id = p["entity"], p["project"], p["run_id"]
-        for what, value in (("entity", entity), ("project", project), ("run id", run_id)):
-            if not _NAME.match(value):
-                raise HTTPError(400, f"invalid {what} {value!r}")
-        if entity != viewer.entity:
-            raise HTTPError(404, f"no run {entity}/{project}/{run_id}")
-        return project, run_id
+        p = RunPath.model_validate(request.path_params)
+        if p.entity != viewer.entity:
+            raise HTTPError(404, f"no run {p.entity}/{p.project}/{p.run_id}")
+        return p.project, p.run_id
 
     def run_pk(self, viewer: db.Viewer, project: str, run_id: str) -> tuple[int, int]:
         with self.engine.connect() as conn:
@@ -106,10 +103,12 @@ class Server:
 
     async def json_body(self, request: Request) -> dict[str, Any]:
         raw = await self.body(request)
-        try:
+        try:  # json, not pydantic: config and summary may hold NaN, Infinity and -Infinity
             data = json.loads(raw or b"{}")
         except ValueError as e:
             raise HTTPError(400, f"request body is not JSON: {e}") from None
+        except RecursionError:
+            raise HTTPError(400, "request body is nested too deeply") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "request body must be a JSON object")
         return data
@@ -136,22 +135,17 @@ class Server:
 
     async def list_runs(self, request: Request) -> Response:
         v = await self.viewer(request)
-        q = request.query_params
+        q = RunsQuery.model_validate({**request.query_params, "tag": request.query_params.getlist("tag")})
 
         def work() -> list[dict[str, Any]]:
             with self.engine.connect() as conn:
-                return db.list_runs(conn, v.entity_id, project=q.get("project"), status=q.get("status"),
-                                    tags=q.getlist("tag"))
+                return db.list_runs(conn, v.entity_id, project=q.project, status=q.status, tags=q.tag)
         return JSONResponse({"runs": await run_in_threadpool(work)})
 
     async def put_run(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        fields = await self.json_body(request)
-        allowed = {"name", "tags", "notes", "config", "summary", "created_at"}
-        unknown = set(fields) - allowed
-        if unknown:
-            raise HTTPError(400, f"unknown run field {sorted(unknown)[0]!r}")
+        fields = RunPut.model_validate(await self.json_body(request)).model_dump(exclude_unset=True)
 
         def work() -> dict[str, Any]:
             with self.engine.begin() as conn:
@@ -174,10 +168,7 @@ class Server:
     async def patch_run(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        fields = await self.json_body(request)
-        unknown = set(fields) - {"config", "summary", "name", "tags", "notes"}
-        if unknown:
-            raise HTTPError(400, f"unknown run field {sorted(unknown)[0]!r}")
+        fields = RunPatch.model_validate(await self.json_body(request)).model_dump(exclude_unset=True)
 
         def work() -> dict[str, Any]:
             pk, _ = self.run_pk(v, project, run_id)
@@ -190,10 +181,8 @@ class Server:
     async def put_part(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        stream = request.path_params["stream"]
-        seq = request.path_params["seq"]
-        if stream not in STREAMS:
-            raise HTTPError(400, f"unknown stream {stream!r}; streams: {', '.join(STREAMS)}")
+        where = PartPath.model_validate(request.path_params)
+        stream, seq = where.stream, where.seq
         data = await self.body(request)
         digest = hashlib.sha256(data).hexdigest()
         claimed = request.headers.get("x-gradexp-sha256")
@@ -229,16 +218,9 @@ class Server:
     async def finish_run(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        body = await self.json_body(request)
-        exit_code = body.get("exit_code", 0)
-        declared = body.get("parts", {})
-        if not isinstance(exit_code, (int, type(None))) or not isinstance(declared, dict):
-            raise HTTPError(400, "finish takes {'exit_code': int, 'parts': {stream: count}, "
-                                 "'status': 'finished' | 'failed' | 'crashed'}")
-
-        status = str(body.get("status") or ("finished" if exit_code == 0 else "failed"))
-        if status not in ("finished", "failed", "crashed"):
-            raise HTTPError(400, f"invalid final status {status!r}")
+        body = FinishBody.model_validate(await self.json_body(request))
+        exit_code, declared = body.exit_code, body.parts
+        status = body.status or ("finished" if exit_code == 0 else "failed")
 
         def work() -> dict[str, Any]:
             pk, pid = self.run_pk(v, project, run_id)
@@ -256,8 +238,8 @@ class Server:
     async def get_history(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        fmt = request.query_params.get("format", "arrow")
-        keys = request.query_params.get("keys")
+        q = HistoryQuery.model_validate(request.query_params)
+        fmt, keys = q.format, q.keys
 
         def work() -> Any:
             pk, pid = self.run_pk(v, project, run_id)
@@ -278,10 +260,8 @@ class Server:
             data = await run_in_threadpool(history.to_parquet, table)
             return Response(data, media_type="application/vnd.apache.parquet", headers={
                 "Content-Disposition": f'attachment; filename="{project}-{run_id}.parquet"'})
-        if fmt == "json":
-            return JSONResponse({"columns": {name: [_json_safe(x) for x in col.to_pylist()]
-                                             for name, col in zip(table.column_names, table.columns)}})
-        raise HTTPError(400, f"unknown format {fmt!r}; formats: arrow, json, parquet")
+        return JSONResponse({"columns": {name: [_json_safe(x) for x in col.to_pylist()]  # format=json
+                                         for name, col in zip(table.column_names, table.columns)}})
 
     async def list_tensor_keys(self, request: Request) -> Response:
         v = await self.viewer(request)
@@ -299,7 +279,7 @@ class Server:
             return await self.get_tensor(request)
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        key = request.path_params["key"]
+        key = TensorPath.model_validate(request.path_params).key
 
         def work() -> list[int]:
             pk, _ = self.run_pk(v, project, run_id)
@@ -330,11 +310,8 @@ class Server:
         """The frame holding tensor ``key`` at ``step``: header and payload, as in the part."""
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        key = request.path_params["key"]
-        try:
-            step = int(request.query_params["step"])
-        except (KeyError, ValueError):
-            raise HTTPError(400, "pass the step as ?step=N") from None
+        key = TensorPath.model_validate(request.path_params).key
+        step = StepQuery.model_validate(request.query_params).step
 
         def work() -> bytes:
             pk, _ = self.run_pk(v, project, run_id)
@@ -388,6 +365,43 @@ def _handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request]
     return wrapped
 
 
+_LOCATION = {m.__name__: m.location for m in MODELS}
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    """400 for a request the models refuse, naming each field at fault and why."""
+    assert isinstance(exc, ValidationError)
+    where = _LOCATION.get(exc.title, "field")
+    problems = []
+    for e in exc.errors(include_url=False, include_input=False)[:5]:
+        field = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown {where} {field!r}")
+        elif e["type"] == "missing":
+            problems.append(f"missing {where} {field!r}")
+        else:
+            problems.append(f"invalid {where} {field!r}: {e['msg']}")
+    return JSONResponse({"error": "; ".join(problems)}, status_code=400)
+
+
+async def _unrouted(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (no route for the path or method): JSON under /api/, as the API's."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+
+
+def _by_method(**handlers: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """One route for several methods, so a 405 lists all of them in its Allow header."""
+    wrapped = {method: _handler(fn) for method, fn in handlers.items()}
+    wrapped.setdefault("HEAD", wrapped["GET"])
+
+    async def dispatch(request: Request) -> Response:
+        return await wrapped[request.method](request)
+    return dispatch
+
+
 def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30) -> Starlette:
     s = Server(Config(db_url=db_url, store_url=store_url, max_body_bytes=max_body_bytes))
     run = "/api/v1/runs/{entity}/{project}/{run_id}"
@@ -397,9 +411,7 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30) ->
         Route("/api/v1/viewer", _handler(s.get_viewer)),
         Route("/api/v1/projects", _handler(s.list_projects)),
         Route("/api/v1/runs", _handler(s.list_runs)),
-        Route(run, _handler(s.put_run), methods=["PUT"]),
-        Route(run, _handler(s.get_run), methods=["GET"]),
-        Route(run, _handler(s.patch_run), methods=["PATCH"]),
+        Route(run, _by_method(GET=s.get_run, PUT=s.put_run, PATCH=s.patch_run), methods=["GET", "PUT", "PATCH"]),
         Route(run + "/parts/{stream}/{seq:int}", _handler(s.put_part), methods=["PUT"]),
         Route(run + "/finish", _handler(s.finish_run), methods=["POST"]),
         Route(run + "/history", _handler(s.get_history)),
@@ -408,6 +420,7 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30) ->
         Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
     ]
     routes += web.routes(s.engine)
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={ValidationError: _invalid,
+                                                            HTTPException: _unrouted})
     app.state.server = s
     return app

@@ -536,7 +536,10 @@ def list_runs(conn: Connection, entity: int, *, project: str | None = None, stat
     if not wanted:
         q = q.limit(limit)
     out = [_run_dict(r) for r in conn.execute(q).mappings()]
-    return [r for r in out if wanted.issubset(r["tags"])][:limit]
+    if not wanted:
+        return out
+    # tags stored as null or an object by servers before request validation must not fail every listing
+    return [r for r in out if isinstance(r["tags"], list) and wanted.issubset(r["tags"])][:limit]
 
 
 def list_projects(conn: Connection, entity: int) -> list[dict[str, Any]]:
