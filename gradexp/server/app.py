@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import reprlib
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -366,6 +367,9 @@ def _handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request]
 
 
 _LOCATION = {m.__name__: m.location for m in MODELS}
+_short = reprlib.Repr()
+"""The value at fault as the error message quotes it: bounded, whatever was sent."""
+_short.maxlevel, _short.maxstring, _short.maxother = 2, 80, 80
 
 
 async def _invalid(request: Request, exc: Exception) -> Response:
@@ -373,14 +377,14 @@ async def _invalid(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ValidationError)
     where = _LOCATION.get(exc.title, "field")
     problems = []
-    for e in exc.errors(include_url=False, include_input=False)[:5]:
+    for e in exc.errors(include_url=False)[:5]:
         field = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             problems.append(f"unknown {where} {field!r}")
         elif e["type"] == "missing":
             problems.append(f"missing {where} {field!r}")
         else:
-            problems.append(f"invalid {where} {field!r}: {e['msg']}")
+            problems.append(f"invalid {where} {field!r} = {_short.repr(e['input'])}: {e['msg']}")
     return JSONResponse({"error": "; ".join(problems)}, status_code=400)
 
 

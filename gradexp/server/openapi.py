@@ -30,7 +30,8 @@ Id = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 def _json_integer(value: Any) -> Any:
-    """JSON Schema's integer: a number with no fractional part (``3.0`` too), never a bool."""
+    """JSON Schema's integer: a number with no fractional part, so ``3.0`` too (strict mode
+    still refuses bools and strings)."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -41,6 +42,7 @@ Seq = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=0, le=INT32_MAX), BeforeValidator(_json_integer)]
 Step = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 Stream = Literal["history", "tensors"]
+Status = Literal["running", "finished", "failed", "crashed"]
 FiniteNumber = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -119,7 +121,7 @@ class TensorPath(_Params):
 class RunsQuery(_Params):
     location = "query parameter"
     project: Id | None = None
-    status: Literal["running", "finished", "failed", "crashed"] | None = None
+    status: Status | None = None
     tag: list[Text] = Field(default_factory=list, description="runs with all of these tags")
 
 
@@ -169,7 +171,7 @@ class Run(BaseModel):
     project: str
     id: str
     name: str | None
-    status: Literal["running", "finished", "failed", "crashed"]
+    status: Status
     tags: list[str]
     notes: str | None
     config: dict[str, Any]
