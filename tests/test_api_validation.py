@@ -1,8 +1,8 @@
 """Malformed authenticated requests get a 400 naming the field and store nothing; the API
 holds up to schemathesis over every operation of its OpenAPI document.
 
-A real server (``python -m gradexp server``) per backend, SQLite and PostgreSQL, on
-loopback. Bodies are sent as raw JSON text, so the NaN/Infinity tokens, huge integers,
+A real server (``python -m gradexp server``) per backend, SQLite, PostgreSQL and
+MariaDB, on loopback. Bodies are sent as raw JSON text, so the NaN/Infinity tokens, huge integers,
 NUL and unpaired-surrogate escapes reach the server exactly as written here.
 """
 
@@ -23,7 +23,7 @@ import gradexp
 from gradexp.server import db
 from services import GradexpServer, values
 
-BACKENDS = ["sqlite", "postgresql"]
+BACKENDS = ["sqlite", "postgresql", "mariadb"]
 RUN = "/runs/alice/p/good"
 ORIGINAL = {"name": "good run", "tags": ["a", "b"], "notes": "kept", "config": {"lr": 0.1, "net": {"layers": [3, 4]}},
             "summary": {"loss": 0.5}, "created_at": 1_700_000_000.5}
@@ -36,7 +36,7 @@ def srv(request, tmp_path_factory):
     if request.param == "sqlite":
         db_url = f"sqlite:///{work / 'gradexp.db'}"
     else:
-        db_url = request.getfixturevalue("postgres").new_database()
+        db_url = request.getfixturevalue({"postgresql": "postgres", "mariadb": "mariadb"}[request.param]).new_database()
     server = GradexpServer(work, db_url=db_url, store_url=str(work / "objects"))
     server.keys = {name: server.user_with_key(name) for name in ("alice", "carol", "dave", "fuzz")}
     server.start()
@@ -125,6 +125,24 @@ def test_the_limits_themselves_are_accepted(srv):
     assert r.status_code == 200, r.text
     got = call(srv, "GET", "/runs/carol/p/limits", user="carol").json()
     assert (got["name"], got["notes"], got["tags"], got["created_at"]) == (name, "ü\t\n", ["∑", ""], 1_700_000_000)
+
+
+def test_metadata_over_64_kib_is_stored_on_every_database(srv):
+    """A summary of 5,000 metrics (~130 KB of JSON), notes of 70,000 characters, 700 tags:
+    each over the 64 KiB that MySQL/MariaDB's TEXT holds."""
+    fields = {"summary": {f"metric/{i}": i / 7 for i in range(5000)}, "notes": "n" * 70_000,
+              "tags": [f"{i:03d}" + "t" * 100 for i in range(700)], "config": {"blob": "c" * 70_000}}
+    r = call(srv, "PUT", "/runs/carol/p/big", user="carol", json=fields)
+    assert r.status_code == 200, r.text
+    got = call(srv, "GET", "/runs/carol/p/big", user="carol").json()
+    assert {k: got[k] for k in fields} == fields
+
+
+def test_json_bodies_over_the_limit_get_413(srv):
+    raw = '{"notes": "' + "x" * (8 << 20) + '"}'
+    r = call(srv, "PUT", RUN, raw=raw)
+    assert r.status_code == 413 and "limit" in r.json()["error"], r.text
+    assert_nothing_stored(srv)
 
 
 NON_FINITE = '{"lr": NaN, "inf": Infinity, "ninf": -Infinity, "deep": {"x": [NaN, 1.5, {"y": -Infinity}]}}'

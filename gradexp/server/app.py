@@ -34,6 +34,9 @@ from .openapi import (MODELS, FinishBody, HistoryQuery, PartPath, RunPatch, RunP
                       TensorPath, openapi)
 from .store import Store
 
+JSON_BODY_MAX = 8 << 20
+"""Bytes of a JSON request body: run metadata, well inside what every database takes in one
+statement (MariaDB's max_allowed_packet is 16 MiB by default)."""
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 FRAME = "application/x-gradexp-frame"
 
@@ -103,7 +106,12 @@ class Server:
         return b"".join(chunks)
 
     async def json_body(self, request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > JSON_BODY_MAX:
+            raise HTTPError(413, f"JSON body over the limit of {JSON_BODY_MAX} bytes")
         raw = await self.body(request)
+        if len(raw) > JSON_BODY_MAX:
+            raise HTTPError(413, f"JSON body over the limit of {JSON_BODY_MAX} bytes")
         try:  # json, not pydantic: config and summary may hold NaN, Infinity and -Infinity
             data = json.loads(raw or b"{}")
         except ValueError as e:

@@ -22,17 +22,22 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 _TIME = sa.Double
 """Timestamps (Unix seconds). DOUBLE: MySQL/MariaDB's FLOAT is 4 bytes and reaches the
 client with 6 significant digits, an error of over an hour for a current timestamp."""
+_LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+"""JSON text of any size: MySQL/MariaDB's TEXT holds 64 KiB, less than the summary of a few
+thousand metrics (elsewhere TEXT has no such limit)."""
 
 
 def _define(md: sa.MetaData, version: int) -> None:
     """The tables as of schema ``version`` (columns carry the version that added them)."""
     def since(v: int, *cols: sa.Column) -> list[sa.Column]:
         return list(cols) if version >= v else []
+    json_text = _LONG_TEXT if version >= 5 else sa.Text
 
     sa.Table("gradexp_schema", md, sa.Column("version", sa.Integer, nullable=False))
     sa.Table(
@@ -75,10 +80,10 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("run_id", sa.String(128), nullable=False),
         sa.Column("name", sa.String(256), nullable=True),
         sa.Column("status", sa.String(16), nullable=False),
-        sa.Column("tags", sa.Text, nullable=False),
-        sa.Column("notes", sa.Text, nullable=True),
-        sa.Column("config", sa.Text, nullable=False),
-        sa.Column("summary", sa.Text, nullable=False),
+        sa.Column("tags", json_text, nullable=False),
+        sa.Column("notes", json_text, nullable=True),
+        sa.Column("config", json_text, nullable=False),
+        sa.Column("summary", json_text, nullable=False),
         sa.Column("created_at", _TIME, nullable=False),
         sa.Column("updated_at", _TIME, nullable=False),
         sa.Column("finished_at", _TIME, nullable=True),
@@ -207,8 +212,21 @@ def _v4(conn: Connection) -> None:
                                                                "signin_links")])
 
 
+def _v5(conn: Connection) -> None:
+    """MySQL/MariaDB: a run's tags, notes, config and summary as LONGTEXT (TEXT made a
+    summary over 64 KiB fail); no-op elsewhere."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return
+    md = sa.MetaData()
+    _define(md, 5)
+    runs = md.tables["runs"]
+    conn.execute(sa.text("ALTER TABLE runs " + ", ".join(
+        f"MODIFY COLUMN {name} LONGTEXT {'NULL' if runs.c[name].nullable else 'NOT NULL'}"
+        for name in ("tags", "notes", "config", "summary"))))
+
+
 meta = sa.MetaData()
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _define(meta, SCHEMA_VERSION)
 schema_version = meta.tables["gradexp_schema"]
 users = meta.tables["users"]
@@ -225,7 +243,7 @@ auth_codes = meta.tables["auth_codes"]
 login_failures = meta.tables["login_failures"]
 signin_links = meta.tables["signin_links"]
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
