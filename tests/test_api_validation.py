@@ -38,7 +38,14 @@ def srv(request, tmp_path_factory):
     else:
         db_url = request.getfixturevalue({"postgresql": "postgres", "mariadb": "mariadb"}[request.param]).new_database()
     server = GradexpServer(work, db_url=db_url, store_url=str(work / "objects"))
-    server.keys = {name: server.user_with_key(name) for name in ("alice", "carol", "dave", "fuzz")}
+    engine = db.connect(db_url)  # users made in this process: four CLI runs cost ~30 s here
+    try:
+        db.migrate(engine)
+        for name in ("alice", "carol", "dave", "fuzz"):
+            db.create_user(engine, name)
+        server.keys = {name: db.create_key(engine, name) for name in ("alice", "carol", "dave", "fuzz")}
+    finally:
+        engine.dispose()
     server.start()
     r = call(server, "PUT", RUN, json=ORIGINAL)
     assert r.status_code == 200, r.text
