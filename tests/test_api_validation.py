@@ -17,7 +17,11 @@ from typing import Any
 
 import pytest
 import requests
+import schemathesis
 import sqlalchemy as sa
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 
 import gradexp
 from gradexp.server import db
@@ -281,11 +285,6 @@ real run of the fuzzing user, and with generated paths (mostly 404s)."""
 
 
 def test_schemathesis_over_every_operation(srv, tmp_path):
-    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extra")
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis import GenerationMode
-
     # A run with real parts, so reads of history and tensors reach real data.
     run = gradexp.init("src", id="src", dir=tmp_path, part_max_bytes=2048, part_max_age=600)
     for step in range(20):
