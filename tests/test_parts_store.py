@@ -348,7 +348,7 @@ def test_migration_5_upgrades_a_version_4_database_in_place(every_database, tmp_
             before = add_frames(engine, "before", old, tmp_path)
             assert db.migrate(engine) == 4
             with engine.connect() as conn:
-                assert db.current_version(conn) == db.SCHEMA_VERSION == 5
+                assert db.current_version(conn) == db.SCHEMA_VERSION >= 5
             check_exact(engine, before, old, name)
             check_exact(engine, add_frames(engine, "after", EXACT_KEYS, tmp_path), EXACT_KEYS, name)
         finally:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import mmap
-import re
+import reprlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +25,13 @@ from urllib.parse import quote
 import numpy as np
 import sqlalchemy as sa
 import zstandard
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,10 +39,13 @@ from .. import _arrow, _format
 from .._errors import CorruptPartError
 from .._version import __version__
 from . import db, history, web
-from .openapi import openapi
-from .store import STREAMS, Store
+from .openapi import (MODELS, FinishBody, HistoryQuery, PartPath, RunPatch, RunPath, RunPut, RunsQuery, StepQuery,
+                      TensorPath, openapi)
+from .store import Store
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
+JSON_BODY_MAX = 8 << 20
+"""Bytes of a JSON request body: run metadata, well inside what every database takes in one
+statement (MariaDB's max_allowed_packet is 16 MiB by default)."""
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 FRAME = "application/x-gradexp-frame"
 _SPOOL_BATCH = 4 << 20
@@ -99,14 +104,10 @@ class Server:
         return viewer
 
     def address(self, request: Request, viewer: db.Viewer) -> tuple[str, str]:
-        p = request.path_params
-        entity, project, run_id = p["entity"], p["project"], p["run_id"]
-        for what, value in (("entity", entity), ("project", project), ("run id", run_id)):
-            if not _NAME.match(value):
-                raise HTTPError(400, f"invalid {what} {value!r}")
-        if entity != viewer.entity:
-            raise HTTPError(404, f"no run {entity}/{project}/{run_id}")
-        return project, run_id
+        p = RunPath.model_validate(request.path_params)
+        if p.entity != viewer.entity:
+            raise HTTPError(404, f"no run {p.entity}/{p.project}/{p.run_id}")
+        return p.project, p.run_id
 
     def run_pk(self, viewer: db.Viewer, project: str, run_id: str) -> tuple[int, int]:
         with self.engine.connect() as conn:
@@ -130,11 +131,18 @@ class Server:
         return b"".join(chunks)
 
     async def json_body(self, request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > JSON_BODY_MAX:
+            raise HTTPError(413, f"JSON body over the limit of {JSON_BODY_MAX} bytes")
         raw = await self.body(request)
-        try:
+        if len(raw) > JSON_BODY_MAX:
+            raise HTTPError(413, f"JSON body over the limit of {JSON_BODY_MAX} bytes")
+        try:  # json, not pydantic: config and summary may hold NaN, Infinity and -Infinity
             data = json.loads(raw or b"{}")
         except ValueError as e:
             raise HTTPError(400, f"request body is not JSON: {e}") from None
+        except RecursionError:
+            raise HTTPError(400, "request body is nested too deeply") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "request body must be a JSON object")
         return data
@@ -161,22 +169,17 @@ class Server:
 
     async def list_runs(self, request: Request) -> Response:
         v = await self.viewer(request)
-        q = request.query_params
+        q = RunsQuery.model_validate({**request.query_params, "tag": request.query_params.getlist("tag")})
 
         def work() -> list[dict[str, Any]]:
             with self.engine.connect() as conn:
-                return db.list_runs(conn, v.entity_id, project=q.get("project"), status=q.get("status"),
-                                    tags=q.getlist("tag"))
+                return db.list_runs(conn, v.entity_id, project=q.project, status=q.status, tags=q.tag)
         return ExactJSONResponse({"runs": await run_in_threadpool(work)})
 
     async def put_run(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        fields = await self.json_body(request)
-        allowed = {"name", "tags", "notes", "config", "summary", "created_at"}
-        unknown = set(fields) - allowed
-        if unknown:
-            raise HTTPError(400, f"unknown run field {sorted(unknown)[0]!r}")
+        fields = RunPut.model_validate(await self.json_body(request)).model_dump(exclude_unset=True)
 
         def work() -> dict[str, Any]:
             with self.engine.begin() as conn:
@@ -199,10 +202,7 @@ class Server:
     async def patch_run(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        fields = await self.json_body(request)
-        unknown = set(fields) - {"config", "summary", "name", "tags", "notes"}
-        if unknown:
-            raise HTTPError(400, f"unknown run field {sorted(unknown)[0]!r}")
+        fields = RunPatch.model_validate(await self.json_body(request)).model_dump(exclude_unset=True)
 
         def work() -> dict[str, Any]:
             pk, _ = self.run_pk(v, project, run_id)
@@ -215,10 +215,8 @@ class Server:
     async def put_part(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        stream = request.path_params["stream"]
-        seq = request.path_params["seq"]
-        if stream not in STREAMS:
-            raise HTTPError(400, f"unknown stream {stream!r}; streams: {', '.join(STREAMS)}")
+        where = PartPath.model_validate(request.path_params)
+        stream, seq = where.stream, where.seq
         label = f"part {stream}/{seq}"
         with self.store.spool() as spool:
             digest, size = await self.receive(request, spool)
@@ -303,16 +301,9 @@ class Server:
     async def finish_run(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        body = await self.json_body(request)
-        exit_code = body.get("exit_code", 0)
-        declared = body.get("parts", {})
-        if not isinstance(exit_code, (int, type(None))) or not isinstance(declared, dict):
-            raise HTTPError(400, "finish takes {'exit_code': int, 'parts': {stream: count}, "
-                                 "'status': 'finished' | 'failed' | 'crashed'}")
-
-        status = str(body.get("status") or ("finished" if exit_code == 0 else "failed"))
-        if status not in ("finished", "failed", "crashed"):
-            raise HTTPError(400, f"invalid final status {status!r}")
+        body = FinishBody.model_validate(await self.json_body(request))
+        exit_code, declared = body.exit_code, body.parts
+        status = body.status or ("finished" if exit_code == 0 else "failed")
 
         def work() -> dict[str, Any]:
             pk, pid = self.run_pk(v, project, run_id)
@@ -330,8 +321,8 @@ class Server:
     async def get_history(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        fmt = request.query_params.get("format", "arrow")
-        keys = request.query_params.get("keys")
+        q = HistoryQuery.model_validate(request.query_params)
+        fmt, keys = q.format, q.keys
 
         def work() -> Any:
             pk, pid = self.run_pk(v, project, run_id)
@@ -352,10 +343,8 @@ class Server:
             data = await run_in_threadpool(history.to_parquet, table)
             return Response(data, media_type="application/vnd.apache.parquet", headers={
                 "Content-Disposition": f'attachment; filename="{project}-{run_id}.parquet"'})
-        if fmt == "json":
-            return ExactJSONResponse({"columns": {name: col.to_pylist()
-                                                  for name, col in zip(table.column_names, table.columns)}})
-        raise HTTPError(400, f"unknown format {fmt!r}; formats: arrow, json, parquet")
+        return ExactJSONResponse({"columns": {name: col.to_pylist()  # format=json
+                                              for name, col in zip(table.column_names, table.columns)}})
 
     async def list_tensor_keys(self, request: Request) -> Response:
         v = await self.viewer(request)
@@ -373,7 +362,7 @@ class Server:
             return await self.get_tensor(request)
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        key = request.path_params["key"]
+        key = TensorPath.model_validate(request.path_params).key
 
         def work() -> list[int]:
             pk, _ = self.run_pk(v, project, run_id)
@@ -404,11 +393,8 @@ class Server:
         """The frame holding tensor ``key`` at ``step``: header and payload, as in the part."""
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
-        key = request.path_params["key"]
-        try:
-            step = int(request.query_params["step"])
-        except (KeyError, ValueError):
-            raise HTTPError(400, "pass the step as ?step=N") from None
+        key = TensorPath.model_validate(request.path_params).key
+        step = StepQuery.model_validate(request.query_params).step
 
         def work() -> bytes:
             pk, _ = self.run_pk(v, project, run_id)
@@ -524,6 +510,48 @@ class AccessLog:
                             (time.perf_counter() - start) * 1e3)
 
 
+
+
+_LOCATION = {m.__name__: m.location for m in MODELS}
+_short = reprlib.Repr()
+"""The value at fault as the error message quotes it: bounded, whatever was sent."""
+_short.maxlevel, _short.maxstring, _short.maxother = 2, 80, 80
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    """400 for a request the models refuse, naming each field at fault and why."""
+    assert isinstance(exc, ValidationError)
+    where = _LOCATION.get(exc.title, "field")
+    problems = []
+    for e in exc.errors(include_url=False)[:5]:
+        field = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown {where} {field!r}")
+        elif e["type"] == "missing":
+            problems.append(f"missing {where} {field!r}")
+        else:
+            problems.append(f"invalid {where} {field!r} = {_short.repr(e['input'])}: {e['msg']}")
+    return JSONResponse({"error": "; ".join(problems)}, status_code=400)
+
+
+async def _unrouted(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (no route for the path or method): JSON under /api/, as the API's."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+
+
+def _by_method(**handlers: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """One route for several methods, so a 405 lists all of them in its Allow header."""
+    wrapped = {method: _handler(fn) for method, fn in handlers.items()}
+    wrapped.setdefault("HEAD", wrapped["GET"])
+
+    async def dispatch(request: Request) -> Response:
+        return await wrapped[request.method](request)
+    return dispatch
+
+
 def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
                access_log: bool = True) -> Starlette:
     """The application; ``access_log`` adds :class:`AccessLog` (the caller sets up logging)."""
@@ -535,9 +563,7 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
         Route("/api/v1/viewer", _handler(s.get_viewer)),
         Route("/api/v1/projects", _handler(s.list_projects)),
         Route("/api/v1/runs", _handler(s.list_runs)),
-        Route(run, _handler(s.put_run), methods=["PUT"]),
-        Route(run, _handler(s.get_run), methods=["GET"]),
-        Route(run, _handler(s.patch_run), methods=["PATCH"]),
+        Route(run, _by_method(GET=s.get_run, PUT=s.put_run, PATCH=s.patch_run), methods=["GET", "PUT", "PATCH"]),
         Route(run + "/parts/{stream}/{seq:int}", _handler(s.put_part), methods=["PUT"]),
         Route(run + "/finish", _handler(s.finish_run), methods=["POST"]),
         Route(run + "/history", _handler(s.get_history)),
@@ -546,6 +572,7 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
         Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
     ]
     routes += web.routes(s.engine)
-    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)] if access_log else [])
+    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)] if access_log else [],
+                    exception_handlers={ValidationError: _invalid, HTTPException: _unrouted})
     app.state.server = s
     return app

@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 KEY_CHARS = 1024
@@ -30,12 +31,16 @@ KEY_CHARS = 1024
 _TIME = sa.Double
 """Timestamps (Unix seconds). DOUBLE: MySQL/MariaDB's FLOAT is 4 bytes and reaches the
 client with 6 significant digits, an error of over an hour for a current timestamp."""
+_LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+"""JSON text of any size: MySQL/MariaDB's TEXT holds 64 KiB, less than the summary of a few
+thousand metrics (elsewhere TEXT has no such limit)."""
 
 
 def _define(md: sa.MetaData, version: int) -> None:
     """The tables as of schema ``version`` (columns carry the version that added them)."""
     def since(v: int, *cols: sa.Column) -> list[sa.Column]:
         return list(cols) if version >= v else []
+    json_text = _LONG_TEXT if version >= 6 else sa.Text
 
     sa.Table("gradexp_schema", md, sa.Column("version", sa.Integer, nullable=False))
     sa.Table(
@@ -78,10 +83,10 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("run_id", sa.String(128), nullable=False),
         sa.Column("name", sa.String(256), nullable=True),
         sa.Column("status", sa.String(16), nullable=False),
-        sa.Column("tags", sa.Text, nullable=False),
-        sa.Column("notes", sa.Text, nullable=True),
-        sa.Column("config", sa.Text, nullable=False),
-        sa.Column("summary", sa.Text, nullable=False),
+        sa.Column("tags", json_text, nullable=False),
+        sa.Column("notes", json_text, nullable=True),
+        sa.Column("config", json_text, nullable=False),
+        sa.Column("summary", json_text, nullable=False),
         sa.Column("created_at", _TIME, nullable=False),
         sa.Column("updated_at", _TIME, nullable=False),
         sa.Column("finished_at", _TIME, nullable=True),
@@ -226,8 +231,21 @@ def _v5(conn: Connection) -> None:
                          f"CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL"))
 
 
+def _v6(conn: Connection) -> None:
+    """MySQL/MariaDB: a run's tags, notes, config and summary as LONGTEXT (TEXT made a
+    summary over 64 KiB fail); no-op elsewhere."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return
+    md = sa.MetaData()
+    _define(md, 6)
+    runs = md.tables["runs"]
+    conn.execute(sa.text("ALTER TABLE runs " + ", ".join(
+        f"MODIFY COLUMN {name} LONGTEXT {'NULL' if runs.c[name].nullable else 'NOT NULL'}"
+        for name in ("tags", "notes", "config", "summary"))))
+
+
 meta = sa.MetaData()
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _define(meta, SCHEMA_VERSION)
 schema_version = meta.tables["gradexp_schema"]
 users = meta.tables["users"]
@@ -244,7 +262,7 @@ auth_codes = meta.tables["auth_codes"]
 login_failures = meta.tables["login_failures"]
 signin_links = meta.tables["signin_links"]
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -555,7 +573,10 @@ def list_runs(conn: Connection, entity: int, *, project: str | None = None, stat
     if not wanted:
         q = q.limit(limit)
     out = [_run_dict(r) for r in conn.execute(q).mappings()]
-    return [r for r in out if wanted.issubset(r["tags"])][:limit]
+    if not wanted:
+        return out
+    # tags stored as null or an object by servers before request validation must not fail every listing
+    return [r for r in out if isinstance(r["tags"], list) and wanted.issubset(r["tags"])][:limit]
 
 
 def list_projects(conn: Connection, entity: int) -> list[dict[str, Any]]:

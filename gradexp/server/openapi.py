@@ -1,43 +1,278 @@
-"""The OpenAPI 3.1 document of the API, served at ``/api/v1/openapi.json``."""
+"""The request and response models of the API, and the OpenAPI 3.1 document made from them.
+
+The handlers in ``app.py`` validate every JSON body, query string and path parameter
+with the models below, and ``/api/v1/openapi.json`` is generated from the same models,
+so the document cannot drift from what the server accepts. The limits fit every
+database the server runs on: ``INTEGER`` columns are 32-bit on PostgreSQL and MySQL,
+steps are ``BIGINT``, PostgreSQL refuses NUL in text, ``runs.name`` is ``VARCHAR(256)``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 
 from .._version import __version__
 
-_RUN_PARAMS = [{"name": n, "in": "path", "required": True, "schema": {"type": "string",
-                "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}} for n in ("entity", "project", "run_id")]
-_ERR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-_JSON = {"content": {"application/json": {"schema": {"type": "object"}}}}
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""Entity, project and run ids: safe in URLs, object keys and file names."""
+RUN_NAME_MAX = 256
+
+Text = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+"""A string stored in a column: any Unicode but NUL (PostgreSQL refuses it in text)."""
+RunName = Annotated[str, Field(max_length=RUN_NAME_MAX, pattern=r"^[^\x00]*$")]
+Id = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
-def _op(summary: str, *, params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
-        ok: dict[str, Any] | None = None, codes: tuple[int, ...] = (401, 404)) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "parameters": params or [],
-                          "responses": {"200": ok or {"description": "OK", **_JSON}}}
-    for code in codes:
-        op["responses"][str(code)] = _ERR
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer: a number with no fractional part, so ``3.0`` too (strict mode
+    still refuses bools and strings)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int32 = Annotated[int, Field(ge=-(2**31), le=INT32_MAX), BeforeValidator(_json_integer)]
+Seq = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX), BeforeValidator(_json_integer)]
+Step = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Stream = Literal["history", "tensors"]
+Status = Literal["running", "finished", "failed", "crashed"]
+FiniteNumber = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _encodable(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a string that cannot be written as UTF-8 (an unpaired surrogate, sent as
+    ``"\\ud800"``): every answer holding it would fail to encode."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ValueError("holds a string that is not valid Unicode (an unpaired surrogate)") from None
+    return value
+
+
+JSONObject = Annotated[dict[str, Any], AfterValidator(_encodable)]
+"""Any JSON object, nested, with NaN/Infinity/-Infinity allowed (config and summary)."""
+
+
+class _Model(BaseModel):
+    location: ClassVar[str] = "body field"
+    """Where the values come from, for error messages: body field, query parameter, ..."""
+
+
+class _Body(_Model):
+    """A JSON body: exact types (no "1" for 1), unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Params(_Model):
+    """Query or path parameters: strings converted to their types, other parameters ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class RunPatch(_Body):
+    """``PATCH`` a run: the fields given replace the stored ones."""
+
+    name: RunName | None = None
+    tags: list[Text] = Field(default_factory=list)
+    notes: Text | None = None
+    config: JSONObject = Field(default_factory=dict)
+    summary: JSONObject = Field(default_factory=dict)
+
+
+class RunPut(RunPatch):
+    """``PUT`` a run: create it, or replace the fields given."""
+
+    created_at: FiniteNumber | None = Field(default=None, description="Unix seconds; now if not given")
+
+
+class FinishBody(_Body):
+    exit_code: Int32 | None = 0
+    status: Literal["finished", "failed", "crashed"] | None = Field(
+        default=None, description="finished if exit_code is 0, else failed, when not given")
+    parts: dict[Stream, Count] = Field(default_factory=dict, description="parts uploaded, per stream")
+
+
+class RunPath(_Params):
+    location = "path parameter"
+    entity: Id
+    project: Id
+    run_id: Id
+
+
+class PartPath(_Params):
+    location = "path parameter"
+    stream: Stream
+    seq: Seq
+
+
+class TensorPath(_Params):
+    location = "path parameter"
+    key: Annotated[str, Field(min_length=1, pattern=r"^[^\x00]*$")]
+
+
+class RunsQuery(_Params):
+    location = "query parameter"
+    project: Id | None = None
+    status: Status | None = None
+    tag: list[Text] = Field(default_factory=list, description="runs with all of these tags")
+
+
+class HistoryQuery(_Params):
+    location = "query parameter"
+    format: Literal["arrow", "json", "parquet"] = "arrow"
+    keys: Text | None = Field(default=None, description="comma-separated keys")
+
+
+class StepQuery(_Params):
+    location = "query parameter"
+    step: Step
+
+
+MODELS: tuple[type[_Model], ...] = (RunPatch, RunPut, FinishBody, RunPath, PartPath, TensorPath, RunsQuery,
+                                    HistoryQuery, StepQuery)
+
+
+# -- responses (documented, not validated at run time) ------------------------------------------
+
+class Error(BaseModel):
+    error: str
+
+
+class Health(BaseModel):
+    ok: bool
+    version: str
+
+
+class ViewerOut(BaseModel):
+    user: str
+    entity: str
+
+
+class Project(BaseModel):
+    name: str
+    created_at: float
+    runs: int
+
+
+class Projects(BaseModel):
+    projects: list[Project]
+
+
+class Run(BaseModel):
+    entity: str
+    project: str
+    id: str
+    name: str | None
+    status: Status
+    tags: list[str]
+    notes: str | None
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    exit_code: int | None
+    heartbeat_at: float | None
+
+
+class RunWithParts(Run):
+    parts: dict[str, int] = Field(description="parts stored, per stream")
+
+
+class Runs(BaseModel):
+    runs: list[Run]
+
+
+class PartStored(BaseModel):
+    stored: bool = Field(description="false: an identical part was already there")
+    sha256: str
+
+
+class HistoryJSON(BaseModel):
+    columns: dict[str, list[Any]]
+
+
+class TensorKeys(BaseModel):
+    keys: list[str]
+
+
+class TensorSteps(BaseModel):
+    steps: list[int]
+
+
+_RESPONSES: tuple[type[BaseModel], ...] = (Error, Health, ViewerOut, Projects, Run, RunWithParts, Runs, PartStored,
+                                           HistoryJSON, TensorKeys, TensorSteps)
+_REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _params(model: type[_Params], where: str) -> list[dict[str, Any]]:
+    """OpenAPI parameters from the fields of ``model`` (``null`` dropped: a parameter is
+    either absent or a string)."""
+    props = model.model_json_schema(ref_template=_REF)["properties"]
+    out = []
+    for name, field in model.model_fields.items():
+        schema = {k: v for k, v in props[name].items() if k not in ("title", "description")}
+        if "anyOf" in schema:
+            schema.update(next(s for s in schema.pop("anyOf") if s != {"type": "null"}))
+        if "default" in schema and schema["default"] is None:
+            del schema["default"]
+        param = {"name": name, "in": where, "required": field.is_required(), "schema": schema}
+        if field.description:
+            param["description"] = field.description
+        out.append(param)
+    return out
+
+
+def _json(model: type[BaseModel], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+_ERRORS = {400: "invalid request (the message names the field)", 401: "missing, invalid or revoked API key",
+           404: "no such run (or another entity's)", 409: "conflict", 413: "request body over the limit",
+           503: "database unavailable: retry (Retry-After)"}
+
+
+def _op(summary: str, *, params: list[dict[str, Any]] | None = None, body: type[BaseModel] | None = None,
+        ok: dict[str, Any], codes: tuple[int, ...] = (400, 401, 404)) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "parameters": params or [], "responses": {"200": ok}}
+    for code in (*codes, 503):
+        op["responses"][str(code)] = _json(Error, _ERRORS[code])
     if body is not None:
-        op["requestBody"] = {"required": True, "content": body}
+        op["requestBody"] = {"required": False, "content": {"application/json": {"schema": _ref(body)}}}
     return op
 
 
 def openapi() -> dict[str, Any]:
     run = "/api/v1/runs/{entity}/{project}/{run_id}"
-    key = {"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}
+    at_run = _params(RunPath, "path")
+    _, defs = models_json_schema([(m, "validation") for m in MODELS if issubclass(m, _Body)]
+                                 + [(m, "serialization") for m in _RESPONSES], ref_template=_REF)
     return {
         "openapi": "3.1.0",
         "info": {"title": "gradexp", "version": __version__,
                  "description": "Runs, history and tensors of gradexp. Authenticate with "
-                                "'Authorization: Bearer <API key>'."},
+                                "'Authorization: Bearer <API key>'. Config and summary may hold the "
+                                "JSON extensions NaN, Infinity and -Infinity, as Python's json does."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": {"type": "object", "properties": {"error": {"type": "string"}}}},
+            "schemas": defs["$defs"],
         },
         "security": [{"bearer": []}],
         "paths": {
-            "/healthz": {"get": {**_op("Liveness", codes=()), "security": []}},
+            "/healthz": {"get": {"summary": "Liveness", "security": [], "parameters": [],
+                                 "responses": {"200": _json(Health)}}},
             "/api/v1/oauth/token": {"post": {
                 "summary": "gradexp login: trade a single-use authorization code and its PKCE verifier "
                            "(RFC 7636, S256) for a new API key",
@@ -59,49 +294,39 @@ def openapi() -> dict[str, Any]:
                             "content": {"application/json": {"schema": {"type": "object", "properties": {
                                 "error": {"type": "string"}, "error_description": {"type": "string"}}}}}},
                 }}},
-            "/api/v1/viewer": {"get": _op("The authenticated user and entity", codes=(401,))},
-            "/api/v1/projects": {"get": _op("Projects of the viewer's entity", codes=(401,))},
-            "/api/v1/runs": {"get": _op("Runs, newest first", params=[
-                {"name": "project", "in": "query", "schema": {"type": "string"}},
-                {"name": "status", "in": "query", "schema": {"type": "string",
-                 "enum": ["running", "finished", "failed", "crashed"]}},
-                {"name": "tag", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}},
-            ], codes=(401,))},
+            "/api/v1/viewer": {"get": _op("The authenticated user and entity", ok=_json(ViewerOut), codes=(401,))},
+            "/api/v1/projects": {"get": _op("Projects of the viewer's entity", ok=_json(Projects), codes=(401,))},
+            "/api/v1/runs": {"get": _op("Runs, newest first", params=_params(RunsQuery, "query"), ok=_json(Runs),
+                                        codes=(400, 401))},
             run: {
-                "put": _op("Create or update a run (idempotent)", params=_RUN_PARAMS, body=_JSON,
-                           codes=(400, 401, 404)),
-                "get": _op("Run metadata, config, summary and part counts", params=_RUN_PARAMS),
-                "patch": _op("Update config, summary, name, tags or notes", params=_RUN_PARAMS, body=_JSON,
-                             codes=(400, 401, 404)),
+                "put": _op("Create or update a run (idempotent)", params=at_run, body=RunPut, ok=_json(Run),
+                           codes=(400, 401, 404, 413)),
+                "get": _op("Run metadata, config, summary and part counts", params=at_run,
+                           ok=_json(RunWithParts)),
+                "patch": _op("Update config, summary, name, tags or notes", params=at_run, body=RunPatch,
+                             ok=_json(Run), codes=(400, 401, 404, 413)),
             },
-            run + "/parts/{stream}/{seq}": {"put": _op(
+            run + "/parts/{stream}/{seq}": {"put": {**_op(
                 "Upload a sealed part. Same content again: no-op 200; other content: 409",
-                params=_RUN_PARAMS + [
-                    {"name": "stream", "in": "path", "required": True,
-                     "schema": {"type": "string", "enum": ["history", "tensors"]}},
-                    {"name": "seq", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},
-                    {"name": "X-Gradexp-SHA256", "in": "header", "schema": {"type": "string"}}],
-                body={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-                ok={"description": "already stored (identical)", **_JSON}, codes=(201, 400, 401, 404, 409, 413))},
+                params=at_run + _params(PartPath, "path") + [
+                    {"name": "X-Gradexp-SHA256", "in": "header", "required": False, "schema": {"type": "string"}}],
+                ok=_json(PartStored, "already stored (identical)"), codes=(400, 401, 404, 409, 413)),
+                "requestBody": {"required": True, "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}},
             run + "/finish": {"post": _op(
                 "Finish: checks the declared parts are present, compacts history to Parquet",
-                params=_RUN_PARAMS, body=_JSON, codes=(400, 401, 404, 409))},
-            run + "/history": {"get": _op("History", params=_RUN_PARAMS + [
-                {"name": "format", "in": "query", "schema": {"type": "string",
-                 "enum": ["arrow", "json", "parquet"], "default": "arrow"}},
-                {"name": "keys", "in": "query", "schema": {"type": "string"},
-                 "description": "comma-separated keys"}],
-                ok={"description": "history", "content": {
+                params=at_run, body=FinishBody, ok=_json(Run), codes=(400, 401, 404, 409, 413))},
+            run + "/history": {"get": _op("History", params=at_run + _params(HistoryQuery, "query"), ok={
+                "description": "history", "content": {
                     "application/vnd.apache.arrow.stream": {}, "application/vnd.apache.parquet": {},
-                    "application/json": {}}})},
-            run + "/tensors": {"get": _op("Tensor keys", params=_RUN_PARAMS)},
+                    "application/json": {"schema": _ref(HistoryJSON)}}})},
+            run + "/tensors": {"get": _op("Tensor keys", params=at_run, ok=_json(TensorKeys))},
             run + "/tensors/{key}/steps": {"get": _op("Steps at which a tensor was logged",
-                                                      params=_RUN_PARAMS + [key])},
+                                                      params=at_run + _params(TensorPath, "path"),
+                                                      ok=_json(TensorSteps))},
             run + "/tensors/{key}": {"get": _op(
                 "The frame (docs/format.md) holding a tensor at a step: one range read of its part",
-                params=_RUN_PARAMS + [key, {"name": "step", "in": "query", "required": True,
-                                            "schema": {"type": "integer"}}],
-                ok={"description": "frame", "content": {"application/x-gradexp-frame": {}}},
-                codes=(400, 401, 404))},
+                params=at_run + _params(TensorPath, "path") + _params(StepQuery, "query"),
+                ok={"description": "frame", "content": {"application/x-gradexp-frame": {}}})},
         },
     }
