@@ -1,0 +1,441 @@
+"""PyTorch: ``watch`` keeps a model's gradients, parameters and updates as full tensors;
+``log_gradient_stats`` logs per-layer statistics instead, for models too large to keep.
+
+Imported on first use of ``gradexp.watch`` (and friends): ``import gradexp`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import weakref
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import UsageError
+from .._run import Run, _merge, current
+from .._values import TENSOR, TEXT, BufferPool, Keys, Prepared, Tensor, check_key
+
+__all__ = ["log_gradient_stats", "unwatch", "watch"]
+
+KINDS = {
+    "gradients": ("grad",),
+    "parameters": ("param",),
+    "updates": ("update",),
+    "all": ("grad", "param", "update"),
+}
+"""What ``watch(log=...)`` keeps: each kind is a key prefix, ``grad/<name>`` and so on."""
+
+STAT_LEVELS = {
+    "min": ("grad_l2", "l2_grad_param_ratio"),
+    "default": ("grad_l2", "grad_max", "grad_std", "avg_abs_grad", "param_l2", "l2_grad_param_ratio"),
+    "full": ("grad_l2", "grad_max", "grad_std", "avg_abs_grad", "param_l2", "l2_grad_param_ratio",
+             "param_std", "avg_grad_std_ratio"),
+}
+"""The statistics of each ``log_gradient_stats`` level (those of the original gradexp package)."""
+
+_ALIGN = 64  # offsets of tensors packed into one buffer: any dtype can view them
+_EMPTY = np.empty(0, dtype=np.uint8)  # what a packed tensor hands the writer's pool: nothing
+
+
+class _Captured(Tensor):
+    """A watched tensor's host copy.
+
+    On CUDA the copy is still running on the stream when the hook returns; ``_ready`` is
+    an event recorded after it, and the first reader of ``array`` (the writer thread)
+    waits for it there, so the training loop never synchronises per tensor.
+    """
+
+    __slots__ = ("_array", "_ready", "_reuse")
+
+    def __init__(self, array: np.ndarray, ready: Any, reuse: np.ndarray) -> None:
+        self._array = array
+        self._ready = ready
+        self._reuse = reuse
+        self.logical = array.dtype
+
+    @property  # type: ignore[override]
+    def array(self) -> np.ndarray:
+        ready = self._ready
+        if ready is not None:
+            ready.synchronize()
+            self._ready = None
+        return self._array
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """What the writer hands back to its pool once written: a buffer this tensor owns
+        alone, or an empty one when it shares a packed buffer (freed with its last user)."""
+        return self._reuse
+
+
+@functools.lru_cache(maxsize=None)
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    name = str(dtype).rpartition(".")[2]
+    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what this rank holds), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return t.detach() if to_local is None else to_local().detach()
+
+
+def _stage(items: Sequence[tuple[str, torch.Tensor]], pool: BufferPool, out: Prepared) -> list[torch.Tensor]:
+    """Copy each ``(key, tensor)`` to host memory, once, into ``out``; return the host tensors.
+
+    On the CPU, tensors under the pool's reuse size are packed into one buffer and copied
+    by one fused call; larger ones each get a pool buffer, which the writer hands back. On
+    CUDA they are copied with ``non_blocking=True`` into one pinned buffer per device.
+    """
+    hosts: list[torch.Tensor] = []
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for key, t in items:
+        by_device.setdefault(t.device, []).append((key, t))
+    tensors = out.tensors
+    for device, group in by_device.items():
+        sizes = [t.numel() * t.element_size() for _, t in group]
+        cpu = device.type == "cpu"
+        packed = [i for i, n in enumerate(sizes) if not cpu or n < pool.MIN_BYTES]
+        offsets, total = [], 0
+        for i in packed:
+            offsets.append(total)
+            total += -(-sizes[i] // _ALIGN) * _ALIGN
+        if cpu:
+            buf = np.empty(total, dtype=np.uint8)
+            flat = torch.from_numpy(buf)
+        else:
+            flat = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+            buf = flat.numpy()
+        dsts: list[torch.Tensor] = [None] * len(group)  # type: ignore[list-item]
+        for i, off in zip(packed, offsets):
+            key, t = group[i]
+            end = off + sizes[i]
+            dsts[i] = flat[off:end].view(t.dtype).view(t.shape)
+            tensors[key] = _Captured(buf[off:end].view(_numpy_dtype(t.dtype)).reshape(t.shape), None, _EMPTY)
+        if cpu:
+            for i in sorted(set(range(len(group))) - set(packed)):
+                key, t = group[i]
+                own = pool.take(sizes[i])
+                dsts[i] = torch.from_numpy(own).view(t.dtype).view(t.shape)
+                tensors[key] = _Captured(own.view(_numpy_dtype(t.dtype)).reshape(t.shape), None, own)
+            with torch.no_grad():
+                torch._foreach_copy_(dsts, [t for _, t in group])
+        else:
+            cuda = device.type == "cuda"
+            with torch.no_grad():
+                for dst, (_, t) in zip(dsts, group):
+                    dst.copy_(t, non_blocking=cuda)
+            if cuda:
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(device))
+                for key, _ in group:
+                    tensors[key]._ready = ready
+        out.nbytes += sum(sizes)
+        hosts.extend(dsts)
+    return hosts
+
+
+def _placement(p: Any, rank: int) -> str | None:
+    """How a DTensor parameter is laid out, as the JSON text logged beside its shards."""
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = p.device_mesh
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+    return json.dumps({
+        "rank": rank, "mesh_shape": list(mesh.shape), "mesh_coordinate": mesh.get_coordinate(),
+        "placements": [str(pl) for pl in placements], "global_shape": list(p.shape),
+        "local_shape": list(local_shape), "global_offset": list(offset),
+    })
+
+
+class _Watch:
+    """The hooks of one watched model and what they captured since the last ``log()``."""
+
+    def __init__(self, run: Run, params: list[tuple[str, nn.Parameter]], kinds: tuple[str, ...],
+                 log_freq: int, prefix: str, rank: int) -> None:
+        self.run = run
+        self.params = params
+        self.kinds = kinds
+        self.log_freq = log_freq
+        self.keys = {kind: [f"{kind}/{prefix}{name}" for name, _ in params] for kind in kinds}
+        self.handles: list[Any] = []
+        self._lock = threading.Lock()
+        self._pending: Prepared | None = None
+        self._capture: Prepared | None = None  # filled between an optimizer step's two hooks
+        self._before: list[torch.Tensor] = []
+        self._steps = 0
+        self._counts = [0] * len(params)
+        self._shards = {f"shard/{prefix}{name}": text for name, p in params
+                        if (text := _placement(p, rank)) is not None}
+
+    # -- with an optimizer: around each step --------------------------------------------------
+
+    def pre_step(self, opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._capture = None
+        if self._steps % self.log_freq or self.run._finished:
+            return None
+        cap = self._capture = Prepared()
+        pool = self.run._writer.pool
+        params = [_local(p) for _, p in self.params]
+        if "param" in self.kinds:
+            _stage(list(zip(self.keys["param"], params)), pool, cap)
+        if "update" in self.kinds:
+            # The values before the step: on the CPU straight into the update's own host
+            # buffer (the post-step hook turns it into the difference in place), elsewhere
+            # a device copy that stays on the device until then.
+            keys = self.keys["update"]
+            if all(p.device.type == "cpu" for p in params):
+                self._before = _stage(list(zip(keys, params)), pool, cap)
+            else:
+                with torch.no_grad():
+                    self._before = [p.clone() for p in params]
+        if "grad" not in self.kinds:
+            return None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
+        if closure is None:
+            self._stage_grads(cap)
+            return None
+
+        # The gradients exist only once the closure has run (Lightning, LBFGS): capture
+        # them right after, before the optimizer uses them.
+        def closure_then_capture() -> Any:
+            loss = closure()
+            if self._capture is cap:
+                self._stage_grads(cap)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_capture}
+        return (args[0], closure_then_capture, *args[2:]), kwargs
+
+    def post_step(self, opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._steps += 1
+        cap, self._capture = self._capture, None
+        if cap is None:
+            return
+        if "update" in self.kinds:
+            before, self._before = self._before, []
+            after = [_local(p) for _, p in self.params]
+            keys = self.keys["update"]
+            with torch.no_grad():
+                if all(p.device.type == "cpu" for p in after):
+                    # -before + after is bit for bit after - before, and is computed in the
+                    # update's host buffers themselves: no second copy.
+                    torch._foreach_neg_(before)
+                    torch._foreach_add_(before, after)
+                else:
+                    _stage(list(zip(keys, torch._foreach_sub(after, before))), self.run._writer.pool, cap)
+        self._hand_over(cap, replace=True)
+
+    def _stage_grads(self, cap: Prepared) -> None:
+        items = [(key, _local(p.grad)) for key, (_, p) in zip(self.keys["grad"], self.params)
+                 if p.grad is not None]
+        grads = Prepared()
+        _stage(items, self.run._writer.pool, grads)
+        _merge(cap, grads)  # a closure run twice in one step (LBFGS) keeps its last gradients
+
+    # -- without an optimizer: as each gradient is accumulated ----------------------------------
+
+    def on_grad(self, i: int, p: nn.Parameter) -> None:
+        n = self._counts[i]
+        self._counts[i] = n + 1
+        if n % self.log_freq or self.run._finished:
+            return
+        cap = Prepared()
+        items = [(self.keys["grad"][i], _local(p.grad))] if "grad" in self.kinds else []
+        if "param" in self.kinds:
+            items.append((self.keys["param"][i], _local(p)))
+        _stage(items, self.run._writer.pool, cap)
+        self._hand_over(cap, replace=False)
+
+    # -- handing over to log() -----------------------------------------------------------------
+
+    def _hand_over(self, cap: Prepared, *, replace: bool) -> None:
+        with self._lock:
+            old = self._pending
+            if old is None or replace:
+                self._pending = cap
+            else:
+                _merge(old, cap)
+        if replace and old is not None:  # a step no log() took: its buffers serve the next one
+            pool = self.run._writer.pool
+            for t in old.tensors.values():
+                pool.give(t.buffer)
+
+    def take(self, keys: Keys) -> Prepared | None:
+        """What was captured since the last ``log()``, its keys registered (log() calls this)."""
+        with self._lock:
+            p, self._pending = self._pending, None
+        if p is None:
+            return None
+        if self._shards:  # each shard's placement, once, in the first row it has tensors in
+            p.scalars.update(self._shards)
+            self._shards = {}
+        kinds = keys.kinds
+        new = {k: TENSOR for k in p.tensors if k not in kinds}
+        new.update((k, TEXT) for k in p.scalars if k not in kinds)
+        if new:
+            keys.add(new)
+        return p
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        sources = self.run._row_sources
+        if self.take in sources:
+            sources.remove(self.take)
+        with self._lock:
+            self._pending = None
+
+
+_watches: weakref.WeakKeyDictionary[nn.Module, _Watch] = weakref.WeakKeyDictionary()
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log: str = "gradients",
+          log_freq: int = 1, prefix: str | None = None, *, all_ranks: bool = False,
+          run: Run | None = None) -> None:
+    """Keep ``model``'s gradients, parameters or updates, as full tensors, every ``log_freq`` steps.
+
+    ``log`` is ``"gradients"``, ``"parameters"``, ``"updates"`` or ``"all"``. The tensors are
+    logged as ``grad/<prefix><name>``, ``param/<prefix><name>`` and ``update/<prefix><name>``
+    in the row of the next ``log()`` (so at its step); a capture no ``log()`` took before the
+    next one is dropped, so set ``log_freq`` to your logging interval.
+
+    With ``optimizer``, capture happens around each ``optimizer.step()``: the gradients are
+    the ones it uses (after all-reduce, clipping and AMP unscaling), parameters are the values
+    they were computed at, and updates are exactly ``param_after - param_before``;
+    ``log_freq`` counts steps. Without it, each gradient is captured as it is accumulated
+    (``log_freq`` counts backward passes) and updates cannot be known.
+
+    Each tensor costs one device-to-host copy; on CUDA the copies are asynchronous into
+    pinned memory and the writer thread waits for them, not the training loop. DTensor
+    (FSDP2, tensor parallel) parameters are logged as this rank's local shard, with their
+    placement under ``shard/<prefix><name>``. Under plain DDP only rank 0 logs, unless
+    ``all_ranks``. The run is ``run``, else the current one.
+    """
+    if log not in KINDS:
+        raise ValueError(f"watch(log={log!r}): log must be one of {', '.join(map(repr, KINDS))}")
+    if isinstance(log_freq, bool) or not isinstance(log_freq, int) or log_freq < 1:
+        raise ValueError(f"watch(log_freq={log_freq!r}): log_freq must be an int >= 1")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"watch() takes a torch.nn.Module; got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"watch(optimizer=...) takes a torch.optim.Optimizer; got {type(optimizer).__name__}")
+    kinds = KINDS[log]
+    if optimizer is None:
+        if log == "updates":
+            raise ValueError("watch(log='updates') needs the optimizer: an update is what its step changed")
+        kinds = tuple(k for k in kinds if k != "update")
+    if model in _watches:
+        raise UsageError(f"{type(model).__name__} is watched already; call gradexp.unwatch(model) first")
+    run = run if run is not None else current()
+    if run.disabled:
+        return
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    in_optimizer = None if optimizer is None else {
+        id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = [(name, p) for name, p in model.named_parameters()
+              if p.requires_grad and (in_optimizer is None or id(p) in in_optimizer)]
+    if not params:
+        raise ValueError(f"watch(): {type(model).__name__} has no trainable parameters"
+                         + ("" if optimizer is None else " that the optimizer updates"))
+    sharded = any(hasattr(p, "placements") for _, p in params)
+    if rank != 0 and not (all_ranks or sharded):
+        return
+    w = _Watch(run, params, kinds, log_freq, prefix or "", rank)
+    kinds_seen = run._keys.kinds
+    for key in (k for keys in w.keys.values() for k in keys):
+        check_key(key, top_level=True)
+        if kinds_seen.get(key, TENSOR) is not TENSOR:
+            raise TypeError(f"watch(): key {key!r} was logged as a {kinds_seen[key]}; "
+                            "pass prefix= to keep the watched tensors apart")
+    if optimizer is not None:
+        w.handles += [optimizer.register_step_pre_hook(w.pre_step),
+                      optimizer.register_step_post_hook(w.post_step)]
+    else:
+        w.handles += [p.register_post_accumulate_grad_hook(functools.partial(w.on_grad, i))
+                      for i, (_, p) in enumerate(params)]
+    _watches[model] = w
+    run._row_sources.append(w.take)
+
+
+def unwatch(model: nn.Module | None = None) -> None:
+    """Stop watching ``model`` (every watched model if None); what it captured is dropped."""
+    for m in [model] if model is not None else list(_watches):
+        w = _watches.pop(m, None)
+        if w is not None:
+            w.remove()
+
+
+def log_gradient_stats(model: nn.Module, step: int | None = None, level: str = "default",
+                       stats: Sequence[str] | None = None) -> dict[str, float]:
+    """Log per-layer statistics of ``model``'s gradients and parameters, without the tensors.
+
+    ``level`` picks the statistics (``STAT_LEVELS``), or ``stats`` names them. Each parameter
+    with a gradient gets a history column per statistic, ``grad_stats/<name>/<stat>``, in the
+    row of the next ``log()`` (or at ``step``). Computed on the device with fused
+    multi-tensor reductions, then one host transfer per device for all of them. Returns
+    the logged values.
+    """
+    if stats is None:
+        if level not in STAT_LEVELS:
+            raise ValueError(f"log_gradient_stats(level={level!r}): level must be one of "
+                             f"{', '.join(map(repr, STAT_LEVELS))}")
+        stats = STAT_LEVELS[level]
+    unknown = [s for s in stats if s not in STAT_LEVELS["full"]]
+    if unknown or not stats:
+        raise ValueError(f"log_gradient_stats(stats={list(stats)!r}): known statistics are "
+                         f"{', '.join(STAT_LEVELS['full'])}")
+    named = [(name, _local(p), _local(p.grad)) for name, p in model.named_parameters() if p.grad is not None]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, p, _) in enumerate(named):
+        by_device.setdefault(p.device, []).append(i)
+    rows: list[list[float]] = [[]] * len(named)
+    for idx in by_device.values():
+        table = _stats_table([named[i][1] for i in idx], [named[i][2] for i in idx])
+        for i, row in zip(idx, table.tolist()):
+            rows[i] = row
+    col = {s: j for j, s in enumerate(_COLUMNS)}
+    data = {f"grad_stats/{name}/{s}": row[col[s]] for (name, _, _), row in zip(named, rows) for s in stats}
+    current().log(data, step=step, commit=False)
+    return data
+
+
+_COLUMNS = ("grad_l2", "grad_max", "grad_std", "avg_abs_grad", "param_l2", "param_std",
+            "l2_grad_param_ratio", "avg_grad_std_ratio")
+
+
+def _stats_table(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """A (layers, _COLUMNS) float64 host tensor of the statistics of one device's tensors."""
+    wide = (torch.float32, torch.float64)
+    params = [p if p.dtype in wide else p.float() for p in params]
+    grads = [g if g.dtype in wide else g.float() for g in grads]
+    n = torch.tensor([g.numel() for g in grads], dtype=torch.float64, device=grads[0].device)
+
+    def std(ts: list[torch.Tensor]) -> torch.Tensor:  # 0 for a single value, as the original
+        return torch.stack([t.std() if t.numel() > 1 else t.new_zeros(()) for t in ts])
+
+    with torch.no_grad():
+        grad_l2, grad_max, grad_l1, param_l2 = (
+            torch.stack(v).double() for v in (torch._foreach_norm(grads, 2), torch._foreach_norm(grads, float("inf")),
+                                              torch._foreach_norm(grads, 1), torch._foreach_norm(params, 2)))
+        grad_std, param_std = std(grads).double(), std(params).double()
+        avg_abs = grad_l1 / n
+        ratio = torch.where(n > 1, avg_abs / param_std * 100, torch.zeros_like(avg_abs))
+        table = torch.stack([grad_l2, grad_max, grad_std, avg_abs, param_l2, param_std,
+                             grad_l2 / param_l2 * 100, ratio], dim=1)
+    return table.cpu()
