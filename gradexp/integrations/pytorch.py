@@ -164,8 +164,9 @@ class _Watch:
     """The hooks of one watched model and what they captured since the last ``log()``."""
 
     def __init__(self, run: Run, params: list[tuple[str, nn.Parameter]], kinds: tuple[str, ...],
-                 log_freq: int, prefix: str, rank: int) -> None:
+                 log_freq: int, prefix: str, rank: int, when: Callable[[], bool] | None) -> None:
         self.run = run
+        self.when = when
         self.params = params
         self.kinds = kinds
         self.log_freq = log_freq
@@ -180,11 +181,14 @@ class _Watch:
         self._shards = {f"shard/{prefix}{name}": text for name, p in params
                         if (text := _placement(p, rank)) is not None}
 
+    def _due(self, n: int) -> bool:
+        return self.when() if self.when is not None else n % self.log_freq == 0
+
     # -- with an optimizer: around each step --------------------------------------------------
 
     def pre_step(self, opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._capture = None
-        if self._steps % self.log_freq or self.run._finished:
+        if not self._due(self._steps) or self.run._finished:
             return None
         cap = self._capture = Prepared()
         pool = self.run._writer.pool
@@ -251,7 +255,7 @@ class _Watch:
     def on_grad(self, i: int, p: nn.Parameter) -> None:
         n = self._counts[i]
         self._counts[i] = n + 1
-        if n % self.log_freq or self.run._finished:
+        if not self._due(n) or self.run._finished:
             return
         cap = Prepared()
         items = [(self.keys["grad"][i], _local(p.grad))] if "grad" in self.kinds else []
@@ -306,7 +310,7 @@ _watches: weakref.WeakKeyDictionary[nn.Module, _Watch] = weakref.WeakKeyDictiona
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log: str = "gradients",
           log_freq: int = 1, prefix: str | None = None, *, all_ranks: bool = False,
-          run: Run | None = None) -> None:
+          run: Run | None = None, when: Callable[[], bool] | None = None) -> None:
     """Keep ``model``'s gradients, parameters or updates, as full tensors, every ``log_freq`` steps.
 
     ``log`` is ``"gradients"``, ``"parameters"``, ``"updates"`` or ``"all"``. The tensors are
@@ -324,7 +328,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log:
     pinned memory and the writer thread waits for them, not the training loop. DTensor
     (FSDP2, tensor parallel) parameters are logged as this rank's local shard, with their
     placement under ``shard/<prefix><name>``. Under plain DDP only rank 0 logs, unless
-    ``all_ranks``. The run is ``run``, else the current one.
+    ``all_ranks``. The run is ``run``, else the current one. ``when``, if given, replaces
+    ``log_freq``: a capture happens at the steps where ``when()`` is true (the framework
+    integrations use it to capture exactly at the steps they log).
     """
     if log not in KINDS:
         raise ValueError(f"watch(log={log!r}): log must be one of {', '.join(map(repr, KINDS))}")
@@ -356,7 +362,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log:
     sharded = any(hasattr(p, "placements") for _, p in params)
     if rank != 0 and not (all_ranks or sharded):
         return
-    w = _Watch(run, params, kinds, log_freq, prefix or "", rank)
+    w = _Watch(run, params, kinds, log_freq, prefix or "", rank, when)
     kinds_seen = run._keys.kinds
     for key in (k for keys in w.keys.values() for k in keys):
         check_key(key, top_level=True)
