@@ -338,6 +338,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log:
         raise ValueError(f"watch(log_freq={log_freq!r}): log_freq must be an int >= 1")
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch() takes a torch.nn.Module; got {type(model).__name__}")
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer  # a wrapper's (accelerate's): its step() calls this one's
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"watch(optimizer=...) takes a torch.optim.Optimizer; got {type(optimizer).__name__}")
     kinds = KINDS[log]
