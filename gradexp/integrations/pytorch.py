@@ -155,7 +155,7 @@ def _placement(p: Any, rank: int) -> str | None:
     local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
     return json.dumps({
         "rank": rank, "mesh_shape": list(mesh.shape), "mesh_coordinate": mesh.get_coordinate(),
-        "placements": [str(pl) for pl in placements], "global_shape": list(p.shape),
+        "placements": [repr(pl) for pl in placements], "global_shape": list(p.shape),
         "local_shape": list(local_shape), "global_offset": list(offset),
     })
 
