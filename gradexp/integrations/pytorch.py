@@ -6,11 +6,12 @@ Imported on first use of ``gradexp.watch`` (and friends): ``import gradexp`` nev
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import threading
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from .._errors import UsageError
 from .._run import Run, _merge, current
-from .._values import TENSOR, TEXT, BufferPool, Keys, Prepared, Tensor, check_key
+from .._values import TENSOR, TEXT, Keys, Prepared, Tensor, check_key
 
 __all__ = ["log_gradient_stats", "unwatch", "watch"]
 
@@ -38,24 +39,24 @@ STAT_LEVELS = {
 }
 """The statistics of each ``log_gradient_stats`` level (those of the original gradexp package)."""
 
-_ALIGN = 64  # offsets of tensors packed into one buffer: any dtype can view them
-_EMPTY = np.empty(0, dtype=np.uint8)  # what a packed tensor hands the writer's pool: nothing
+_ALIGN = 64  # offset of each tensor in a slab: any dtype can view it
+_EMPTY = np.empty(0, dtype=np.uint8)
+_KEEP_IDLE_BYTES = 64 << 20  # idle slabs a layout keeps (at least two)
 
 
 class _Captured(Tensor):
-    """A watched tensor's host copy.
+    """A watched tensor's host copy: a view of a slab (see :class:`_Slabs`).
 
     On CUDA the copy is still running on the stream when the hook returns; ``_ready`` is
     an event recorded after it, and the first reader of ``array`` (the writer thread)
     waits for it there, so the training loop never synchronises per tensor.
     """
 
-    __slots__ = ("_array", "_ready", "_reuse")
+    __slots__ = ("_array", "_ready")
 
-    def __init__(self, array: np.ndarray, ready: Any, reuse: np.ndarray) -> None:
+    def __init__(self, array: np.ndarray, ready: Any) -> None:
         self._array = array
         self._ready = ready
-        self._reuse = reuse
         self.logical = array.dtype
 
     @property  # type: ignore[override]
@@ -68,9 +69,8 @@ class _Captured(Tensor):
 
     @property
     def buffer(self) -> np.ndarray:
-        """What the writer hands back to its pool once written: a buffer this tensor owns
-        alone, or an empty one when it shares a packed buffer (freed with its last user)."""
-        return self._reuse
+        """Nothing for the writer's pool: the slab goes back to its :class:`_Slabs` by itself."""
+        return _EMPTY
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,59 +89,69 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if to_local is None else to_local().detach()
 
 
-def _stage(items: Sequence[tuple[str, torch.Tensor]], pool: BufferPool, out: Prepared) -> list[torch.Tensor]:
-    """Copy each ``(key, tensor)`` to host memory, once, into ``out``; return the host tensors.
+class _Slabs:
+    """Host memory for one fixed list of tensors (one hook's), copied by one call.
 
-    On the CPU, tensors under the pool's reuse size are packed into one buffer and copied
-    by one fused call; larger ones each get a pool buffer, which the writer hands back. On
-    CUDA they are copied with ``non_blocking=True`` into one pinned buffer per device.
+    Each capture takes a slab (one buffer holding every tensor, pinned on CUDA) and hands
+    the writer NumPy views of it made through a fresh exporter object; once the writer
+    has dropped the last view, the exporter dies and the slab comes back here. So a
+    steady loop copies into memory it has touched before (fresh pages cost more than the
+    copy) and builds no torch views after its first steps. The writer holds small tensors
+    until its next flush (about a second) and large ones only until they are encoded, so
+    the two sizes never share a slab: a small view never keeps a large slab alive.
     """
-    hosts: list[torch.Tensor] = []
-    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-    for key, t in items:
-        by_device.setdefault(t.device, []).append((key, t))
-    tensors = out.tensors
-    for device, group in by_device.items():
-        sizes = [t.numel() * t.element_size() for _, t in group]
-        cpu = device.type == "cpu"
-        packed = [i for i, n in enumerate(sizes) if not cpu or n < pool.MIN_BYTES]
-        offsets, total = [], 0
-        for i in packed:
-            offsets.append(total)
-            total += -(-sizes[i] // _ALIGN) * _ALIGN
-        if cpu:
-            buf = np.empty(total, dtype=np.uint8)
-            flat = torch.from_numpy(buf)
-        else:
-            flat = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
-            buf = flat.numpy()
-        dsts: list[torch.Tensor] = [None] * len(group)  # type: ignore[list-item]
-        for i, off in zip(packed, offsets):
-            key, t = group[i]
-            end = off + sizes[i]
-            dsts[i] = flat[off:end].view(t.dtype).view(t.shape)
-            tensors[key] = _Captured(buf[off:end].view(_numpy_dtype(t.dtype)).reshape(t.shape), None, _EMPTY)
-        if cpu:
-            for i in sorted(set(range(len(group))) - set(packed)):
-                key, t = group[i]
-                own = pool.take(sizes[i])
-                dsts[i] = torch.from_numpy(own).view(t.dtype).view(t.shape)
-                tensors[key] = _Captured(own.view(_numpy_dtype(t.dtype)).reshape(t.shape), None, own)
-            with torch.no_grad():
-                torch._foreach_copy_(dsts, [t for _, t in group])
-        else:
-            cuda = device.type == "cuda"
-            with torch.no_grad():
-                for dst, (_, t) in zip(dsts, group):
+
+    def __init__(self, specs: Sequence[tuple[str, torch.dtype, torch.Size]], device: torch.device) -> None:
+        self.device = device
+        self.specs = [(key, _numpy_dtype(dtype), tuple(shape)) for key, dtype, shape in specs]
+        self._torch = [(dtype, shape) for _, dtype, shape in specs]
+        self.offsets: list[int] = []
+        total = 0
+        for (_, dt, shape) in self.specs:
+            self.offsets.append(total)
+            total += -(-int(np.prod(shape, dtype=np.int64)) * dt.itemsize // _ALIGN) * _ALIGN
+        self.nbytes = sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for _, dt, shape in self.specs)
+        self._exporter = ctypes.c_char * max(total, 1)
+        self._total = max(total, 1)
+        self._free: list[tuple[np.ndarray, list[torch.Tensor]]] = []
+        self._keep = max(2, _KEEP_IDLE_BYTES // self._total)
+
+    def _new(self) -> tuple[np.ndarray, list[torch.Tensor]]:
+        cuda = self.device.type == "cuda"
+        flat = torch.empty(self._total, dtype=torch.uint8, pin_memory=cuda)
+        dsts = [flat[off:].view(dtype)[:int(np.prod(shape, dtype=np.int64))].view(shape)
+                for off, (dtype, shape) in zip(self.offsets, self._torch)]
+        return flat.numpy(), dsts
+
+    def _give(self, slab: tuple[np.ndarray, list[torch.Tensor]]) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(slab)
+
+    def stage(self, tensors: Sequence[torch.Tensor], out: Prepared) -> list[torch.Tensor]:
+        """Copy ``tensors`` into a slab, add their views to ``out``; return the torch views."""
+        try:
+            slab = self._free.pop()
+        except IndexError:
+            slab = self._new()
+        memory, dsts = slab
+        exporter = self._exporter.from_buffer(memory)
+        weakref.finalize(exporter, self._give, slab).atexit = False
+        with torch.no_grad():
+            if self.device.type == "cpu":
+                torch._foreach_copy_(dsts, list(tensors))
+                ready = None
+            else:
+                cuda = self.device.type == "cuda"
+                for dst, t in zip(dsts, tensors):
                     dst.copy_(t, non_blocking=cuda)
-            if cuda:
-                ready = torch.cuda.Event()
-                ready.record(torch.cuda.current_stream(device))
-                for key, _ in group:
-                    tensors[key]._ready = ready
-        out.nbytes += sum(sizes)
-        hosts.extend(dsts)
-    return hosts
+                ready = torch.cuda.Event() if cuda else None
+                if ready is not None:
+                    ready.record(torch.cuda.current_stream(self.device))
+        captured = out.tensors
+        for (key, dt, shape), off in zip(self.specs, self.offsets):
+            captured[key] = _Captured(np.ndarray(shape, dt, buffer=exporter, offset=off), ready)
+        out.nbytes += self.nbytes
+        return dsts
 
 
 def _placement(p: Any, rank: int) -> str | None:
@@ -178,8 +188,27 @@ class _Watch:
         self._before: list[torch.Tensor] = []
         self._steps = 0
         self._counts = [0] * len(params)
+        self._slabs: dict[tuple[Any, ...], _Slabs] = {}
         self._shards = {f"shard/{prefix}{name}": text for name, p in params
                         if (text := _placement(p, rank)) is not None}
+
+    def _stage(self, items: Iterable[tuple[str, torch.Tensor]], out: Prepared) -> list[torch.Tensor]:
+        """Copy each ``(key, tensor)`` to host memory, once, into ``out``; return the host
+        tensors, in the order of ``items``."""
+        small = self.run.settings.small_tensor_bytes
+        groups: dict[tuple[torch.device, bool], list[int]] = {}
+        items = list(items)
+        for i, (_, t) in enumerate(items):
+            groups.setdefault((t.device, t.numel() * t.element_size() >= small), []).append(i)
+        hosts: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+        for (device, _), idx in groups.items():
+            layout = (device, tuple((items[i][0], items[i][1].dtype, items[i][1].shape) for i in idx))
+            slabs = self._slabs.get(layout)
+            if slabs is None:
+                slabs = self._slabs[layout] = _Slabs(layout[1], device)
+            for i, host in zip(idx, slabs.stage([items[i][1] for i in idx], out)):
+                hosts[i] = host
+        return hosts
 
     def _due(self, n: int) -> bool:
         return self.when() if self.when is not None else n % self.log_freq == 0
@@ -191,17 +220,16 @@ class _Watch:
         if not self._due(self._steps) or self.run._finished:
             return None
         cap = self._capture = Prepared()
-        pool = self.run._writer.pool
         params = [_local(p) for _, p in self.params]
         if "param" in self.kinds:
-            _stage(list(zip(self.keys["param"], params)), pool, cap)
+            self._stage(zip(self.keys["param"], params), cap)
         if "update" in self.kinds:
             # The values before the step: on the CPU straight into the update's own host
             # buffer (the post-step hook turns it into the difference in place), elsewhere
             # a device copy that stays on the device until then.
             keys = self.keys["update"]
             if all(p.device.type == "cpu" for p in params):
-                self._before = _stage(list(zip(keys, params)), pool, cap)
+                self._before = self._stage(zip(keys, params), cap)
             else:
                 with torch.no_grad():
                     self._before = [p.clone() for p in params]
@@ -235,19 +263,17 @@ class _Watch:
             keys = self.keys["update"]
             with torch.no_grad():
                 if all(p.device.type == "cpu" for p in after):
-                    # -before + after is bit for bit after - before, and is computed in the
-                    # update's host buffers themselves: no second copy.
-                    torch._foreach_neg_(before)
-                    torch._foreach_add_(before, after)
+                    for a, b in zip(after, before):  # in the update's host buffers: no second copy
+                        torch.sub(a, b, out=b)
                 else:
-                    _stage(list(zip(keys, torch._foreach_sub(after, before))), self.run._writer.pool, cap)
+                    self._stage(zip(keys, torch._foreach_sub(after, before)), cap)
         self._hand_over(cap, replace=True)
 
     def _stage_grads(self, cap: Prepared) -> None:
         items = [(key, _local(p.grad)) for key, (_, p) in zip(self.keys["grad"], self.params)
                  if p.grad is not None]
         grads = Prepared()
-        _stage(items, self.run._writer.pool, grads)
+        self._stage(items, grads)
         _merge(cap, grads)  # a closure run twice in one step (LBFGS) keeps its last gradients
 
     # -- without an optimizer: as each gradient is accumulated ----------------------------------
@@ -261,22 +287,18 @@ class _Watch:
         items = [(self.keys["grad"][i], _local(p.grad))] if "grad" in self.kinds else []
         if "param" in self.kinds:
             items.append((self.keys["param"][i], _local(p)))
-        _stage(items, self.run._writer.pool, cap)
+        self._stage(items, cap)
         self._hand_over(cap, replace=False)
 
     # -- handing over to log() -----------------------------------------------------------------
 
     def _hand_over(self, cap: Prepared, *, replace: bool) -> None:
-        with self._lock:
+        with self._lock:  # a capture no log() took is dropped (its slabs go back for reuse)
             old = self._pending
             if old is None or replace:
                 self._pending = cap
             else:
                 _merge(old, cap)
-        if replace and old is not None:  # a step no log() took: its buffers serve the next one
-            pool = self.run._writer.pool
-            for t in old.tensors.values():
-                pool.give(t.buffer)
 
     def take(self, keys: Keys) -> Prepared | None:
         """What was captured since the last ``log()``, its keys registered (log() calls this)."""
