@@ -80,6 +80,29 @@ def test_watch_all_keeps_exactly_what_the_step_used():
     assert rows[4]["grad/0.weight"] is None
 
 
+@pytest.mark.parametrize("log", ["updates", "parameters"])
+def test_updates_or_parameters_alone(log):
+    model = cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run = gradexp.init("watch")
+    gradexp.watch(model, opt, log=log)
+    seen = {}
+    for step, (x, y) in enumerate(batches(3)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        seen[step] = (before, {n: p.detach() - before[n] for n, p in model.named_parameters()})
+        gradexp.log({"loss": 1.0})
+    gradexp.finish()
+    stored = gradexp.Api().run(run.dir)
+    kind = {"updates": "update", "parameters": "param"}[log]
+    assert {k.split("/")[0] for k in stored.tensor_keys()} == {kind}
+    for step, (before, update) in seen.items():
+        for n in names(model):
+            assert same_bits(stored.tensor(f"{kind}/{n}", step), update[n] if log == "updates" else before[n])
+
+
 def test_closure_gradients_are_those_the_closure_made():
     # Lightning (and LBFGS) pass a closure: backward runs inside step(), after the pre-hook.
     model = cnn()

@@ -127,8 +127,9 @@ class _Slabs:
         if len(self._free) < self._keep:
             self._free.append(slab)
 
-    def stage(self, tensors: Sequence[torch.Tensor], out: Prepared) -> list[torch.Tensor]:
-        """Copy ``tensors`` into a slab, add their views to ``out``; return the torch views."""
+    def stage(self, tensors: Sequence[torch.Tensor] | None, out: Prepared) -> list[torch.Tensor]:
+        """Copy ``tensors`` into a slab (None: leave it to the caller, who fills it before
+        handing ``out`` over), add their views to ``out``; return the torch views."""
         try:
             slab = self._free.pop()
         except IndexError:
@@ -137,7 +138,9 @@ class _Slabs:
         exporter = self._exporter.from_buffer(memory)
         weakref.finalize(exporter, self._give, slab).atexit = False
         with torch.no_grad():
-            if self.device.type == "cpu":
+            if tensors is None:
+                ready = None
+            elif self.device.type == "cpu":
                 torch._foreach_copy_(dsts, list(tensors))
                 ready = None
             else:
@@ -192,9 +195,11 @@ class _Watch:
         self._shards = {f"shard/{prefix}{name}": text for name, p in params
                         if (text := _placement(p, rank)) is not None}
 
-    def _stage(self, items: Iterable[tuple[str, torch.Tensor]], out: Prepared) -> list[torch.Tensor]:
+    def _stage(self, items: Iterable[tuple[str, torch.Tensor]], out: Prepared, *,
+               copy: bool = True) -> list[torch.Tensor]:
         """Copy each ``(key, tensor)`` to host memory, once, into ``out``; return the host
-        tensors, in the order of ``items``."""
+        tensors, in the order of ``items``. ``copy=False``: host tensors shaped like them, for
+        the caller to fill."""
         small = self.run.settings.small_tensor_bytes
         groups: dict[tuple[torch.device, bool], list[int]] = {}
         items = list(items)
@@ -206,7 +211,7 @@ class _Watch:
             slabs = self._slabs.get(layout)
             if slabs is None:
                 slabs = self._slabs[layout] = _Slabs(layout[1], device)
-            for i, host in zip(idx, slabs.stage([items[i][1] for i in idx], out)):
+            for i, host in zip(idx, slabs.stage([items[i][1] for i in idx] if copy else None, out)):
                 hosts[i] = host
         return hosts
 
@@ -221,23 +226,26 @@ class _Watch:
             return None
         cap = self._capture = Prepared()
         params = [_local(p) for _, p in self.params]
-        if "param" in self.kinds:
-            self._stage(zip(self.keys["param"], params), cap)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
+        on_cpu = all(p.device.type == "cpu" for p in params)
+        # One copy call for everything known now: parameters, gradients (unless a closure
+        # will make them) and, for updates, the values before the step. Those are, on the
+        # CPU, the parameters' own host copies, or (not logging those) a copy in the updates'
+        # host buffers; elsewhere a device copy that stays on the device.
+        items = list(zip(self.keys["param"], params)) if "param" in self.kinds else []
+        before_in_updates = "update" in self.kinds and on_cpu and not items
+        if before_in_updates:
+            items += zip(self.keys["update"], params)
+        if "grad" in self.kinds and closure is None:
+            items += self._grads()
+        hosts = self._stage(items, cap)
         if "update" in self.kinds:
-            # The values before the step: on the CPU straight into the update's own host
-            # buffer (the post-step hook turns it into the difference in place), elsewhere
-            # a device copy that stays on the device until then.
-            keys = self.keys["update"]
-            if all(p.device.type == "cpu" for p in params):
-                self._before = self._stage(zip(keys, params), cap)
-            else:
+            if not on_cpu:
                 with torch.no_grad():
                     self._before = [p.clone() for p in params]
-        if "grad" not in self.kinds:
-            return None
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
-        if closure is None:
-            self._stage_grads(cap)
+            else:
+                self._before = hosts[:len(params)]
+        if "grad" not in self.kinds or closure is None:
             return None
 
         # The gradients exist only once the closure has run (Lightning, LBFGS): capture
@@ -263,17 +271,24 @@ class _Watch:
             keys = self.keys["update"]
             with torch.no_grad():
                 if all(p.device.type == "cpu" for p in after):
-                    for a, b in zip(after, before):  # in the update's host buffers: no second copy
-                        torch.sub(a, b, out=b)
+                    # straight into the updates' host buffers: no copy besides this one pass
+                    if "param" in self.kinds:
+                        updates = self._stage(zip(keys, after), cap, copy=False)
+                    else:
+                        updates = before
+                    for a, b, u in zip(after, before, updates):
+                        torch.sub(a, b, out=u)
                 else:
                     self._stage(zip(keys, torch._foreach_sub(after, before)), cap)
         self._hand_over(cap, replace=True)
 
+    def _grads(self) -> list[tuple[str, torch.Tensor]]:
+        return [(key, _local(p.grad)) for key, (_, p) in zip(self.keys["grad"], self.params)
+                if p.grad is not None]
+
     def _stage_grads(self, cap: Prepared) -> None:
-        items = [(key, _local(p.grad)) for key, (_, p) in zip(self.keys["grad"], self.params)
-                 if p.grad is not None]
         grads = Prepared()
-        self._stage(items, grads)
+        self._stage(self._grads(), grads)
         _merge(cap, grads)  # a closure run twice in one step (LBFGS) keeps its last gradients
 
     # -- without an optimizer: as each gradient is accumulated ----------------------------------
