@@ -104,26 +104,29 @@ class _Slabs:
     def __init__(self, specs: Sequence[tuple[str, torch.dtype, torch.Size]], device: torch.device) -> None:
         self.device = device
         self.specs = [(key, _numpy_dtype(dtype), tuple(shape)) for key, dtype, shape in specs]
-        self._torch = [(dtype, shape) for _, dtype, shape in specs]
+        self._torch = [(dtype, shape, shape.numel()) for _, dtype, shape in specs]
+        sizes = [numel * dt.itemsize for (_, dt, _), (_, _, numel) in zip(self.specs, self._torch)]
         self.offsets: list[int] = []
         total = 0
-        for (_, dt, shape) in self.specs:
+        for n in sizes:
             self.offsets.append(total)
-            total += -(-int(np.prod(shape, dtype=np.int64)) * dt.itemsize // _ALIGN) * _ALIGN
-        self.nbytes = sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for _, dt, shape in self.specs)
-        self._exporter = ctypes.c_char * max(total, 1)
+            total += -(-n // _ALIGN) * _ALIGN
+        self.nbytes = sum(sizes)
         self._total = max(total, 1)
+        self._exporter = ctypes.c_char * self._total
         self._free: list[tuple[np.ndarray, list[torch.Tensor]]] = []
         self._keep = max(2, _KEEP_IDLE_BYTES // self._total)
+        self._lent: dict[int, tuple[weakref.ref, tuple[np.ndarray, list[torch.Tensor]]]] = {}
 
     def _new(self) -> tuple[np.ndarray, list[torch.Tensor]]:
-        cuda = self.device.type == "cuda"
-        flat = torch.empty(self._total, dtype=torch.uint8, pin_memory=cuda)
-        dsts = [flat[off:].view(dtype)[:int(np.prod(shape, dtype=np.int64))].view(shape)
-                for off, (dtype, shape) in zip(self.offsets, self._torch)]
+        flat = torch.empty(self._total, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        dsts = [flat[off:].view(dtype)[:numel].view(shape)
+                for off, (dtype, shape, numel) in zip(self.offsets, self._torch)]
         return flat.numpy(), dsts
 
-    def _give(self, slab: tuple[np.ndarray, list[torch.Tensor]]) -> None:
+    def _returned(self, ref: weakref.ref) -> None:
+        """The writer dropped a capture's last view (runs on whichever thread did)."""
+        _, slab = self._lent.pop(id(ref))
         if len(self._free) < self._keep:
             self._free.append(slab)
 
@@ -136,7 +139,8 @@ class _Slabs:
             slab = self._new()
         memory, dsts = slab
         exporter = self._exporter.from_buffer(memory)
-        weakref.finalize(exporter, self._give, slab).atexit = False
+        ref = weakref.ref(exporter, self._returned)  # kept here until it fires
+        self._lent[id(ref)] = (ref, slab)
         with torch.no_grad():
             if tensors is None:
                 ready = None
