@@ -144,6 +144,9 @@ def test_unwatch_stops_logging_and_removes_the_hooks():
     with pytest.raises(gradexp.UsageError, match="watched already"):
         gradexp.watch(model, opt)
     gradexp.finish()
+    gradexp.init("watch")
+    gradexp.watch(model, opt)  # the run it was watched in has finished: a new run takes over
+    gradexp.finish()
     stored = gradexp.Api().run(run.dir)
     assert stored.steps("grad/cnn.0.weight") == [0, 1, 2]
     assert "param/cnn.0.weight" not in stored.tensor_keys()

@@ -388,7 +388,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log:
         if log == "updates":
             raise ValueError("watch(log='updates') needs the optimizer: an update is what its step changed")
         kinds = tuple(k for k in kinds if k != "update")
-    if model in _watches:
+    old = _watches.get(model)
+    if old is not None and not old.run._finished:
         raise UsageError(f"{type(model).__name__} is watched already; call gradexp.unwatch(model) first")
     run = run if run is not None else current()
     if run.disabled:
@@ -418,6 +419,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log:
     else:
         w.handles += [p.register_post_accumulate_grad_hook(functools.partial(w.on_grad, i))
                       for i, (_, p) in enumerate(params)]
+    if old is not None:  # its run has finished: this watch replaces it
+        old.remove()
     _watches[model] = w
     run._row_sources.append(w.take)
 
