@@ -39,6 +39,9 @@ __all__ = [
     "finish",
     "init",
     "log",
+    "log_gradient_stats",
+    "unwatch",
+    "watch",
 ]
 
 
@@ -58,6 +61,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name in ("watch", "unwatch", "log_gradient_stats"):  # imports torch: only when used
+        from .integrations import pytorch
+
+        return getattr(pytorch, name)
     if name == "RemoteRun":
         from ._remote import RemoteRun
 

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NoReturn
+from typing import Any, Callable, Iterator, Mapping, NoReturn
 
 from ._errors import GradexpWarning, UsageError
 from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
@@ -153,6 +153,9 @@ class Run:
         self._pending: Prepared | None = None
         self._warned: set[str] = set()
         self._finished = False
+        # Rows captured outside log() (gradexp.watch): each source hands over what it holds,
+        # or None, and log() merges it into the row it records.
+        self._row_sources: list[Callable[[Keys], Prepared | None]] = []
         self.summary = Summary()
         if isinstance(config, argparse.Namespace):
             config = vars(config)
@@ -218,6 +221,11 @@ class Run:
             step = _check_step(step)
         with self._lock:
             p = prepare(data, self._keys, self._writer.pool)
+            for source in self._row_sources:
+                captured = source(self._keys)
+                if captured is not None:
+                    _merge(captured, p)  # the caller's own keys win
+                    p = captured
             cur = self._step
             s = cur if step is None else step
             if s > INT_MAX:  # counted up past the last int64 step
