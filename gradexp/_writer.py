@@ -324,6 +324,10 @@ class Writer:
         try:
             # Import pyarrow here, in the background, right after init(): `import gradexp`
             # stays light, and the first flush (or a quick finish()) does not pay for it.
+            # pyarrow.compute (casts: string columns, the index at a seal) takes 0.2 s more,
+            # a second or more on a busy machine: not in the middle of a write.
+            import pyarrow.compute  # noqa: F401
+
             from . import _arrow, _summary  # noqa: F401
 
             self._ready.set()
@@ -376,10 +380,10 @@ class Writer:
         rows is written in batches, not a frame per row.
         """
         q = self._q
-        waiting = False
+        waiting = heavy = False
         batch_until = time.time() + self._b.write / 4
         while q:
-            if waiting and not self._held_rows & 7:
+            if waiting and (heavy or not self._held_rows & 7):  # after a row with tensors, or 8 rows
                 now = time.time()
                 if now >= batch_until and self._write_due(now):
                     self._wake.set()  # more is queued: come straight back after the write
@@ -407,7 +411,7 @@ class Writer:
             self._rows.append((step, ts, p.scalars, tsum))  # not a cached local: writing swaps it
             if len(self._rows) >= _HISTORY_MAX_ROWS:
                 self._write_history()
-            waiting = True
+            waiting, heavy = True, bool(p.nbytes)
         if waiting and len(q) < self._s.queue_max_rows:
             with self._cv:
                 self._cv.notify_all()
@@ -479,11 +483,12 @@ class Writer:
         self._give_payload(payload)
         self._release(g.nbytes)
 
-    def _write_history(self) -> None:
+    def _write_history(self, upto: int | None = None) -> None:
+        """Write the rows held (the first ``upto`` of them) as one history frame."""
         from ._arrow import history_ipc, rows_to_batch
         from ._format import KIND_HISTORY, encode_frame
 
-        rows, self._rows = self._rows, []
+        rows, self._rows = self._rows[:upto], self._rows[len(self._rows) if upto is None else upto:]
         if not rows:
             return
         tensor_keys: dict[str, None] = {}
@@ -521,6 +526,8 @@ class Writer:
         """Write everything held to the OS, seal parts that are due, and say so to log();
         save run metadata with ``meta`` or once per ``Budget.housekeeping``."""
         t0 = time.perf_counter()
+        if self._inflight and not self._inflight[0][0].done():
+            self._write_before_encodes()
         while self._inflight:
             self._write_one(self._inflight.popleft())
         t1 = time.perf_counter()
@@ -545,6 +552,14 @@ class Writer:
                 self._on_flush()
             except Exception as e:  # metadata is best effort; the data path goes on
                 warnings.warn(f"gradexp: could not save run metadata: {e!r}", GradexpWarning, stacklevel=1)
+
+    def _write_before_encodes(self) -> None:
+        """Write the history rows before the first one still waiting for its encode job: a
+        slow encode (a cold start, a busy machine) holds back only its row and those after."""
+        fut = self._inflight[0][0]
+        upto = next(i for i, r in enumerate(self._rows) if any(v is fut for v in r[3].values()))
+        if upto:
+            self._write_history(upto)
 
     def _learn(self, busy: float) -> None:
         """Update the running costs from what writing the rows held took, from their drain

@@ -85,6 +85,7 @@ def calls(kind, step):
 _ns: dict = {}
 exec(LOOPS, _ns)
 kinds, small, big = _ns["kinds"], _ns["small"], _ns["big"]
+big(0)  # the pool, made once here: the checks run in several threads
 SCALAR, SMALL, BIG, UNCOMMITTED = _ns["SCALAR"], _ns["SMALL"], _ns["BIG"], _ns["UNCOMMITTED"]
 
 TRAINER = LOOPS + textwrap.dedent('''
