@@ -557,7 +557,8 @@ class Writer:
         """Write the history rows before the first one still waiting for its encode job: a
         slow encode (a cold start, a busy machine) holds back only its row and those after."""
         fut = self._inflight[0][0]
-        upto = next(i for i, r in enumerate(self._rows) if any(v is fut for v in r[3].values()))
+        upto = next((i for i, r in enumerate(self._rows) if any(v is fut for v in r[3].values())),
+                    len(self._rows))  # (a full history batch may have taken its row already)
         if upto:
             self._write_history(upto)
 
