@@ -243,10 +243,12 @@ class Writer:
             return None
         return ts if type(ts) is float else None  # a flush request: a write is under way
 
-    def _backlog(self) -> float:
-        """Projected seconds to write everything logged and not yet written."""
-        return ((len(self._q) + self._held_rows) * self._cost_row
-                + self._queued_bytes * self._cost_byte)
+    def _backlog(self, rows: int | None = None) -> float:
+        """Projected seconds to write ``rows`` rows (default: every unwritten one) and every
+        unwritten tensor byte."""
+        if rows is None:
+            rows = len(self._q) + self._held_rows
+        return rows * self._cost_row + self._queued_bytes * self._cost_byte
 
     def _behind(self, now: float) -> bool:
         """Would the oldest unwritten row, written after the backlog, miss ``Budget.wait``?"""
@@ -261,7 +263,8 @@ class Writer:
         with self._cv:
             while self.error is None and self._behind(now := time.time()):
                 if self._waited + now - start >= 2 * self._b.flush:
-                    self._warn_wait(f"the oldest row not yet written was logged {now - (self._oldest() or now):.2f} s "
+                    age = now - (self._oldest() or now)
+                    self._warn_wait(f"the oldest row not yet written was logged {age:.2f} s "
                                     f"ago and writing the {len(self._q) + self._held_rows} rows and "
                                     f"{self._queued_bytes / 2**20:.0f} MiB behind it would take "
                                     f"~{self._backlog():.2f} s more; log() waits beyond "
@@ -368,8 +371,7 @@ class Writer:
         """True once the oldest held row, written after what is held, would reach
         ``Budget.write``."""
         held = self._held
-        return held is not None and (now - held + self._held_rows * self._cost_row
-                                     + self._queued_bytes * self._cost_byte >= self._b.write)
+        return held is not None and now - held + self._backlog(self._held_rows) >= self._b.write
 
     def _drain(self) -> bool:
         """Process what is queued; True once a close has been handled.
@@ -416,7 +418,6 @@ class Writer:
             with self._cv:
                 self._cv.notify_all()
         return False
-
 
     def _add_tensor(self, key: str, step: int, t: Tensor) -> Any:
         arr = t.array
@@ -526,9 +527,9 @@ class Writer:
         """Write everything held to the OS, seal parts that are due, and say so to log();
         save run metadata with ``meta`` or once per ``Budget.housekeeping``."""
         t0 = time.perf_counter()
-        if self._inflight and not self._inflight[0][0].done():
-            self._write_before_encodes()
         while self._inflight:
+            if not self._inflight[0][0].done():
+                self._write_before_encode()
             self._write_one(self._inflight.popleft())
         t1 = time.perf_counter()
         for key in list(self._groups):
@@ -553,9 +554,9 @@ class Writer:
             except Exception as e:  # metadata is best effort; the data path goes on
                 warnings.warn(f"gradexp: could not save run metadata: {e!r}", GradexpWarning, stacklevel=1)
 
-    def _write_before_encodes(self) -> None:
-        """Write the history rows before the first one still waiting for its encode job: a
-        slow encode (a cold start, a busy machine) holds back only its row and those after."""
+    def _write_before_encode(self) -> None:
+        """Write the history rows before the one waiting for the oldest encode job: a slow
+        encode (a busy machine) holds back only its row and those after it."""
         fut = self._inflight[0][0]
         upto = next((i for i, r in enumerate(self._rows) if any(v is fut for v in r[3].values())),
                     len(self._rows))  # (a full history batch may have taken its row already)

@@ -80,7 +80,8 @@ def calls(kind, step):
         return [({**base, **{f"t{j}": small(step, j) for j in range(8)}}, True)]
     if kind == BIG:
         return [({**base, "g": big(step)}, True)]
-    return [({"loss": base["loss"]}, False), ({"t0": small(step, 0)}, False), ({"i": step, "u": 2 * step}, True)]
+    return [({"loss": base["loss"]}, False), ({"t0": small(step, 0)}, False),
+            ({"i": step, "u": 2 * step}, True)]
 '''
 _ns: dict = {}
 exec(LOOPS, _ns)
