@@ -94,10 +94,14 @@ class _Workers:
             if job is None:
                 return
             fut, fn, args = job
+            t0 = time.perf_counter()
             try:
-                fut.set_result(fn(*args))
+                result = fn(*args)
             except BaseException as e:  # handed to the writer, which reports it
                 fut.set_exception(e)
+            else:
+                fut.seconds = time.perf_counter() - t0  # the writer's measure of a slow machine
+                fut.set_result(result)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         fut: Future = Future()
@@ -189,6 +193,7 @@ class Writer:
         self._held_rows = 0
         self._cost_row = _COST_PER_ROW
         self._cost_byte = _COST_PER_BYTE
+        self._encode_byte = 0.0  # seconds per byte of one encode job, start to end
         # Writer-thread state. Since the last write: seconds spent on the rows held, of those
         # on tensors, and the tensor bytes written.
         self._busy = self._tensor_time = 0.0
@@ -224,7 +229,11 @@ class Writer:
         if n:
             if not self._wake.is_set():
                 self._wake.set()
-            if self._behind(ts):
+            if n * self._encode_byte > self._b.wait:
+                # Encoding this row alone would outlast the budget (a huge tensor, a very busy
+                # machine): log() returns once the row is written.
+                self._hold_back(until=ts)
+            elif self._behind(ts):
                 self._hold_back()
         # Scalar rows look at the writer's lag on one call in _CHECK_EVERY (and whenever the
         # queue was empty): cheap enough for the hot path, and a writer that stopped writing
@@ -255,13 +264,15 @@ class Writer:
         oldest = self._oldest()
         return oldest is not None and now - oldest + self._backlog() > self._b.wait
 
-    def _hold_back(self) -> None:
-        """Wait until the writer can write everything unwritten within the budget."""
+    def _hold_back(self, *, until: float | None = None) -> None:
+        """Wait until the writer can write everything unwritten within the budget (and, with
+        ``until``, has written every row logged then)."""
         # A busy machine delays the writer by tens of milliseconds now and then: not worth a
         # warning; waits adding up to twice flush_interval are.
         start = time.time()
         with self._cv:
-            while self.error is None and self._behind(now := time.time()):
+            while self.error is None and (self._behind(now := time.time()) or until is not None
+                                          and (self._oldest() or now) <= until):
                 if self._waited + now - start >= 2 * self._b.flush:
                     age = now - (self._oldest() or now)
                     self._warn_wait(f"the oldest row not yet written was logged {age:.2f} s "
@@ -459,6 +470,7 @@ class Writer:
         t0 = time.perf_counter()
         self._inflight_bytes -= t.array.nbytes
         result = fut.result()
+        self._encode_byte += _LEARN * (fut.seconds / max(t.array.nbytes, 1) - self._encode_byte)
         _, header, payload, raw, elem = result
         self._append(TENSORS, header, payload, key=key, steps=(step, step), rows=1, raw=raw, elem=elem)
         result[1] = result[2] = None  # the history row keeps this future for its summary only
