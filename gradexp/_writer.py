@@ -3,14 +3,17 @@
 It owns all packing: history rows become Arrow record batches, small tensors are
 batched several steps to a frame, large tensors are summarised and compressed by
 a few worker threads (NumPy and zstd release the GIL) and written in order.
-Everything queued reaches the OS within ``flush_interval``. The queue is bounded
-by bytes and rows: when it is full, ``log()`` blocks (and warns once) instead of
-dropping data or growing memory. Nothing raised here reaches the caller.
+Every row reaches the OS within ``flush_interval`` of ``log()`` returning: the writer
+writes by the age of the oldest row it has not written yet (queued, or held in its
+own buffers), and ``log()`` waits (warned once, nothing dropped) while that age plus
+the projected time to write the backlog exceeds a budget (:class:`Budget`). The
+queue is also bounded by bytes and rows. Nothing raised here reaches the caller.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import queue
 import threading
 import time
@@ -34,8 +37,41 @@ _INFLIGHT_MAX_BYTES = 64 << 20
 worker): enough to keep the workers busy while the writer fsyncs a sealed 64 MiB part."""
 _TRIM_EVERY = 1.0
 """Seconds between looks for pooled buffers idle long enough to unmap."""
-_LAG_CHECK_ROWS = 1024
-"""log() looks at the age of the oldest queued row once this many rows are queued."""
+_CHECK_EVERY = 64
+"""A scalar-only log() looks at the writer's lag when the queue length is a multiple of this."""
+_COST_PER_ROW = 20e-6
+_COST_PER_BYTE = 30e-9
+"""Writer seconds per row and per tensor byte, assumed until measured; on the busy 2-core
+reference machine a 10-key row took ~10 us, and a 120 KB tensor ~3 ms (its summary is
+computed row by row), a 4 MiB one ~5 ms. Erring high makes log() wait early, not late."""
+_LEARN = 0.5
+"""Weight of the latest measurement in the running costs: a loop's shape can change at once."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Budget:
+    """When the writer writes and when ``log()`` waits, so that every row reaches the OS
+    within ``flush`` seconds of being logged (ages are from the row's ``log()``)."""
+
+    flush: float
+    """The promise: ``flush_interval``."""
+    wait: float
+    """``log()`` waits while the oldest unwritten row's age plus the projected time to write
+    everything unwritten exceeds this. The rest of ``flush`` is margin for a busy machine."""
+    write: float
+    """The writer writes what it holds once the oldest held row's age plus the projected
+    time to write it reaches this."""
+    poll: float
+    """Longest idle sleep of the writer: a scalar-only row does not wake it."""
+    housekeeping: float
+    """Run metadata is saved, and parts are checked for sealing by age, this often (online,
+    at least every ``live_interval``, so history is sealed and uploaded that often)."""
+
+    @classmethod
+    def of(cls, s: Settings) -> Budget:
+        f = s.flush_interval
+        live = s.live_interval if s.mode == "online" else float("inf")
+        return cls(flush=f, wait=f / 2, write=f / 4, poll=min(f / 8, 0.25), housekeeping=min(f / 2, live))
 
 
 class _Workers:
@@ -58,10 +94,14 @@ class _Workers:
             if job is None:
                 return
             fut, fn, args = job
+            t0 = time.perf_counter()
             try:
-                fut.set_result(fn(*args))
+                result = fn(*args)
             except BaseException as e:  # handed to the writer, which reports it
                 fut.set_exception(e)
+            else:
+                fut.seconds = time.perf_counter() - t0  # the writer's measure of a slow machine
+                fut.set_result(result)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         fut: Future = Future()
@@ -133,23 +173,31 @@ class Writer:
                  on_flush: Callable[[], None]) -> None:
         self._dir = parts_dir
         self._s = settings
+        self._b = Budget.of(settings)
         self._start = start_time
         self._on_flush = on_flush
         self._q: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._cv = threading.Condition()
-        self._queued_bytes = 0
-        self._warned_full = False
-        # A row may wait this long in the queue, so that what log() took reaches the OS
-        # within flush_interval even when a loop logs faster than the writer can write:
-        # the writer flushes every flush_interval / 2, and writing takes time too.
-        self._max_lag = settings.flush_interval / 5
+        self._queued_bytes = 0  # tensor bytes logged and not yet written (queued or held)
+        self._warned_wait = False
+        self._waited = 0.0  # seconds log() has waited for the writer to catch up
         self._max_rows = settings.queue_max_rows
-        self._check_rows = min(settings.queue_max_rows, _LAG_CHECK_ROWS)
         # Idle buffers for a full queue of snapshots plus the payloads in flight.
         self.pool = BufferPool(settings.queue_max_bytes + _INFLIGHT_MAX_BYTES)
         self.error: BaseException | None = None
-        # Writer-thread state.
+        # Shared with log() (written by the writer thread only): the log() time of the oldest
+        # row taken off the queue and not yet written, how many such rows there are, and the
+        # measured cost of writing (seconds per row, and per tensor byte).
+        self._held: float | None = None
+        self._held_rows = 0
+        self._cost_row = _COST_PER_ROW
+        self._cost_byte = _COST_PER_BYTE
+        self._encode_byte = 0.0  # seconds per byte of one encode job, start to end
+        # Writer-thread state. Since the last write: seconds spent on the rows held, of those
+        # on tensors, and the tensor bytes written.
+        self._busy = self._tensor_time = 0.0
+        self._written_bytes = 0
         self._parts: dict[str, Any] = {}
         self._seq = {HISTORY: 0, TENSORS: 0}
         self._rows: list[tuple[int, float, dict[str, Any], dict[str, Any]]] = []
@@ -157,13 +205,13 @@ class Writer:
         self._inflight: collections.deque = collections.deque()
         self._inflight_bytes = 0
         self._workers: _Workers | None = None
-        self._last_flush = self._last_trim = time.monotonic()
+        self._last_flush = self._last_meta = self._last_trim = time.monotonic()
         live = self._live = settings.mode == "online"
         # Online, history parts are sealed (and so uploaded) every live_interval: the server
         # cannot see an open part, and history should be visible within about two seconds.
         self._max_age = {HISTORY: settings.live_interval if live else settings.part_max_age,
                          TENSORS: settings.part_max_age}
-        self._flush_every = min(settings.flush_interval / 2, settings.live_interval if live else 1e9)
+        self._ready = threading.Event()  # the writer has imported what writing needs
         self._thread = threading.Thread(target=self._main, name="gradexp-writer", daemon=True)
         self._thread.start()
 
@@ -171,47 +219,102 @@ class Writer:
 
     def put_row(self, step: int, ts: float, p: Prepared) -> None:
         n = p.nbytes
-        queued = len(self._q)
-        # A backlog's age is looked at on one call in 256: cheap enough for the hot path.
-        if n or queued >= self._check_rows and (queued >= self._max_rows or not queued & 255):
-            self._reserve(n, ts)
-        self._q.append((step, ts, p))
-        if n and not self._wake.is_set():
-            self._wake.set()
+        q = self._q
+        queued = len(q)
+        if not queued and not self._ready.is_set():
+            self._wait_ready()
+        if n or queued >= self._max_rows:
+            self._reserve(n)
+        q.append((step, ts, p))
+        if n:
+            if not self._wake.is_set():
+                self._wake.set()
+            if n * self._encode_byte > self._b.wait:
+                # Encoding this row alone would outlast the budget (a huge tensor, a very busy
+                # machine): log() returns once the row is written.
+                self._hold_back(until=ts)
+            elif self._behind(ts):
+                self._hold_back()
+        # Scalar rows look at the writer's lag on one call in _CHECK_EVERY (and whenever the
+        # queue was empty): cheap enough for the hot path, and a writer that stopped writing
+        # lets the queue grow through the next multiple.
+        elif not queued & (_CHECK_EVERY - 1) and self._behind(ts):
+            self._hold_back()
 
-    def _lag(self, now: float) -> float:
-        """Seconds the oldest queued row has waited (0 when the queue starts with a flush)."""
+    def _oldest(self) -> float | None:
+        """log() time of the oldest row not yet written to the OS (None: all written)."""
+        held = self._held  # set before the row leaves the queue, cleared once written
+        if held is not None:
+            return held
         try:
-            head = self._q[0]
+            ts = self._q[0][1]
         except IndexError:
-            return 0.0
-        ts = head[1]
-        return now - ts if type(ts) is float else 0.0
+            return None
+        return ts if type(ts) is float else None  # a flush request: a write is under way
 
-    def _reserve(self, n: int, now: float) -> None:
+    def _backlog(self, rows: int | None = None) -> float:
+        """Projected seconds to write ``rows`` rows (default: every unwritten one) and every
+        unwritten tensor byte."""
+        if rows is None:
+            rows = len(self._q) + self._held_rows
+        return rows * self._cost_row + self._queued_bytes * self._cost_byte
+
+    def _behind(self, now: float) -> bool:
+        """Would the oldest unwritten row, written after the backlog, miss ``Budget.wait``?"""
+        oldest = self._oldest()
+        return oldest is not None and now - oldest + self._backlog() > self._b.wait
+
+    def _hold_back(self, *, until: float | None = None) -> None:
+        """Wait until the writer can write everything unwritten within the budget (and, with
+        ``until``, has written every row logged then)."""
+        # A busy machine delays the writer by tens of milliseconds now and then: not worth a
+        # warning; waits adding up to twice flush_interval are.
+        start = time.time()
+        with self._cv:
+            while self.error is None and (self._behind(now := time.time()) or until is not None
+                                          and (self._oldest() or now) <= until):
+                if self._waited + now - start >= 2 * self._b.flush:
+                    age = now - (self._oldest() or now)
+                    self._warn_wait(f"the oldest row not yet written was logged {age:.2f} s "
+                                    f"ago and writing the {len(self._q) + self._held_rows} rows and "
+                                    f"{self._queued_bytes / 2**20:.0f} MiB behind it would take "
+                                    f"~{self._backlog():.2f} s more; log() waits beyond "
+                                    f"{self._b.wait:g} s so that every row reaches the disk within "
+                                    f"flush_interval={self._b.flush:g} s")
+                self._wake.set()
+                self._cv.wait(0.02)
+        self._waited += time.time() - start
+
+    def _wait_ready(self) -> None:
+        """Before the first rows, wait for the writer's imports (pyarrow, in the background
+        since init()): on a busy machine they take a good part of flush_interval."""
+        while not self._ready.wait(0.1) and self.error is None and self._thread.is_alive():
+            pass
+
+    def _reserve(self, n: int) -> None:
+        """Wait for room in the queue for ``n`` tensor bytes and one row."""
         s = self._s
         if not self._wake.is_set():
             self._wake.set()  # rows are piling up: keep the writer at them, not asleep
         with self._cv:
             while self.error is None and (
                     (self._queued_bytes and self._queued_bytes + n > s.queue_max_bytes)
-                    or len(self._q) >= self._max_rows
-                    or (len(self._q) >= self._check_rows and self._lag(now) > self._max_lag)):
-                if not self._warned_full:
-                    self._warned_full = True
-                    warnings.warn(
-                        "gradexp: log() is waiting for the writer to catch up (the queue holds "
-                        f"{self._queued_bytes / 2**20:.0f} MiB and {len(self._q)} rows, the oldest "
-                        f"{self._lag(now):.2f} s old; limits queue_max_bytes={s.queue_max_bytes}, "
-                        f"queue_max_rows={s.queue_max_rows}, and rows may wait "
-                        f"{self._max_lag:g} s so that they reach the disk within flush_interval). "
-                        "Nothing is dropped.", GradexpWarning, stacklevel=5)
+                    or len(self._q) >= self._max_rows):
+                self._warn_wait(f"the queue holds {self._queued_bytes / 2**20:.0f} MiB and "
+                                f"{len(self._q)} rows; limits queue_max_bytes={s.queue_max_bytes}, "
+                                f"queue_max_rows={s.queue_max_rows}")
                 self._wake.set()
                 self._cv.wait(0.02)
-                now = time.time()
             self._queued_bytes += n
 
+    def _warn_wait(self, why: str) -> None:
+        if not self._warned_wait:
+            self._warned_wait = True
+            warnings.warn(f"gradexp: log() is waiting for the writer to catch up ({why}). "
+                          "Nothing is dropped. This is warned about once.", GradexpWarning, stacklevel=6)
+
     def _release(self, n: int) -> None:
+        self._written_bytes += n  # (writer thread)
         with self._cv:
             self._queued_bytes -= n
             self._cv.notify_all()
@@ -232,20 +335,26 @@ class Writer:
     # -- writer thread -------------------------------------------------------------------
 
     def _main(self) -> None:
-        tick = min(self._flush_every / 2, 0.25)
         try:
             # Import pyarrow here, in the background, right after init(): `import gradexp`
             # stays light, and the first flush (or a quick finish()) does not pay for it.
+            # pyarrow.compute (casts: string columns, the index at a seal) takes 0.2 s more,
+            # a second or more on a busy machine: not in the middle of a write.
+            import pyarrow.compute  # noqa: F401
+
             from . import _arrow, _summary  # noqa: F401
 
+            self._ready.set()
             while True:
-                self._wake.wait(tick)
+                self._wake.wait(self._sleep())
                 self._wake.clear()
+                t0 = time.perf_counter()
                 if self._drain():
                     return
                 self._write_ready()
+                self._busy += time.perf_counter() - t0
                 now = time.monotonic()
-                if now - self._last_flush >= self._flush_every:
+                if self._write_due(time.time()) or now - self._last_flush >= self._b.housekeeping:
                     self._flush()
                 if now - self._last_trim >= _TRIM_EVERY:
                     self._last_trim = now
@@ -260,23 +369,44 @@ class Writer:
                 self._cv.notify_all()
             self._abandon()
 
+    def _sleep(self) -> float:
+        """Seconds until a write is due by age (scalar rows do not wake the writer), at most
+        ``Budget.poll``, and no later than the next housekeeping flush."""
+        b = self._b
+        left = min(b.poll, self._last_flush + b.housekeeping - time.monotonic())
+        oldest = self._oldest()
+        if oldest is not None:
+            left = min(left, oldest + b.write - self._backlog() - time.time())
+        return max(left, 0.0)
+
+    def _write_due(self, now: float) -> bool:
+        """True once the oldest held row, written after what is held, would reach
+        ``Budget.write``."""
+        held = self._held
+        return held is not None and now - held + self._backlog(self._held_rows) >= self._b.write
+
     def _drain(self) -> bool:
         """Process what is queued; True once a close has been handled.
 
-        Returns early once a flush is due, so a log() loop that never pauses (the queue is
-        never empty) cannot hold back flushes: they are the flush_interval guarantee.
+        Returns early once a write is due, so a log() loop that never pauses (the queue is
+        never empty) cannot hold back writes: they are the flush_interval guarantee. Each
+        call takes rows for at least a quarter of ``Budget.write`` first, so a backlog of old
+        rows is written in batches, not a frame per row.
         """
         q = self._q
-        waiting = False
-        due = self._last_flush + self._flush_every
+        waiting = heavy = False
+        batch_until = time.time() + self._b.write / 4
         while q:
-            if waiting and time.monotonic() >= due:
-                self._wake.set()  # more is queued: come straight back after the flush
-                break
-            item = q.popleft()
+            if waiting and (heavy or not self._held_rows & 7):  # after a row with tensors, or 8 rows
+                now = time.time()
+                if now >= batch_until and self._write_due(now):
+                    self._wake.set()  # more is queued: come straight back after the write
+                    break
+            item = q[0]
             if len(item) == 3 and type(item[0]) is str:
+                q.popleft()
                 kind, done, fsync = item
-                self._flush(fsync=fsync, seal=kind == "close")
+                self._flush(fsync=fsync, seal=kind == "close", meta=True)
                 done.set()
                 if kind == "close":
                     if self._workers:
@@ -285,13 +415,17 @@ class Writer:
                     return True
                 continue
             step, ts, p = item
+            if self._held is None:
+                self._held = ts  # before the row leaves the queue: log() always sees its age
+            q.popleft()
+            self._held_rows += 1
             tsum: dict[str, Any] = {}
             for key, t in p.tensors.items():
                 tsum[key] = self._add_tensor(key, step, t)
             self._rows.append((step, ts, p.scalars, tsum))  # not a cached local: writing swaps it
             if len(self._rows) >= _HISTORY_MAX_ROWS:
                 self._write_history()
-            waiting = True
+            waiting, heavy = True, bool(p.nbytes)
         if waiting and len(q) < self._s.queue_max_rows:
             with self._cv:
                 self._cv.notify_all()
@@ -336,14 +470,17 @@ class Writer:
 
     def _write_one(self, item: tuple[Future, str, int, Tensor]) -> None:
         fut, key, step, t = item
+        t0 = time.perf_counter()
         self._inflight_bytes -= t.array.nbytes
         result = fut.result()
+        self._encode_byte += _LEARN * (fut.seconds / max(t.array.nbytes, 1) - self._encode_byte)
         _, header, payload, raw, elem = result
         self._append(TENSORS, header, payload, key=key, steps=(step, step), rows=1, raw=raw, elem=elem)
         result[1] = result[2] = None  # the history row keeps this future for its summary only
         self._give_payload(payload)
         self.pool.give(t.buffer)  # encoded: the snapshot's memory can take the next one
         self._release(t.array.nbytes)
+        self._tensor_time += time.perf_counter() - t0
 
     def _give_payload(self, payload: np.ndarray | list[Any]) -> None:
         """Hand a written payload's buffer back to the pool (it is a view of one)."""
@@ -370,11 +507,12 @@ class Writer:
         self._give_payload(payload)
         self._release(g.nbytes)
 
-    def _write_history(self) -> None:
+    def _write_history(self, upto: int | None = None) -> None:
+        """Write the rows held (the first ``upto`` of them) as one history frame."""
         from ._arrow import history_ipc, rows_to_batch
         from ._format import KIND_HISTORY, encode_frame
 
-        rows, self._rows = self._rows, []
+        rows, self._rows = self._rows[:upto], self._rows[len(self._rows) if upto is None else upto:]
         if not rows:
             return
         tensor_keys: dict[str, None] = {}
@@ -408,12 +546,23 @@ class Writer:
         if part is not None:
             part.seal(drop_cache=not self._live)
 
-    def _flush(self, *, fsync: bool = False, seal: bool = False) -> None:
+    def _flush(self, *, fsync: bool = False, seal: bool = False, meta: bool = False) -> None:
+        """Write everything held to the OS, seal parts that are due, and say so to log();
+        save run metadata with ``meta`` or once per ``Budget.housekeeping``."""
+        t0 = time.perf_counter()
         while self._inflight:
+            if not self._inflight[0][0].done():
+                self._write_before_encode()
             self._write_one(self._inflight.popleft())
+        t1 = time.perf_counter()
         for key in list(self._groups):
             self._write_group(key)
+        self._tensor_time += time.perf_counter() - t1
         self._write_history()
+        self._learn(self._busy + time.perf_counter() - t0)
+        self._held, self._held_rows = None, 0
+        with self._cv:
+            self._cv.notify_all()  # log() may be waiting for these rows to be written
         now = time.monotonic()
         for stream, part in list(self._parts.items()):
             if seal or now - part.created >= self._max_age[stream]:
@@ -421,10 +570,33 @@ class Writer:
             elif fsync:
                 part.fsync()
         self._last_flush = now
-        try:
-            self._on_flush()
-        except Exception as e:  # metadata is best effort; the data path goes on
-            warnings.warn(f"gradexp: could not save run metadata: {e!r}", GradexpWarning, stacklevel=1)
+        if meta or now - self._last_meta >= self._b.housekeeping:
+            self._last_meta = now
+            try:
+                self._on_flush()
+            except Exception as e:  # metadata is best effort; the data path goes on
+                warnings.warn(f"gradexp: could not save run metadata: {e!r}", GradexpWarning, stacklevel=1)
+
+    def _write_before_encode(self) -> None:
+        """Write the history rows before the one waiting for the oldest encode job: a slow
+        encode (a busy machine) holds back only its row and those after it."""
+        fut = self._inflight[0][0]
+        upto = next((i for i, r in enumerate(self._rows) if any(v is fut for v in r[3].values())),
+                    len(self._rows))  # (a full history batch may have taken its row already)
+        if upto:
+            self._write_history(upto)
+
+    def _learn(self, busy: float) -> None:
+        """Update the running costs from what writing the rows held took, from their drain
+        to now (wall time: a busy machine's delays count). Groups of small tensors filled
+        and written while draining count as row cost."""
+        rows, nbytes, tensors = self._held_rows, self._written_bytes, self._tensor_time
+        if nbytes:
+            self._cost_byte += _LEARN * (tensors / nbytes - self._cost_byte)
+        if rows:
+            self._cost_row += _LEARN * (max(busy - tensors, 0.0) / rows - self._cost_row)
+        self._busy = self._tensor_time = 0.0
+        self._written_bytes = 0
 
     def _abandon(self) -> None:
         """After a failure: release waiters and close files (parts stay open for recovery)."""

@@ -727,3 +727,18 @@ class WebSession:
     def form_post(self, page_path: str, action: str, data: dict[str, str]):
         """POST a form of the page at ``page_path``, with that page's CSRF token."""
         return self.post(action, {"csrf": self.csrf(self.get(page_path).text), **data})
+
+
+# -- a busy machine ------------------------------------------------------------------------------------
+
+class CpuBurners:
+    """``n`` processes spinning on the CPU until :meth:`stop`: the load under which a
+    timing promise must still hold."""
+
+    def __init__(self, n: int = 2) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], env=clean_env())
+                      for _ in range(n)]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            _stop(p, timeout=5)
