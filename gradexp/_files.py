@@ -48,7 +48,8 @@ def to_jsonable(value: Any) -> Any:
 
 def write_json(path: Path, data: Any, *, fsync: bool = False) -> None:
     """Write ``data`` as JSON via a temp file (mode 0600) and rename, so readers never see
-    half a file; with ``fsync`` it is on disk before the rename."""
+    half a file; with ``fsync`` it is on disk before the rename, and the rename is made
+    durable by an fsync of the folder."""
     text = json.dumps(data, indent=2, default=to_jsonable, allow_nan=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -58,6 +59,12 @@ def write_json(path: Path, data: Any, *, fsync: bool = False) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        if fsync:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     except BaseException:
         try:
             os.unlink(tmp)

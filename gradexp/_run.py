@@ -294,6 +294,7 @@ class Run:
         Never raises for gradexp's own failures (a failed writer, a full disk): the run is
         marked ``failed`` with the reason in ``run.json`` (``error``), and a warning says so.
         """
+        exit_code = exit_code_for_record(exit_code)
         if self._finished or self._pid != os.getpid():
             return
         with self._lock:
@@ -367,7 +368,7 @@ def _write_meta(path: Path, meta: Mapping[str, Any]) -> None:
     spaces, which JSON ignores, so it never shrinks and never shows a torn tail).
     """
     try:
-        write_json(path, meta)
+        write_json(path, meta, fsync=True)  # the run's final status survives a power loss
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -483,6 +484,15 @@ def _status_code(status: object) -> int:
     if status is None:
         return 0
     return int(status) if isinstance(status, int) else 1
+
+
+EXIT_CODE_MAX = (1 << 31) - 1
+
+
+def exit_code_for_record(code: int) -> int:
+    """``code`` within 32 bits, as run.json and every server database keep it: an exit code
+    beyond that (which no process can exit with) is clamped, keeping its sign."""
+    return max(-EXIT_CODE_MAX - 1, min(int(code), EXIT_CODE_MAX))
 
 
 _hooks_installed = False

@@ -37,6 +37,7 @@ from . import _format
 from ._client import Client
 from ._errors import ApiError
 from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, read_json, write_json
+from ._run import exit_code_for_record
 
 UPLOADED_LOG = "uploaded.log"
 DONE_MARK = "#finished"
@@ -238,7 +239,8 @@ class Uploader:
 def final_status(meta: dict[str, Any]) -> tuple[str, int | None]:
     status = meta.get("status", "running")
     if status in ("finished", "failed"):
-        return status, meta.get("exit_code")
+        code = meta.get("exit_code")
+        return status, None if code is None else exit_code_for_record(code)
     return "crashed", None
 
 

@@ -261,3 +261,17 @@ def test_online_parts_are_sealed_after_two_seconds_unless_set():
     assert resolve(online, environ={}).part_max_age == 2.0
     assert resolve({**online, "part_max_age": 30}, environ={}).part_max_age == 30.0
     assert resolve({}, environ={}).part_max_age == 60.0
+
+
+def test_finish_makes_the_final_status_durable(fsyncs):
+    """run.json's last write (the run's final status) is fsynced before its rename, and the
+    folder after it: a power loss right after finish() cannot bring back "running"."""
+    run = gradexp.init("p")
+    run.log({"a": 1.0})
+    folder = run.dir.resolve()
+    fsyncs.calls.clear()
+    run.finish()
+    assert any(Path(p).parent == folder and Path(p).name.startswith(".run.json.") for p in fsyncs.files()), \
+        fsyncs.calls
+    assert any("run.json" in listing and not any(n.startswith(".run.json.") for n in listing)
+               for listing in fsyncs.dirs(folder)), fsyncs.calls

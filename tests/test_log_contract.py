@@ -304,3 +304,18 @@ def test_a_failed_writer_ends_the_run_failed_on_the_server_too(server, tmp_path,
     assert read(run).status == "failed" and "No space left" in read(run).meta["error"]
     remote = gradexp.Api(host=server.url, api_key=server.key).run(f"ann/failing/{run.id}")
     assert remote.status == "failed"
+
+
+def test_an_exit_code_beyond_32_bits_is_recorded_clamped(tmp_path):
+    """Every server database keeps exit codes in 32 bits: finish(exit_code=2**40) must not
+    make the run impossible to upload, so run.json records it clamped (sign kept)."""
+    import json
+
+    from gradexp import _service
+
+    for given, kept in ((2**40, 2**31 - 1), (-(10**30), -(2**31)), (3, 3)):
+        run = gradexp.init("p", dir=tmp_path)
+        run.finish(exit_code=given)
+        meta = json.loads((run.dir / "run.json").read_text())
+        assert meta["status"] == "failed" and meta["exit_code"] == kept, meta
+        assert _service.final_status({**meta, "exit_code": given}) == ("failed", kept)
