@@ -16,8 +16,8 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import zstandard

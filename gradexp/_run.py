@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NoReturn
+from typing import Any, NoReturn
 
 from ._errors import GradexpWarning, UsageError
 from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
@@ -475,7 +475,7 @@ def _finish_all() -> None:
         try:
             run.finish(exit_code=code)
         except Exception as e:
-            warnings.warn(f"gradexp: could not finish run {run.id} at exit: {e!r}", GradexpWarning)
+            warnings.warn(f"gradexp: could not finish run {run.id} at exit: {e!r}", GradexpWarning, stacklevel=1)
 
 
 def _status_code(status: object) -> int:

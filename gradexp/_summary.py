@@ -18,10 +18,9 @@ import numpy as np
 
 from ._arrow import HIST_BINS
 from ._format import _scratch
-
-HIST_EXACT = 1 << 18
 from ._values import is_ml_dtype
 
+HIST_EXACT = 1 << 18
 
 _EMPTY = {"count": 0, "nonfinite": 0, "zero_frac": None, "mean": None, "std": None,
           "min": None, "max": None, "norm": None, "hist": []}

@@ -9,7 +9,8 @@ Works with ``lightning`` (``lightning.pytorch``) or the older ``pytorch_lightnin
 from __future__ import annotations
 
 from argparse import Namespace
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 try:
     from lightning.fabric.utilities.logger import (

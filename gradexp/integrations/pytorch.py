@@ -11,7 +11,8 @@ import functools
 import json
 import threading
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class _Captured(Tensor):
         return _EMPTY
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     name = str(dtype).rpartition(".")[2]
     if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):

@@ -13,8 +13,9 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 try:
     import fcntl
