@@ -63,7 +63,7 @@ class Client:
 
     def clone(self) -> Client:
         """Another client (own connection) to the same server with the same key and hooks."""
-        other = Client(self.host, self.session.headers["Authorization"][7:], timeout=self.timeout,
+        other = Client(self.host, str(self.session.headers["Authorization"])[7:], timeout=self.timeout,
                        transport=self.transport, on_retry=self.on_retry)
         other.stop = self.stop
         return other

@@ -60,7 +60,7 @@ def _coerce(name: str, value: Any) -> Any:
     default = _FIELDS[name].default
     if isinstance(default, Path):
         return Path(value).expanduser()
-    kind = type(default)
+    kind: type = type(default)  # every field has a default: never dataclasses.MISSING
     try:
         return kind(value)
     except (TypeError, ValueError):
