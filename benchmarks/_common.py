@@ -23,9 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -151,7 +152,7 @@ def run_worker(script: str, system: System, *, quick: bool, timeout: float,
     label = system.name + (f" {extra}" if extra else "")
     log(f"  [{label}] running...")
     try:
-        proc = subprocess.run(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True,
                               text=True, timeout=timeout)
         if proc.returncode != 0 or not result.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

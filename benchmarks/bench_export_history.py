@@ -166,8 +166,9 @@ def w_gradexp(args, tmp):
     run_dir, t_log, t_write = _write_gradexp(tmp / "big", n)
     out_path = tmp / "history.parquet"
     times, hist_times = _gradexp_export(run_dir, out_path, reps)
-    import gradexp
     import pyarrow.parquet as pq
+
+    import gradexp
 
     table = gradexp.Api().run(run_dir).history()
     back = pq.read_table(out_path)

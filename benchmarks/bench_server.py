@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import shutil
 import socket
 import subprocess
@@ -65,7 +64,7 @@ class Server:
                 break
             except requests.ConnectionError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("server did not start")
+                    raise RuntimeError("server did not start") from None
                 time.sleep(0.1)
         self.key = (self.data / "local-api-key").read_text().strip()
 
@@ -173,7 +172,7 @@ def bench_concurrent(server: Server, root: Path, runs: int, steps: int, interval
             out = pool.map(_concurrent_worker, [(server.url, server.key, str(d), i, interval, barrier)
                                                  for i, d in enumerate(dirs)])
         wall = time.perf_counter() - t
-    lat = np.array([x for l, _ in out for x in l])
+    lat = np.array([x for lats, _ in out for x in lats])
     codes = [c for _, cs in out for c in cs]
     return {"runs": runs, "puts": len(codes), "5xx": sum(c >= 500 for c in codes),
             "non_2xx": sum(c >= 300 for c in codes), "p50_ms": float(np.percentile(lat, 50) * 1e3),

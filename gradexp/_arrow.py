@@ -10,7 +10,8 @@ logged byte order restored on read.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -241,7 +242,7 @@ def summaries_array(items: Sequence[dict[str, Any] | None]) -> pa.Array:
     return pa.StructArray.from_arrays(children, fields=list(SUMMARY_TYPE), mask=mask)
 
 
-_NULL_SUMMARY = {f.name: (None if f.name != "hist" else []) for f in SUMMARY_TYPE}
+_NULL_SUMMARY: dict[str, Any] = {f.name: (None if f.name != "hist" else []) for f in SUMMARY_TYPE}
 
 
 # -- history rows -> record batch ---------------------------------------------------------

@@ -20,7 +20,8 @@ import math
 import random
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -62,7 +63,7 @@ class Client:
 
     def clone(self) -> Client:
         """Another client (own connection) to the same server with the same key and hooks."""
-        other = Client(self.host, self.session.headers["Authorization"][7:], timeout=self.timeout,
+        other = Client(self.host, str(self.session.headers["Authorization"])[7:], timeout=self.timeout,
                        transport=self.transport, on_retry=self.on_retry)
         other.stop = self.stop
         return other

@@ -16,8 +16,8 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import zstandard
@@ -159,7 +159,8 @@ def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min:
     if into is not None:
         n = len(raw)
         buf = into(n + (n >> 7) + (1 << 12))  # above zstd's worst case for incompressible data
-        reader = _compressor().stream_reader(data, size=n, read_size=max(n, 1))
+        # zstandard reads any buffer; its stubs name only bytes, bytearray and memoryview
+        reader = _compressor().stream_reader(data, size=n, read_size=max(n, 1))  # type: ignore[arg-type]
         stored = 0
         while stored < buf.size:
             got = reader.readinto(buf[stored:])
@@ -170,7 +171,7 @@ def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min:
         payload = [buf[:stored], rest] if rest else buf[:stored]
         stored += len(rest)
     else:
-        payload = _compressor().compress(data)
+        payload = _compressor().compress(data)  # type: ignore[arg-type]  # any buffer, as above
         stored = len(payload)
     kb = key.encode()
     head = _HEAD.pack(MAGIC_FRAME, kind, CODEC_ZSTD, filt, elem, stored, len(raw),
@@ -243,7 +244,8 @@ class PartWriter:
         for i in range(0, len(bufs), 512):
             group = bufs[i:i + 512]
             n = sum(len(b) for b in group)
-            done = os.writev(self._fd, group)
+            # an ndarray is a buffer, but numpy's stubs say so only from Python 3.12 on (PEP 688)
+            done = os.writev(self._fd, group)  # type: ignore[arg-type]
             if done < n:  # short write: finish the rest
                 rest = b"".join(bytes(b) for b in group)[done:]
                 while rest:
@@ -273,6 +275,7 @@ class PartWriter:
 
         raw = index_to_ipc(self.frames)
         header, payload = encode_frame(KIND_INDEX, raw, rows=len(self.frames))
+        assert isinstance(payload, bytes)  # without into=, encode_frame returns bytes
         offset = self.size
         self._write([header, payload, _TRAILER.pack(offset, MAGIC_TRAILER)])
         os.fsync(self._fd)
@@ -472,7 +475,8 @@ def payload_problem(info: FrameInfo, payload: bytes | memoryview | mmap.mmap) ->
     Streams through the payload: checking a 2 GiB frame needs no 2 GiB buffer."""
     n = 0
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=False)
+        # zstandard reads any buffer (an mmap too); its stubs name only bytes types
+        reader = zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=False)  # type: ignore[arg-type]
         while chunk := reader.read(1 << 20):
             n += len(chunk)
             if n > info.raw:
@@ -676,6 +680,7 @@ def _write_sealed(final: Path, source: Path, frames: Sequence[FrameInfo]) -> lis
                 placed.append(dataclasses.replace(info, offset=pos))
                 pos += info.end - info.offset
             header, payload = encode_frame(KIND_INDEX, index_to_ipc(placed), rows=len(placed))
+            assert isinstance(payload, bytes)  # without into=, encode_frame returns bytes
             f.write(header)
             f.write(payload)
             f.write(_TRAILER.pack(pos, MAGIC_TRAILER))

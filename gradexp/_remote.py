@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -13,7 +14,6 @@ import requests
 from . import _arrow, _format
 from ._client import Client
 from ._errors import ApiError, RunNotFoundError
-
 
 READ_ATTEMPTS = 4
 """Attempts per read: a 5xx or a dropped connection is retried with backoff (~4 s in all),

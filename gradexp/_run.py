@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NoReturn
+from typing import Any, NoReturn
 
 from ._errors import GradexpWarning, UsageError
 from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
@@ -72,7 +72,7 @@ class Config(MutableMapping):
         del self._data[key]
         self._save()
 
-    def update(self, other: Any = (), /, **kw: Any) -> None:  # type: ignore[override]
+    def update(self, other: Any = (), /, **kw: Any) -> None:
         """Merge and save once (not once per key)."""
         new = dict(other, **kw)
         self._check(new)
@@ -215,7 +215,8 @@ class Run:
         is recorded with one warning; readers return rows in step order and keep the
         last write of a (step, key).
         """
-        if self._finished or self.disabled or self._pid != _pid or self._writer.error:
+        # a disabled run has no writer (the same test as self.disabled, and it narrows the type)
+        if self._finished or self._writer is None or self._pid != _pid or self._writer.error:
             return self._inactive_log()
         if step is not None and (type(step) is not int or not 0 <= step <= INT_MAX):
             step = _check_step(step)
@@ -260,6 +261,7 @@ class Run:
             self._max_step = step
         if p.scalars:
             self.summary._logged(p.scalars)
+        assert self._writer is not None  # rows reach _emit only from a run that writes
         self._writer.put_row(step, time.time(), p)
 
     def _inactive_log(self) -> None:
@@ -282,10 +284,12 @@ class Run:
         """Write everything logged so far to the part files (and ``fsync`` them if asked)."""
         if self.disabled or self._pid != os.getpid() or self._finished:
             return
+        assert self._writer is not None  # only a disabled run has none
         self._writer.flush(fsync=fsync)  # an open commit=False row stays open
 
     def _save_summary(self) -> None:
         if self.summary.dirty:
+            assert self.dir is not None  # the writer calls this, and only a disabled run has no folder
             write_json(self.dir / SUMMARY_JSON, self.summary.snapshot())
 
     def finish(self, exit_code: int = 0) -> None:
@@ -308,6 +312,7 @@ class Run:
         if self.disabled:
             return
         errors: list[str] = []
+        assert self._writer is not None and self.dir is not None  # only a disabled run has none
         self._writer.flush(fsync=True, close=True)  # never raises: a failure is kept in .error
         if self._writer.error is not None:  # warned about when it happened
             errors.append(f"the background writer failed: {self._writer.error!r}")
@@ -475,7 +480,7 @@ def _finish_all() -> None:
         try:
             run.finish(exit_code=code)
         except Exception as e:
-            warnings.warn(f"gradexp: could not finish run {run.id} at exit: {e!r}", GradexpWarning)
+            warnings.warn(f"gradexp: could not finish run {run.id} at exit: {e!r}", GradexpWarning, stacklevel=1)
 
 
 def _status_code(status: object) -> int:
@@ -520,7 +525,7 @@ def _install_hooks() -> None:
     def exit_hook(status: object = None) -> NoReturn:
         if threading.current_thread() is threading.main_thread():
             _exit_code[:] = [_status_code(status)]
-        exit_(status)
+        exit_(status)  # type: ignore[arg-type]  # sys.exit takes any object; typeshed lists str, int, None
 
     sys.exit = exit_hook
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 MODES = ("online", "offline", "disabled")
 MiB = 1 << 20
@@ -59,7 +60,7 @@ def _coerce(name: str, value: Any) -> Any:
     default = _FIELDS[name].default
     if isinstance(default, Path):
         return Path(value).expanduser()
-    kind = type(default)
+    kind: type = type(default)  # every field has a default: never dataclasses.MISSING
     try:
         return kind(value)
     except (TypeError, ValueError):

@@ -18,12 +18,11 @@ import numpy as np
 
 from ._arrow import HIST_BINS
 from ._format import _scratch
-
-HIST_EXACT = 1 << 18
 from ._values import is_ml_dtype
 
+HIST_EXACT = 1 << 18
 
-_EMPTY = {"count": 0, "nonfinite": 0, "zero_frac": None, "mean": None, "std": None,
+_EMPTY: dict[str, Any] = {"count": 0, "nonfinite": 0, "zero_frac": None, "mean": None, "std": None,
           "min": None, "max": None, "norm": None, "hist": []}
 
 
@@ -125,9 +124,9 @@ def _summarize_blocks(x: np.ndarray) -> dict[str, Any] | None:
 def _summarize(arr: np.ndarray) -> dict[str, Any]:
     flat = arr.reshape(-1)
     if flat.size >= _BLOCK and (flat.dtype.kind == "f" or is_ml_dtype(flat.dtype)):
-        out = _summarize_blocks(flat)
-        if out is not None:
-            return out
+        blocks = _summarize_blocks(flat)
+        if blocks is not None:
+            return blocks
     x = _as_real(flat)
     n = int(x.size)
     if n == 0:

@@ -11,7 +11,8 @@ import mmap
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
 
@@ -322,7 +323,7 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
                     "(log numbers, strings, arrays or tensors; nest dicts for groups)"
                 )
             if arr.ndim == 0 and (arr.dtype.kind in _REAL_KINDS or is_ml_dtype(arr.dtype)):
-                value = arr[()]
+                value = cast(np.generic, arr[()])  # indexing a 0-d array by () gives a NumPy scalar
                 kind = _scalar_kind(value, key)
             else:
                 kind = TENSOR
@@ -340,6 +341,7 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
         if kind is not TENSOR:
             scalars[key] = value
         else:
+            assert arr is not None  # the kind is TENSOR only where arr was set
             snap = snapshot(arr, key, pool)
             tensors[key] = Tensor(snap, arr.dtype)
             out.nbytes += snap.nbytes
@@ -351,7 +353,7 @@ def _scalar_kind(value: np.generic, key: str) -> str:
     if k == "f" and dtype.itemsize > 8 and not is_ml_dtype(dtype):
         raise TypeError(f"log() key {key!r}: a NumPy {dtype} scalar does not fit float64, the type "
                         "history stores numbers in; log float(value) if rounding it is fine")
-    if k == "u" and dtype.itemsize == 8 and value > INT_MAX:
+    if k == "u" and dtype.itemsize == 8 and value.item() > INT_MAX:
         _out_of_range(key, value)
     if k in _REAL_KINDS or is_ml_dtype(dtype):
         return NUMBER

@@ -18,9 +18,10 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +47,12 @@ reference machine a 10-key row took ~10 us, and a 120 KB tensor ~3 ms (its summa
 computed row by row), a 4 MiB one ~5 ms. Erring high makes log() wait early, not late."""
 _LEARN = 0.5
 """Weight of the latest measurement in the running costs: a loop's shape can change at once."""
+
+
+class TimedFuture(Future):
+    """A Future that also carries how long its job ran: the writer's measure of a slow machine."""
+
+    seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,8 +110,8 @@ class _Workers:
                 fut.seconds = time.perf_counter() - t0  # the writer's measure of a slow machine
                 fut.set_result(result)
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        fut: Future = Future()
+    def submit(self, fn: Callable[..., Any], *args: Any) -> TimedFuture:
+        fut = TimedFuture()
         self._jobs.put((fut, fn, args))
         return fut
 
@@ -159,8 +166,9 @@ class _Group:
         if len(done) < len(self.arrays):
             from ._summary import summarize_rows
 
-            self._summaries = done + summarize_rows(np.stack(self.arrays[len(done):]))
-        return self._summaries
+            done = done + summarize_rows(np.stack(self.arrays[len(done):]))
+            self._summaries = done
+        return done
 
     def fits(self, t: Tensor) -> bool:
         return t.array.shape == self.shape and t.array.dtype == self.dtype and t.logical == self.logical
@@ -468,7 +476,7 @@ class Writer:
         while self._inflight and self._inflight[0][0].done():
             self._write_one(self._inflight.popleft())
 
-    def _write_one(self, item: tuple[Future, str, int, Tensor]) -> None:
+    def _write_one(self, item: tuple[TimedFuture, str, int, Tensor]) -> None:
         fut, key, step, t = item
         t0 = time.perf_counter()
         self._inflight_bytes -= t.array.nbytes
@@ -527,8 +535,8 @@ class Writer:
         self._append(HISTORY, header, payload, key="", steps=(min(steps), max(steps)),
                      rows=len(rows), raw=len(raw), elem=0)
 
-    def _append(self, stream: str, header: bytes, payload: bytes, *, key: str,
-                steps: tuple[int, int], rows: int, raw: int, elem: int) -> None:
+    def _append(self, stream: str, header: bytes, payload: bytes | np.ndarray | list[bytes | np.ndarray], *,
+                key: str, steps: tuple[int, int], rows: int, raw: int, elem: int) -> None:
         from ._format import FILTER_NONE, FILTER_SHUFFLE, KIND_HISTORY, KIND_TENSOR, PartWriter
 
         part = self._parts.get(stream)

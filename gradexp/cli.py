@@ -8,8 +8,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from ._client import Client
     from ._errors import ApiError
     from .api import Api
+    from .server.cli import Paths
 
 _DIR_OPTION = click.option("--dir", "base_dir", type=click.Path(file_okay=False, path_type=Path),
                            default=None, help="Folder of runs (default: $GRADEXP_DIR or ./gradexp-runs).")
@@ -75,7 +77,8 @@ def _user_error(e: BaseException) -> str | None:
 def _reason(e: BaseException) -> str:
     """The innermost cause of a network error ("Connection refused"), not urllib3's chain."""
     seen: set[int] = set()
-    todo, found = [e], None
+    todo: list[BaseException] = [e]
+    found: OSError | None = None
     while todo:
         x = todo.pop()
         if id(x) in seen:
@@ -85,7 +88,7 @@ def _reason(e: BaseException) -> str:
             found = x
         todo.extend(c for c in (x.__cause__, x.__context__, getattr(x, "reason", None), *x.args)
                     if isinstance(c, BaseException))
-    return found.strerror if found is not None else str(e)
+    return found.strerror if found is not None and found.strerror else str(e)
 
 
 def _api_error(e: ApiError) -> str:
@@ -305,7 +308,7 @@ def server(ctx: click.Context, bind: str, port: int, db_url: str | None, store_u
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="Make the user an administrator.")
 @click.pass_obj
-def create_user(paths: object, name: str, admin: bool) -> None:
+def create_user(paths: Paths, name: str, admin: bool) -> None:
     """Create a user (and their entity) in the server's database."""
     from .server import cli as server_cli
 
@@ -316,7 +319,7 @@ def create_user(paths: object, name: str, admin: bool) -> None:
 @click.argument("user")
 @click.option("--name", default="default", show_default=True, help="A name to recognise the key by.")
 @click.pass_obj
-def create_key(paths: object, user: str, name: str) -> None:
+def create_key(paths: Paths, user: str, name: str) -> None:
     """Create an API key for USER and print it (it is stored only as a hash)."""
     from .server import cli as server_cli
 
@@ -327,7 +330,7 @@ def create_key(paths: object, user: str, name: str) -> None:
 @click.argument("user")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input (scripts).")
 @click.pass_obj
-def set_password(paths: object, user: str, password_stdin: bool) -> None:
+def set_password(paths: Paths, user: str, password_stdin: bool) -> None:
     """Set USER's password for the web pages (asked twice at a hidden prompt)."""
     from .server import cli as server_cli
 
@@ -343,7 +346,7 @@ def set_password(paths: object, user: str, password_stdin: bool) -> None:
 @click.option("--base-url", default="http://127.0.0.1:8080", show_default=True,
               help="The server's address as the user's browser reaches it.")
 @click.pass_obj
-def signin_link(paths: object, user: str, base_url: str) -> None:
+def signin_link(paths: Paths, user: str, base_url: str) -> None:
     """Print a one-time sign-in link for USER (valid 24 h; for a forgotten password)."""
     from .server import cli as server_cli
 
@@ -352,7 +355,7 @@ def signin_link(paths: object, user: str, base_url: str) -> None:
 
 @server.command("list-users")
 @click.pass_obj
-def list_users(paths: object) -> None:
+def list_users(paths: Paths) -> None:
     """List users: admin or not, password set or not, active keys."""
     from .server import cli as server_cli
 
@@ -363,7 +366,7 @@ def list_users(paths: object) -> None:
 @click.argument("user", required=False)
 @click.option("--revoked", is_flag=True, help="Also list revoked keys.")
 @click.pass_obj
-def list_keys(paths: object, user: str | None, revoked: bool) -> None:
+def list_keys(paths: Paths, user: str | None, revoked: bool) -> None:
     """List API keys (of USER, or everyone's): id, first characters, name, last use."""
     from .server import cli as server_cli
 
@@ -373,7 +376,7 @@ def list_keys(paths: object, user: str | None, revoked: bool) -> None:
 @server.command("revoke-key")
 @click.argument("key_id", type=int)
 @click.pass_obj
-def revoke_key(paths: object, key_id: int) -> None:
+def revoke_key(paths: Paths, key_id: int) -> None:
     """Revoke the API key with id KEY_ID (from list-keys); it stops working at once."""
     from .server import cli as server_cli
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: installs what the tests need, then runs pytest.
+# The whole test suite, from a fresh clone: installs what the tests need, lints (ruff) and
+# type-checks (mypy) the code, then runs pytest.
 # The tests start real services themselves: PostgreSQL and MariaDB (from Debian packages,
 # installed here when missing), an S3-protocol server (moto, from the test extra),
 # gradexp servers on loopback, and Debian's headless Chromium (driven by Playwright from
@@ -23,4 +24,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 python -m pip install -q -e '.[test]'
+# Lint and type-check first: seconds, where the suite takes minutes (mypy keeps a cache in
+# .mypy_cache; a cold run reads torch's hints and takes about a minute).
+python -m ruff check gradexp tests benchmarks
+python -m mypy gradexp
 exec python -m pytest "$@"

@@ -18,9 +18,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 import sqlalchemy as sa
-from services import GradexpServer, WebSession
 
 from gradexp.server import accounts
+from services import GradexpServer, WebSession
 
 PASSWORD = "correct horse battery"
 REDIRECT = "http://127.0.0.1:45678/gradexp/callback"

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
-from services import GradexpServer, WebSession
 from test_accounts import authorize, grant_params, pkce, use_link
 
 from gradexp.server import accounts, db
+from services import GradexpServer, WebSession
 
 PASSWORD = "correct horse battery"
 WINDOW = 300  # seconds a failed sign-in counts

@@ -196,7 +196,7 @@ def test_tiny_queue_drops_nothing(tmp_path):
                        part_max_bytes=2_000_000)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for k, a in enumerate(arrays):
+        for a in arrays:
             run.log({"w": a, "small": a[:10]})
             a[:] = -1  # mutating after log() must not change what is stored
         run.finish()
@@ -284,7 +284,7 @@ def test_fork_while_another_thread_logs(tmp_path):
 
 def test_several_runs_open_at_once(tmp_path):
     a = gradexp.init("p", id="a", dir=tmp_path, flush_interval=0.2)
-    b = gradexp.init("p", id="b", dir=tmp_path, flush_interval=0.2)
+    gradexp.init("p", id="b", dir=tmp_path, flush_interval=0.2)
     gradexp.log({"x": 1, "t": np.arange(3)})  # to b, the most recent
     a.log({"y": 2.0, "t": np.arange(4.0)})
     c = gradexp.init("q", id="c", dir=tmp_path, flush_interval=0.2)

@@ -17,8 +17,15 @@ import sqlalchemy as sa
 import gradexp
 from gradexp import _format
 from gradexp.server import accounts, db
-from services import (GradexpServer, assert_uploaded_exactly_once, check_history, finish_runs, same_bits, values,
-                      wait_for)
+from services import (
+    GradexpServer,
+    assert_uploaded_exactly_once,
+    check_history,
+    finish_runs,
+    same_bits,
+    values,
+    wait_for,
+)
 
 BACKENDS = ["sqlite", "postgresql", "mariadb"]
 

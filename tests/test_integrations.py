@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from test_watch import cnn, digits, same_bits  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradexp  # noqa: E402
-from test_watch import cnn, digits, same_bits  # noqa: E402
 
 CLIP = 0.05
 

@@ -17,9 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-from services import GradexpServer, WebSession, clean_env, run_python, wait_for
 
 from gradexp import _auth, _login
+from services import GradexpServer, WebSession, clean_env, run_python, wait_for
 
 PASSWORD = "correct horse battery"
 SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"

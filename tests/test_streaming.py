@@ -18,8 +18,16 @@ import pytest
 
 import gradexp
 from gradexp._service import DONE_MARK, UPLOADED_LOG
-from services import (GradexpServer, Trainer, assert_uploaded_exactly_once, check_history, clean_env, same_bits,
-                      values, wait_for)
+from services import (
+    GradexpServer,
+    Trainer,
+    assert_uploaded_exactly_once,
+    check_history,
+    clean_env,
+    same_bits,
+    values,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX only")
 

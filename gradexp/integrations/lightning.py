@@ -9,7 +9,8 @@ Works with ``lightning`` (``lightning.pytorch``) or the older ``pytorch_lightnin
 from __future__ import annotations
 
 from argparse import Namespace
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 try:
     from lightning.fabric.utilities.logger import (
@@ -20,15 +21,15 @@ try:
     from lightning.pytorch import Callback, LightningModule, Trainer
     from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
-except ImportError:  # pragma: no cover - the standalone package
-    from lightning_fabric.utilities.logger import (  # type: ignore[no-redef]
+except ImportError:  # pragma: no cover - the standalone package (other classes, the same API)
+    from lightning_fabric.utilities.logger import (
         _convert_json_serializable,
         _convert_params,
         _sanitize_callable_params,
     )
-    from pytorch_lightning import Callback, LightningModule, Trainer  # type: ignore[no-redef]
-    from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment  # type: ignore[no-redef]
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only  # type: ignore[no-redef]
+    from pytorch_lightning import Callback, LightningModule, Trainer  # type: ignore[assignment]
+    from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment  # type: ignore[assignment]
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from .._run import DEFAULT_PROJECT, Run, init, new_run_id
 from .pytorch import unwatch, watch
@@ -74,7 +75,8 @@ class GradexpLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params: Mapping[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
-        params = _convert_json_serializable(_sanitize_callable_params(_convert_params(params)))
+        # _convert_params passes any Mapping through (it converts only a Namespace); its hint says dict
+        params = _convert_json_serializable(_sanitize_callable_params(_convert_params(params)))  # type: ignore[arg-type]
         self.experiment.config.update(params)
 
     @rank_zero_only
@@ -108,7 +110,7 @@ class GradexpWatch(Callback):
 
     def __init__(self, log: str = "gradients", log_freq: int | None = None, prefix: str | None = None,
                  *, all_ranks: bool = False) -> None:
-        self._watch = {"log": log, "prefix": prefix, "all_ranks": all_ranks}
+        self._watch: dict[str, Any] = {"log": log, "prefix": prefix, "all_ranks": all_ranks}
         self._log_freq = log_freq
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -11,7 +11,8 @@ import functools
 import json
 import threading
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,8 +60,8 @@ class _Captured(Tensor):
         self._ready = ready
         self.logical = array.dtype
 
-    @property  # type: ignore[override]
-    def array(self) -> np.ndarray:
+    @property
+    def array(self) -> np.ndarray:  # type: ignore[override]  # Tensor's field, read-only here: waits first
         ready = self._ready
         if ready is not None:
             ready.synchronize()
@@ -73,7 +74,7 @@ class _Captured(Tensor):
         return _EMPTY
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     name = str(dtype).rpartition(".")[2]
     if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
@@ -138,7 +139,8 @@ class _Slabs:
         except IndexError:
             slab = self._new()
         memory, dsts = slab
-        exporter = self._exporter.from_buffer(memory)
+        # an ndarray is a buffer, but numpy's stubs say so only from Python 3.12 on (PEP 688)
+        exporter = self._exporter.from_buffer(memory)  # type: ignore[arg-type]
         ref = weakref.ref(exporter, self._returned)  # kept here until it fires
         self._lent[id(ref)] = (ref, slab)
         with torch.no_grad():
@@ -156,7 +158,8 @@ class _Slabs:
                     ready.record(torch.cuda.current_stream(self.device))
         captured = out.tensors
         for (key, dt, shape), off in zip(self.specs, self.offsets):
-            captured[key] = _Captured(np.ndarray(shape, dt, buffer=exporter, offset=off), ready)
+            # a ctypes array is a buffer; numpy's stubs list only some buffer types
+            captured[key] = _Captured(np.ndarray(shape, dt, buffer=exporter, offset=off), ready)  # type: ignore[arg-type]
         out.nbytes += self.nbytes
         return dsts
 
@@ -303,7 +306,8 @@ class _Watch:
         if not self._due(n) or self.run._finished:
             return
         cap = Prepared()
-        items = [(self.keys["grad"][i], _local(p.grad))] if "grad" in self.kinds else []
+        # a post-accumulate-grad hook: p.grad is set
+        items = [(self.keys["grad"][i], _local(cast(torch.Tensor, p.grad)))] if "grad" in self.kinds else []
         if "param" in self.kinds:
             items.append((self.keys["param"][i], _local(p)))
         self._stage(items, cap)
@@ -379,8 +383,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log:
         raise ValueError(f"watch(log_freq={log_freq!r}): log_freq must be an int >= 1")
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch() takes a torch.nn.Module; got {type(model).__name__}")
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer  # a wrapper's (accelerate's): its step() calls this one's
+    while isinstance(inner := getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = inner  # a wrapper's (accelerate's): its step() calls this one's
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"watch(optimizer=...) takes a torch.optim.Optimizer; got {type(optimizer).__name__}")
     kinds = KINDS[log]

@@ -119,7 +119,7 @@ def sign_in(engine: Engine, name: str, password: str, address: str) -> int | Non
     name, address = name[:64], address[:64]
     f = db.login_failures
     with engine.begin() as conn:
-        attempt = conn.execute(sa.insert(f).values(name=name, address=address, at=now)).inserted_primary_key[0]
+        attempt = db.inserted_id(conn.execute(sa.insert(f).values(name=name, address=address, at=now)))
         conn.execute(sa.delete(f).where(f.c.at < now - 24 * 3600))
     with engine.connect() as conn:
         for where, limit in (((f.c.name == name) & (f.c.address == address), MAX_FAILURES),

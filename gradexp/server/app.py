@@ -17,9 +17,10 @@ import logging
 import mmap
 import reprlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -39,8 +40,19 @@ from .. import _arrow, _format
 from .._errors import CorruptPartError
 from .._version import __version__
 from . import db, history, web
-from .openapi import (MODELS, FinishBody, HistoryQuery, PartPath, RunPatch, RunPath, RunPut, RunsQuery, StepQuery,
-                      TensorPath, openapi)
+from .openapi import (
+    MODELS,
+    FinishBody,
+    HistoryQuery,
+    PartPath,
+    RunPatch,
+    RunPath,
+    RunPut,
+    RunsQuery,
+    StepQuery,
+    TensorPath,
+    openapi,
+)
 from .store import Store
 
 JSON_BODY_MAX = 8 << 20

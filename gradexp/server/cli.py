@@ -50,6 +50,7 @@ class Paths:
         in_memory = url.database in (None, "", ":memory:") or url.query.get("uri") == "true"
         if url.get_backend_name() != "sqlite" or in_memory:
             return None
+        assert url.database is not None  # in_memory covers None
         return Path(url.database).expanduser().absolute()
 
 

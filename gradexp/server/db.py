@@ -13,8 +13,9 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 try:
     import fcntl
@@ -38,7 +39,7 @@ thousand metrics (elsewhere TEXT has no such limit)."""
 
 def _define(md: sa.MetaData, version: int) -> None:
     """The tables as of schema ``version`` (columns carry the version that added them)."""
-    def since(v: int, *cols: sa.Column) -> list[sa.Column]:
+    def since(v: int, *cols: sa.schema.SchemaItem) -> list[sa.schema.SchemaItem]:
         return list(cols) if version >= v else []
     json_text = _LONG_TEXT if version >= 6 else sa.Text
 
@@ -363,10 +364,18 @@ class Viewer:
     key_id: int
 
 
+def inserted_id(result: sa.CursorResult[Any]) -> int:
+    """The primary key of the row a single-row INSERT made (SQLAlchemy types it optional:
+    an executemany has none)."""
+    key = result.inserted_primary_key
+    assert key is not None
+    return key[0]
+
+
 def create_user(engine: Engine, name: str, *, admin: bool = False) -> int:
     now = time.time()
     with engine.begin() as conn:
-        uid = conn.execute(sa.insert(users).values(name=name, is_admin=admin, created_at=now)).inserted_primary_key[0]
+        uid = inserted_id(conn.execute(sa.insert(users).values(name=name, is_admin=admin, created_at=now)))
         conn.execute(sa.insert(entities).values(name=name, user_id=uid))
     return uid
 
@@ -382,9 +391,9 @@ def create_key_with_id(engine: Engine, user: str, *, name: str = "default") -> t
         uid = conn.execute(sa.select(users.c.id).where(users.c.name == user)).scalar()
         if uid is None:
             raise LookupError(f"no user {user!r}")
-        key_id = conn.execute(sa.insert(api_keys).values(
+        key_id = inserted_id(conn.execute(sa.insert(api_keys).values(
             user_id=uid, name=name[:128], prefix=key[:8], hash=hash_key(key),
-            created_at=time.time())).inserted_primary_key[0]
+            created_at=time.time())))
     return key, key_id
 
 
@@ -600,9 +609,9 @@ def add_part(conn: Connection, pk: int, stream: str, seq: int, sha256: str, size
     """Record an uploaded part and its frames; False if an identical part was already there."""
     try:
         with conn.begin_nested():
-            part_id = conn.execute(sa.insert(parts).values(
+            part_id = inserted_id(conn.execute(sa.insert(parts).values(
                 run_pk=pk, stream=stream, seq=seq, sha256=sha256, size=size, object_key=object_key,
-                uploaded_at=time.time())).inserted_primary_key[0]
+                uploaded_at=time.time())))
     except sa.exc.IntegrityError:
         return False
     if index:

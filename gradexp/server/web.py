@@ -21,7 +21,8 @@ import html
 import json
 import re
 import secrets
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import sqlalchemy as sa
