@@ -9,15 +9,18 @@ On a seeded schedule it injects, instead of forwarding:
 - ``refused``: the accepted connection is reset and the listening socket is closed
   for a moment (new connections are refused), then opened again on the same port;
 - ``reset_request``: a reset in the middle of the request body (the server never sees it);
-- ``reset_response``: the request reaches the server, the answer is cut half-way by a
-  reset (the server did the work; the client does not know);
+- ``reset_response``: the request reaches the server, the answer is cut by a reset,
+  alternately inside its head and inside its body (the server did the work; the
+  client does not know);
 - ``stall``: the answer is held for several seconds, then delivered;
 - ``http_500``, ``http_502``, ``http_503``, ``http_429`` synthetic answers; 503 and 429
   carry ``Retry-After``, alternately in seconds and as an HTTP date.
 
-``kinds`` narrows the faults to some kinds. Bounded: at most ``max_faults`` faults (then it only forwards), every socket has a
-timeout, and after ``lifetime`` seconds it stops by itself. ``counts`` says what was
-injected, ``requests`` how many requests were seen (``seen``: their request lines).
+``kinds`` narrows the faults to some kinds; ``only`` to one request for each of its
+strings (the first whose request line holds it). Bounded: at most ``max_faults`` faults (then it only
+forwards), every socket has a timeout, and after ``lifetime`` seconds it stops by
+itself. ``counts`` says what was injected, ``requests`` how many requests were seen
+(``seen``: their request lines; ``faulted``: which got which fault).
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ SOCKET_TIMEOUT = 120.0
 class FaultProxy:
     def __init__(self, upstream_port: int, *, seed: int, rate: float = 0.3, max_faults: int = 200,
                  lifetime: float = 600.0, refuse_for: float = 1.0, stall_for: float = 3.0,
-                 retry_after: int = 1, kinds: tuple[str, ...] = KINDS) -> None:
+                 retry_after: int = 1, kinds: tuple[str, ...] = KINDS, only: tuple[str, ...] | None = None) -> None:
         assert kinds and set(kinds) <= set(KINDS), kinds
         self.upstream = (HOST, upstream_port)
         self.kinds = kinds
+        self._only = None if only is None else list(only)
         self.rng = random.Random(seed)
         self.rate = rate
         self.max_faults = max_faults
@@ -53,10 +57,13 @@ class FaultProxy:
         self.requests = 0
         self.seen: list[str] = []
         """Every request line, in the order they came."""
+        self.faulted: list[tuple[str, str]] = []
+        """(kind, request line) of every fault."""
         self.upstream_down = 0
         """Requests answered with a reset because the real server was down (not injected)."""
         self._order: list[str] = []
         self._http_date = False
+        self._cut_body = False
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._deadline = time.monotonic() + lifetime
@@ -75,11 +82,17 @@ class FaultProxy:
             self.seen.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
             if sum(self.counts.values()) >= self.max_faults or self.rng.random() >= self.rate:
                 return None
+            if self._only is not None:
+                match = [s for s in self._only if s in self.seen[-1]]
+                if not match:
+                    return None
+                self._only.remove(match[0])
             if not self._order:
                 self._order = list(self.kinds)
                 self.rng.shuffle(self._order)
             kind = self._order.pop()
             self.counts[kind] += 1
+            self.faulted.append((kind, self.seen[-1]))
             return kind
 
     def _retry_after_value(self) -> str:
@@ -168,7 +181,7 @@ class FaultProxy:
                 _reset(conn)
                 return
             if fault == "reset_response":
-                conn.sendall(answer[: len(answer) // 2])
+                conn.sendall(answer[: self._cut(answer)])
                 _reset(conn)
                 return
             if fault == "stall":
@@ -177,6 +190,16 @@ class FaultProxy:
             conn.close()
         except OSError:
             conn.close()
+
+    def _cut(self, answer: bytes) -> int:
+        """Where to cut an answer: alternately inside its head and inside its body."""
+        with self._lock:
+            self._cut_body = not self._cut_body
+            in_body = self._cut_body
+        head_end = answer.find(b"\r\n\r\n") + 4
+        if in_body and len(answer) - head_end > 1:
+            return head_end + (len(answer) - head_end) // 2
+        return head_end // 2
 
     def _synthetic(self, status: int) -> bytes:
         reason = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",

@@ -46,7 +46,7 @@ FAULT_TRAINER_SRC = services.TRAINER_SRC.replace(
     f".astype(np.float32)}} if step % {BIG_EVERY} == 0 else {{}})}})")
 assert FAULT_TRAINER_SRC != services.TRAINER_SRC
 
-TALLY: dict[str, Counter] = {"faults": Counter(), "other": Counter()}
+TALLY: dict[str, Counter] = {"faults": Counter(), "on": Counter(), "other": Counter()}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,7 +57,8 @@ def _report():
           f"({', '.join(f'{k} {f[k]}' for k in KINDS)}); {o['restarts']} server restarts "
           f"({o['upstream_down']} requests met a dead server); {o['online_runs']} online runs, "
           f"{o['synced_runs']} synced runs; {o['rows']} history rows, {o['tensors']} tensors "
-          f"({o['big']} of 4 MB), {o['parts']} parts compared: 0 lost, 0 duplicated")
+          f"({o['big']} of 4 MB), {o['parts']} parts checked equal to the local folders, each on the server once; "
+          f"faults hit: {dict(TALLY['on'].most_common())}")
 
 
 @pytest.fixture(autouse=True)
@@ -81,12 +82,23 @@ def server(request, tmp_path):
     srv.stop()
 
 
+def _what(request_line: str) -> str:
+    """``PUT part``, ``POST finish``, ``PATCH run``, ``GET viewer``: what a faulted request was."""
+    method, path = request_line.split()[:2]
+    if "/parts/" in path:
+        return f"{method} part"
+    if path.endswith("/finish") or path.endswith("/viewer"):
+        return f"{method} {path.rsplit('/', 1)[1]}"
+    return f"{method} run"
+
+
 def _db_url(server: GradexpServer) -> str:
     return server.db_url or f"sqlite:///{server.data_dir / 'gradexp.db'}"
 
 
 def _same_run(local_dir: Path, server: GradexpServer, project: str, run_id: str, *, big: bool = True) -> None:
-    """The server's run equals the local folder: history and every tensor, bit for bit."""
+    """The server's run equals the local folder: history and every tensor, bit for bit,
+    every part once. Tallies what was checked."""
     local = gradexp.Api().run(local_dir)
     remote = gradexp.Api(host=server.url, api_key=server.key).run(f"{USER}/{project}/{run_id}")
     assert remote.status == "finished", remote.meta
@@ -101,6 +113,7 @@ def _same_run(local_dir: Path, server: GradexpServer, project: str, run_id: str,
         assert remote.steps(key) == steps, key
         for s in steps:
             assert same_bits(remote.tensor(key, s), local.tensor(key, s)), (key, s)
+    assert_uploaded_exactly_once(_db_url(server), USER, project, run_id, local_dir)
     TALLY["other"]["rows"] += lh.num_rows
     TALLY["other"]["tensors"] += sum(len(local.steps(k)) for k in keys)
     TALLY["other"]["big"] += len(local.steps("big")) if big else 0
@@ -108,7 +121,8 @@ def _same_run(local_dir: Path, server: GradexpServer, project: str, run_id: str,
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) gradexp sender: ")
-_RETRY = re.compile(r" from (GET|PUT|PATCH|POST) \S+; retry \d+ in \d+\.\d s( \(\d+ more retries since the last line\))?$")
+_RETRY = re.compile(r" from (GET|PUT|PATCH|POST) \S+; retry \d+ in \d+\.\d s"
+                    r"( \(\d+ more retries since the last line\))?$")
 
 
 def _check_sender_log(path: Path) -> int:
@@ -153,7 +167,6 @@ def test_online_runs_and_sync_through_faults_and_restarts(server, tmp_path, monk
         _same_run(t.run_dir, server, "stream", "online")
         check_history(gradexp.Api(host=server.url, api_key=server.key).run(f"{USER}/stream/online").history(),
                       range(n))
-        assert_uploaded_exactly_once(_db_url(server), USER, "stream", "online", t.run_dir)
         assert (t.run_dir / UPLOADED_LOG).read_text().splitlines()[-1] == f"{DONE_MARK} {proxy.url}/{USER}"
         _check_sender_log(t.run_dir / "sender.log")
         TALLY["other"]["online_runs"] += 1
@@ -173,7 +186,6 @@ def test_online_runs_and_sync_through_faults_and_restarts(server, tmp_path, monk
         assert first.returncode == 0 and "synced 1 run(s)" in first.stderr, first.stdout + first.stderr
         assert "Traceback" not in first.stderr, first.stderr
         _same_run(run.dir, server, "stream", "offline")
-        assert_uploaded_exactly_once(_db_url(server), USER, "stream", "offline", run.dir)
         log = (run.dir / UPLOADED_LOG).read_text()
         before = gradexp.Api(host=server.url, api_key=server.key).run(f"{USER}/stream/offline").meta
         seen = len(proxy.seen)
@@ -187,35 +199,42 @@ def test_online_runs_and_sync_through_faults_and_restarts(server, tmp_path, monk
     finally:
         proxy.stop()
         TALLY["faults"].update(proxy.counts)
+        TALLY["on"].update(_what(line) for _, line in proxy.faulted)
         TALLY["other"]["requests"] += proxy.requests
         TALLY["other"]["upstream_down"] += proxy.upstream_down
     # Every kind of fault was injected at least once (the schedule goes through all kinds in turn).
     assert set(proxy.counts) == set(KINDS), proxy.counts
 
 
-def test_sync_survives_faults_on_its_first_request(tmp_path):
+def test_sync_survives_each_fault_on_its_first_and_last_request(tmp_path):
     """`gradexp sync` asks the server who the key belongs to first: a transient fault
-    there (a reset, a 503 during a deploy) is retried like every later request."""
+    there (a reset, a 503 during a deploy) is retried like every later request. And
+    its last request, POST /finish, is retried after a fault too, even one that came
+    after the server had finished the run (a reset of its answer)."""
     server = GradexpServer(tmp_path, data_dir=tmp_path / "srv")
     server.key = server.user_with_key(USER)
     server.start()
     try:
-        with gradexp.init("stream", id="first", dir=tmp_path / "runs") as run:
-            run.log(services.values(0))
         for kind in KINDS:
-            proxy = FaultProxy(server.port, seed=1, rate=1.0, max_faults=2, kinds=(kind,), lifetime=120)
+            with gradexp.init("stream", id=kind, dir=tmp_path / kind) as run:
+                run.log(services.values(0))
+            proxy = FaultProxy(server.port, seed=1, rate=1.0, max_faults=2, kinds=(kind,), lifetime=120,
+                               only=("GET /api/v1/viewer ", "/finish "))
             try:
                 r = subprocess.run([sys.executable, "-m", "gradexp", "sync", "--host", proxy.url, "--api-key",
-                                    server.key, "--dir", str(tmp_path / "runs")],
+                                    server.key, "--dir", str(tmp_path / kind)],
                                    capture_output=True, text=True, timeout=120, env=clean_env())
             finally:
                 proxy.stop()
-            assert r.returncode == 0, (kind, r.stderr)
-            assert proxy.counts == {kind: 2} and proxy.seen[0] == "GET /api/v1/viewer HTTP/1.1", proxy.seen
+            assert r.returncode == 0 and "synced 1 run(s)" in r.stderr, (kind, r.stderr)
+            assert "Traceback" not in r.stderr, r.stderr
+            assert proxy.seen[0] == "GET /api/v1/viewer HTTP/1.1", proxy.seen
+            assert [(k, line.split()[1].rsplit("/", 1)[1]) for k, line in proxy.faulted] == \
+                [(kind, "viewer"), (kind, "finish")], proxy.faulted
+            _same_run(run.dir, server, "stream", kind, big=False)
             TALLY["faults"].update(proxy.counts)
+            TALLY["on"].update(_what(line) for _, line in proxy.faulted)
             TALLY["other"]["requests"] += proxy.requests
-        assert gradexp.Api(host=server.url, api_key=server.key).run(f"{USER}/stream/first").status == "finished"
-        _same_run(run.dir, server, "stream", "first", big=False)
-        TALLY["other"]["synced_runs"] += 1
+            TALLY["other"]["synced_runs"] += 1
     finally:
         server.stop()
