@@ -5,7 +5,7 @@ A fault proxy (tests/faultproxy.py) sits between gradexp's client and a real
 and answers half-way, stalls answers, and answers 500/502/503/429 (``Retry-After`` in
 seconds and as an HTTP date). Online runs stream through it while the real server is
 killed and restarted several times, on SQLite and on PostgreSQL; then an offline run is
-synced through it. Afterwards the server must hold exactly the local run folder: every
+synced through it (the server killed and restarted once more on the way), twice. Afterwards the server must hold exactly the local run folder: every
 part once, history and every tensor bit for bit, the run finished; the sender logged
 its retries (rate-limited) and no traceback. The tallies are printed at the end (-s).
 """
@@ -182,7 +182,21 @@ def test_online_runs_and_sync_through_faults_and_restarts(server, tmp_path, monk
                     run.flush()
         cmd = [sys.executable, "-m", "gradexp", "sync", "--host", proxy.url, "--api-key", server.key,
                "--dir", str(tmp_path / "offline")]
-        first = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=clean_env())
+        mark = len(proxy.seen)
+        sync = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+        try:  # the server is killed and restarted once the sync is sending parts
+            services.wait_for(lambda: any("/parts/" in line for line in proxy.seen[mark:]), "sync sending parts",
+                              timeout=120)
+            server.kill()
+            time.sleep(0.5)
+            server.start()
+            TALLY["other"]["restarts"] += 1
+            out, err = sync.communicate(timeout=240)
+        finally:
+            if sync.poll() is None:
+                sync.kill()
+                sync.wait(30)
+        first = subprocess.CompletedProcess(cmd, sync.returncode, out, err)
         assert first.returncode == 0 and "synced 1 run(s)" in first.stderr, first.stdout + first.stderr
         assert "Traceback" not in first.stderr, first.stderr
         _same_run(run.dir, server, "stream", "offline")
