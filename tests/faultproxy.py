@@ -14,7 +14,7 @@ On a seeded schedule it injects, instead of forwarding:
   client does not know);
 - ``stall``: the answer is held for several seconds, then delivered;
 - ``http_500``, ``http_502``, ``http_503``, ``http_429`` synthetic answers; 503 and 429
-  carry ``Retry-After``, alternately in seconds and as an HTTP date.
+  carry ``Retry-After``, in turn as an HTTP date and in seconds (``retry_after_forms``).
 
 ``kinds`` narrows the faults to some kinds; ``only`` to one request for each of its
 strings (the first whose request line holds it). Bounded: at most ``max_faults`` faults (then it only
@@ -42,7 +42,7 @@ SOCKET_TIMEOUT = 120.0
 class FaultProxy:
     def __init__(self, upstream_port: int, *, seed: int, rate: float = 0.3, max_faults: int = 200,
                  lifetime: float = 600.0, refuse_for: float = 1.0, stall_for: float = 3.0,
-                 retry_after: int = 1, kinds: tuple[str, ...] = KINDS, only: tuple[str, ...] | None = None) -> None:
+                 retry_after: int = 1, retry_after_forms: tuple[str, ...] = ("date", "seconds"), kinds: tuple[str, ...] = KINDS, only: tuple[str, ...] | None = None) -> None:
         assert kinds and set(kinds) <= set(KINDS), kinds
         self.upstream = (HOST, upstream_port)
         self.kinds = kinds
@@ -62,7 +62,8 @@ class FaultProxy:
         self.upstream_down = 0
         """Requests answered with a reset because the real server was down (not injected)."""
         self._order: list[str] = []
-        self._http_date = False
+        self._forms = retry_after_forms
+        self._answers = 0
         self._cut_body = False
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -97,9 +98,9 @@ class FaultProxy:
 
     def _retry_after_value(self) -> str:
         with self._lock:
-            self._http_date = not self._http_date
-            as_date = self._http_date
-        if as_date:  # one second more: an HTTP date has whole seconds
+            form = self._forms[self._answers % len(self._forms)]
+            self._answers += 1
+        if form == "date":  # one second more: an HTTP date has whole seconds
             return email.utils.formatdate(time.time() + self.retry_after + 1, usegmt=True)
         return str(self.retry_after)
 

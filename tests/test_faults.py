@@ -232,8 +232,10 @@ def test_sync_survives_each_fault_on_its_first_and_last_request(tmp_path):
         for kind in KINDS:
             with gradexp.init("stream", id=kind, dir=tmp_path / kind) as run:
                 run.log(services.values(0))
+            # 429 and 503 on /finish (a logged retry): Retry-After of 2 s in seconds, then as a date
+            forms = ("date", "seconds") if kind == "http_429" else ("seconds", "date")
             proxy = FaultProxy(server.port, seed=1, rate=1.0, max_faults=2, kinds=(kind,), lifetime=120,
-                               only=("GET /api/v1/viewer ", "/finish "))
+                               only=("GET /api/v1/viewer ", "/finish "), retry_after=2, retry_after_forms=forms)
             try:
                 r = subprocess.run([sys.executable, "-m", "gradexp", "sync", "--host", proxy.url, "--api-key",
                                     server.key, "--dir", str(tmp_path / kind)],
@@ -245,6 +247,11 @@ def test_sync_survives_each_fault_on_its_first_and_last_request(tmp_path):
             assert proxy.seen[0] == "GET /api/v1/viewer HTTP/1.1", proxy.seen
             assert [(k, line.split()[1].rsplit("/", 1)[1]) for k, line in proxy.faulted] == \
                 [(kind, "viewer"), (kind, "finish")], proxy.faulted
+            if kind in ("http_429", "http_503"):  # Retry-After honoured: backoff alone waits <= 0.5 s
+                wait = re.search(rf"{kind[5:]} [A-Za-z ]+ from POST \S+/finish; retry 1 in (\d+\.\d) s", r.stderr)
+                assert wait, r.stderr
+                assert (wait.group(1) == "2.0") if kind == "http_429" else (0.6 <= float(wait.group(1)) <= 3.0), \
+                    r.stderr
             _same_run(run.dir, server, "stream", kind, big=False)
             TALLY["faults"].update(proxy.counts)
             TALLY["on"].update(_what(line) for _, line in proxy.faulted)
