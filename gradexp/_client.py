@@ -84,7 +84,9 @@ class Client:
             wait: float | None = None
             try:
                 r = self.session.request(method, url, timeout=self.timeout, **kw)
-            except (requests.ConnectionError, requests.Timeout) as e:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                # ChunkedEncodingError: the connection broke inside the answer's body (the
+                # request may have been done: every request here is safe to repeat).
                 error: Exception = e
                 what = type(e).__name__
             else:

@@ -53,7 +53,7 @@ class RemoteRun:
                 raise
             raise ApiError(e.status, f"reading {what} of run {self.entity}/{self.project}/{self.id} failed: "
                                      f"{e.message}", url) from None
-        except (requests.ConnectionError, requests.Timeout) as e:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             raise requests.ConnectionError(
                 f"reading {what} of run {self.entity}/{self.project}/{self.id}: {self.client.host} "
                 f"could not be reached: {e}") from None

@@ -32,6 +32,11 @@ SERVER_EXTRA = ("install the [server] extra: from a clone of gradexp, pip instal
                 "from a built wheel, pip install 'dist/gradexp-<version>-py3-none-any.whl[server]' "
                 "(the name gradexp on the package index is another project)")
 
+VIEWER_ATTEMPTS = 5
+VIEWER_DEADLINE = 30.0
+"""`gradexp sync`'s first request (whose key is this?) is tried this often within this
+many seconds: ~4 s of backoff for a refused connection, a Retry-After of up to ~30 s."""
+
 
 class _Commands(click.Group):
     """The top command group: a failure the user can act on ends as one ``Error:`` line.
@@ -235,7 +240,10 @@ def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base
         dirs = sorted(p.parent for p in api.dir.glob(f"*/*/{RUN_JSON}"))
     client = _client(api)
     try:
-        entity = client.json("GET", "/viewer", retry=False)["entity"]
+        # Retried a little (a reset or a 503 while a proxy restarts must not end the sync),
+        # but bounded: a wrong host or a server that is down still fails within seconds.
+        entity = client.json("GET", "/viewer", attempts=VIEWER_ATTEMPTS,
+                             deadline=time.monotonic() + VIEWER_DEADLINE)["entity"]
     except ApiError as e:
         raise click.ClickException(_api_error(e)) from None
     if not dirs:
