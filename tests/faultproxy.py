@@ -42,7 +42,8 @@ SOCKET_TIMEOUT = 120.0
 class FaultProxy:
     def __init__(self, upstream_port: int, *, seed: int, rate: float = 0.3, max_faults: int = 200,
                  lifetime: float = 600.0, refuse_for: float = 1.0, stall_for: float = 3.0,
-                 retry_after: int = 1, retry_after_forms: tuple[str, ...] = ("date", "seconds"), kinds: tuple[str, ...] = KINDS, only: tuple[str, ...] | None = None) -> None:
+                 retry_after: int = 1, retry_after_forms: tuple[str, ...] = ("date", "seconds"),
+                 kinds: tuple[str, ...] = KINDS, only: tuple[str, ...] | None = None) -> None:
         assert kinds and set(kinds) <= set(KINDS), kinds
         self.upstream = (HOST, upstream_port)
         self.kinds = kinds
@@ -119,7 +120,7 @@ class FaultProxy:
         while not self._stopped.is_set() and time.monotonic() < self._deadline:
             try:
                 conn, _ = self.listener.accept()
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 continue
             except OSError:  # closed for a refusal: it is open again in a moment
                 if self._stopped.is_set():

@@ -5,9 +5,10 @@ A fault proxy (tests/faultproxy.py) sits between gradexp's client and a real
 and answers half-way, stalls answers, and answers 500/502/503/429 (``Retry-After`` in
 seconds and as an HTTP date). Online runs stream through it while the real server is
 killed and restarted several times, on SQLite and on PostgreSQL; then an offline run is
-synced through it (the server killed and restarted once more on the way), twice. Afterwards the server must hold exactly the local run folder: every
-part once, history and every tensor bit for bit, the run finished; the sender logged
-its retries (rate-limited) and no traceback. The tallies are printed at the end (-s).
+synced through it (the server killed and restarted once more on the way), twice.
+Afterwards the server must hold exactly the local run folder: every part once, history
+and every tensor bit for bit, the run finished; the sender logged its retries
+(rate-limited) and no traceback. The tallies are printed at the end (-s).
 """
 
 from __future__ import annotations
