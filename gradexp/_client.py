@@ -37,6 +37,12 @@ RETRY_LOG_EVERY = 10.0
 """Seconds between two retry lines of one client (the ones between are counted, not shown)."""
 
 
+TRANSPORT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+"""Failures of the connection, retried like 5xx answers. ChunkedEncodingError: the connection
+broke inside the answer's body (the request may have been done: every request here is safe
+to repeat)."""
+
+
 class Client:
     def __init__(self, host: str, api_key: str, *, timeout: float = 60.0, transport: BaseAdapter | None = None,
                  on_retry: Callable[[str], None] | None = None) -> None:
@@ -72,8 +78,9 @@ class Client:
                 retry: bool = True, json: Any = None, **kw: Any) -> requests.Response:
         """Send, retrying transient failures; raise ApiError for a final 4xx/5xx answer.
 
-        ``deadline`` (a ``time.monotonic()`` value) and ``attempts`` bound the retries;
-        the last failure is raised when either runs out. ``retry=False`` is one attempt.
+        ``deadline`` (a ``time.monotonic()`` value) and ``attempts`` bound the retries, and
+        the deadline each attempt's socket timeout too; the last failure is raised when
+        either runs out. ``retry=False`` is one attempt.
         """
         url = f"{self.host}/api/v1{path}"
         if json is not None:
@@ -82,11 +89,12 @@ class Client:
         attempt = 0
         while True:
             wait: float | None = None
+            timeout = self.timeout
+            if deadline is not None:  # no single wait past the deadline (a host that never answers)
+                timeout = max(1.0, min(timeout, deadline - time.monotonic()))
             try:
-                r = self.session.request(method, url, timeout=self.timeout, **kw)
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-                # ChunkedEncodingError: the connection broke inside the answer's body (the
-                # request may have been done: every request here is safe to repeat).
+                r = self.session.request(method, url, timeout=timeout, **kw)
+            except TRANSPORT_ERRORS as e:
                 error: Exception = e
                 what = type(e).__name__
             else:

@@ -469,18 +469,22 @@ def recover_part(path: Path, *, report: Callable[[Repair], None] | None = None) 
 DAMAGED_SUFFIX = ".damaged"
 
 
-def payload_problem(info: FrameInfo, payload: bytes | memoryview | mmap.mmap) -> str | None:
+def payload_problem(info: FrameInfo, payload: bytes | memoryview | mmap.mmap, *,
+                    scratch: bytearray | None = None) -> str | None:
     """Why a frame's payload does not decode to its ``raw`` bytes (zstd checksum), or None.
 
-    Streams through the payload: checking a 2 GiB frame needs no 2 GiB buffer."""
+    Streams through the payload into ``scratch`` (reused by a caller checking many frames):
+    checking a 2 GiB frame needs no 2 GiB buffer, and a payload that decodes to more than
+    its header says is stopped there, not decoded to the end."""
+    buf = scratch if scratch is not None else bytearray(1 << 20)
     n = 0
     try:
         # zstandard reads any buffer (an mmap too); its stubs name only bytes types
-        reader = zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=False)  # type: ignore[arg-type]
-        while chunk := reader.read(1 << 20):
-            n += len(chunk)
-            if n > info.raw:
-                break
+        with zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=False) as reader:  # type: ignore[arg-type]
+            while got := reader.readinto(buf):
+                n += got
+                if n > info.raw:
+                    break
     except zstandard.ZstdError as e:
         return f"frame payload: {e}"
     if n > info.raw:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import requests
 
 from . import _arrow, _format
-from ._client import Client
+from ._client import TRANSPORT_ERRORS, Client
 from ._errors import ApiError, RunNotFoundError
 
 READ_ATTEMPTS = 4
@@ -53,7 +53,7 @@ class RemoteRun:
                 raise
             raise ApiError(e.status, f"reading {what} of run {self.entity}/{self.project}/{self.id} failed: "
                                      f"{e.message}", url) from None
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+        except TRANSPORT_ERRORS as e:
             raise requests.ConnectionError(
                 f"reading {what} of run {self.entity}/{self.project}/{self.id}: {self.client.host} "
                 f"could not be reached: {e}") from None

@@ -17,7 +17,8 @@ On a seeded schedule it injects, instead of forwarding:
   carry ``Retry-After``, in turn as an HTTP date and in seconds (``retry_after_forms``).
 
 ``kinds`` narrows the faults to some kinds; ``only`` to one request for each of its
-strings (the first whose request line holds it). Bounded: at most ``max_faults`` faults (then it only
+strings (the first whose request line holds it); requests whose line holds a string of
+``exempt`` are never faulted. Bounded: at most ``max_faults`` faults (then it only
 forwards), every socket has a timeout, and after ``lifetime`` seconds it stops by
 itself. ``counts`` says what was injected, ``requests`` how many requests were seen
 (``seen``: their request lines; ``faulted``: which got which fault).
@@ -43,11 +44,13 @@ class FaultProxy:
     def __init__(self, upstream_port: int, *, seed: int, rate: float = 0.3, max_faults: int = 200,
                  lifetime: float = 600.0, refuse_for: float = 1.0, stall_for: float = 3.0,
                  retry_after: int = 1, retry_after_forms: tuple[str, ...] = ("date", "seconds"),
-                 kinds: tuple[str, ...] = KINDS, only: tuple[str, ...] | None = None) -> None:
+                 kinds: tuple[str, ...] = KINDS, only: tuple[str, ...] | None = None,
+                 exempt: tuple[str, ...] = ()) -> None:
         assert kinds and set(kinds) <= set(KINDS), kinds
         self.upstream = (HOST, upstream_port)
         self.kinds = kinds
         self._only = None if only is None else list(only)
+        self._exempt = exempt
         self.rng = random.Random(seed)
         self.rate = rate
         self.max_faults = max_faults
@@ -82,6 +85,8 @@ class FaultProxy:
         with self._lock:
             self.requests += 1
             self.seen.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+            if any(s in self.seen[-1] for s in self._exempt):
+                return None
             if sum(self.counts.values()) >= self.max_faults or self.rng.random() >= self.rate:
                 return None
             if self._only is not None:

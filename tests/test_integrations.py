@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as L  # the test extra pins lightning and transformers: a missing one fails
 import numpy as np
-import pytest
+import torch
+import transformers
+from test_watch import cnn, digits, same_bits
+from torch import nn
 
-torch = pytest.importorskip("torch")
-from test_watch import cnn, digits, same_bits  # noqa: E402
-from torch import nn  # noqa: E402
-
-import gradexp  # noqa: E402
+import gradexp
 
 CLIP = 0.05
 
 
 def test_lightning_logger_and_watch():
-    L = pytest.importorskip("lightning.pytorch")
     from gradexp.integrations.lightning import GradexpLogger, GradexpWatch
 
     class Digits(L.LightningModule):
@@ -74,8 +73,6 @@ def test_lightning_logger_and_watch():
 
 
 def test_transformers_trainer_callback(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
     from gradexp.integrations.transformers import GradexpCallback
 
     torch.manual_seed(0)

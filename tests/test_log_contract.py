@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import gradexp
 from gradexp._client import Client
 from gradexp._service import sync
 from gradexp._values import MAX_KEY_LENGTH
-from services import GradexpServer, same_bits
+from services import GradexpServer, same_bits, unavailable
 
 
 def read(run) -> gradexp.api.StoredRun:
@@ -158,7 +159,7 @@ def full_disk(tmp_path):
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
                        text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+        unavailable(f"cannot mount a small tmpfs here (it needs root): {r.stderr.strip()}")
     try:
         yield mnt
     finally:
@@ -255,6 +256,30 @@ def test_last_write_wins_whatever_the_sizes(tmp_path, order):
     last = log_order(run, order)
     run.finish()
     check_last_write(read(run), order, last)
+
+
+@pytest.mark.parametrize("order", ORDERS.values(), ids=ORDERS.keys())
+def test_last_write_wins_when_the_writer_writes_between_the_logs(tmp_path, order, monkeypatch):
+    """The writer writes by the age of what it holds: with a short flush_interval and a pause
+    after each log(), every write of step 3 goes out in a write of its own (the history too),
+    not all at once at finish(). The last write still wins."""
+    run = gradexp.init("p", dir=tmp_path, flush_interval=0.05)
+    real_log = run.log
+
+    def log_and_wait(data, step=None, commit=True):
+        real_log(data, step, commit)
+        time.sleep(0.15)  # three flush_intervals: the writer has written what it held
+
+    monkeypatch.setattr(run, "log", log_and_wait)
+    last = log_order(run, order)
+    run.finish()
+    r = read(run)
+    check_last_write(r, order, last)
+    from gradexp import _format
+
+    history_frames = [f for p in _format.list_parts(run.dir / "parts", "history")
+                      for f in _format.scan_part(p).frames if f.kind == _format.KIND_HISTORY]
+    assert len(history_frames) >= 2, history_frames  # written between the logs, not once at finish
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

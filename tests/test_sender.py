@@ -173,6 +173,24 @@ def test_the_deadline_ends_retries_without_waiting_past_it(clock):
     assert len(fake.requests) >= 4  # it did retry, until the next wait would pass the deadline
 
 
+def test_the_deadline_bounds_each_attempts_socket_timeout(clock):
+    """A host that never answers: each attempt waits at most until the deadline (at least
+    1 s), not the client's 60 s timeout, so `gradexp sync`'s first request gives up in time."""
+    timeouts: list[float] = []
+
+    class Silent(FakeServer):
+        def send(self, request: requests.PreparedRequest, **kw: Any) -> requests.Response:
+            timeouts.append(kw["timeout"])
+            clock.now += kw["timeout"]  # the socket waited that long for nothing
+            raise requests.Timeout("no answer")
+
+    start = clock.now
+    with pytest.raises(requests.Timeout):
+        make_client(clock, Silent()).request("GET", "/viewer", deadline=start + 30)
+    assert timeouts[0] == 30 and all(1.0 <= t <= 30 for t in timeouts), timeouts
+    assert clock.now <= start + 30 + 1.0, (clock.now - start, timeouts)
+
+
 def test_a_retry_after_beyond_the_deadline_fails_at_once(clock):
     fake = FakeServer()
     fake.script = [error(429, {"Retry-After": "120"})]

@@ -7,12 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import sklearn.datasets as sklearn_datasets  # in the test extra, as torch is: a missing one fails
+import torch
+from torch import nn
 
-torch = pytest.importorskip("torch")
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
-from torch import nn  # noqa: E402
-
-import gradexp  # noqa: E402
+import gradexp
 
 
 def digits(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,6 @@ from urllib.parse import quote
 
 import numpy as np
 import sqlalchemy as sa
-import zstandard
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -444,23 +443,16 @@ def _verify_frames(data: memoryview, scan: _format.PartScan, label: str) -> None
     SHA-256 of the upload (docs/benchmarks.md). ValueError if anything is damaged.
     """
     scratch = bytearray(_CHECK_CHUNK)
-    dctx = zstandard.ZstdDecompressor()
     for info in scan.frames:
         if info.end > scan.valid_end or _format.parse_header(data, info.offset, scan.valid_end) != info:
             raise ValueError(f"{label}: the frame at byte {info.offset} does not match the part's index")
         if len(info.key) > db.KEY_CHARS:
             raise ValueError(f"{label}: the frame at byte {info.offset} has a key of {len(info.key)} characters, "
                              f"over the limit of {db.KEY_CHARS}: {info.key[:100]!r}...")
-        n = 0
-        try:  # the with blocks let go of the payload's buffer: the caller closes its mmap
-            with data[info.data_offset:info.end] as payload, \
-                    dctx.stream_reader(payload, read_across_frames=False) as reader:
-                while got := reader.readinto(scratch):
-                    n += got
-        except zstandard.ZstdError as e:
-            raise CorruptPartError(label, info.offset, f"frame payload: {e}") from None
-        if n != info.raw:
-            raise CorruptPartError(label, info.offset, f"frame decodes to {n} bytes, header says {info.raw}")
+        with data[info.data_offset:info.end] as payload:  # let go of the buffer: the caller closes its mmap
+            problem = _format.payload_problem(info, payload, scratch=scratch)
+        if problem is not None:
+            raise CorruptPartError(label, info.offset, problem)
 
 
 def _handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
