@@ -84,8 +84,8 @@ def _readable(run: Any, key: str) -> Iterator[tuple[int, np.ndarray | None]]:
             yield item
             done += 1
         return
-    except CorruptPartError:
-        pass  # read again, one step at a time, from the step that failed
+    except CorruptPartError:  # read again, one step at a time, from the step that failed
+        pass
     for step in run.steps(key)[done:]:
         try:
             arr = run.tensor(key, step)
