@@ -9,6 +9,7 @@ wait is a bounded poll. A missing service binary skips its tests, except in CI
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -411,6 +412,25 @@ class GradexpServer:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+@contextlib.contextmanager
+def two_servers(workdir: Path, db_url: str, store_url: str, *,
+                user: str = "u") -> Iterator[tuple[GradexpServer, GradexpServer, str]]:
+    """Two server processes on one database and one store (as behind a load balancer), both
+    up, with an API key for ``user``; both stopped afterwards."""
+    a = GradexpServer(workdir / "a", db_url=db_url, store_url=store_url)
+    b = GradexpServer(workdir / "b", db_url=db_url, store_url=store_url)
+    key = a.user_with_key(user)
+    a.start(wait=False)
+    b.start(wait=False)
+    try:
+        a.wait_up()
+        b.wait_up()
+        yield a, b, key
+    finally:
+        a.stop()
+        b.stop()
 
 
 def run_python(code: str, *, env: dict[str, str] | None = None, cwd: Path | None = None,

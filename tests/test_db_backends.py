@@ -23,6 +23,7 @@ from services import (
     check_history,
     finish_runs,
     same_bits,
+    two_servers,
     values,
     wait_for,
 )
@@ -362,75 +363,67 @@ def test_server_round_trip(db_url, tmp_path):
 def test_two_servers_share_one_postgres_database_and_one_s3_bucket(postgres, s3, tmp_path):
     db_url = postgres.new_database()
     bucket, store_url = s3.new_store("prod")
-    a = GradexpServer(tmp_path / "a", db_url=db_url, store_url=store_url)
-    b = GradexpServer(tmp_path / "b", db_url=db_url, store_url=store_url)
-    key = a.user_with_key("u")
-    a.start(wait=False)
-    b.start(wait=False)
-    try:
-        a.wait_up()
-        b.wait_up()
-        # Streamed to A, read through B, live and after finish.
-        n = 25
-        run, _ = log_online(a, key, tmp_path, "via-a", n)
-        via_b = gradexp.Api(host=b.url, api_key=key)
-        check_history(via_b.run("u/rt/via-a").history(), range(n))
-        run.finish()
-        r = via_b.run("u/rt/via-a")
-        assert r.status == "finished"
-        check_history(r.history(), range(n))
-        for s in range(n):
-            assert same_bits(r.tensor("w", s), values(s)["w"])
-        keys = s3.keys(bucket, "prod/")
-        assert [k for k in keys if k.endswith("/via-a/history.parquet")]
-        assert all(k.startswith("prod/runs/") for k in keys if not k.endswith("/")), keys
-        assert_uploaded_exactly_once(db_url, "u", "rt", "via-a", run.dir)
+    with two_servers(tmp_path, db_url, store_url) as (a, b, key):
+        try:
+            # Streamed to A, read through B, live and after finish.
+            n = 25
+            run, _ = log_online(a, key, tmp_path, "via-a", n)
+            via_b = gradexp.Api(host=b.url, api_key=key)
+            check_history(via_b.run("u/rt/via-a").history(), range(n))
+            run.finish()
+            r = via_b.run("u/rt/via-a")
+            assert r.status == "finished"
+            check_history(r.history(), range(n))
+            for s in range(n):
+                assert same_bits(r.tensor("w", s), values(s)["w"])
+            keys = s3.keys(bucket, "prod/")
+            assert [k for k in keys if k.endswith("/via-a/history.parquet")]
+            assert all(k.startswith("prod/runs/") for k in keys if not k.endswith("/")), keys
+            assert_uploaded_exactly_once(db_url, "u", "rt", "via-a", run.dir)
 
-        # The same parts uploaded to both servers at once: each stored exactly once.
-        parts = offline_parts(tmp_path / "src")
-        import requests
+            # The same parts uploaded to both servers at once: each stored exactly once.
+            parts = offline_parts(tmp_path / "src")
+            import requests
 
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {key}"
-        path = "/api/v1/runs/u/rt/both"
-        assert session.put(a.url + path, json={"tags": ["race"]}, timeout=30).status_code == 200
-        results: dict[tuple[str, str], int] = {}
-        errors: list[BaseException] = []
+            session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {key}"
+            path = "/api/v1/runs/u/rt/both"
+            assert session.put(a.url + path, json={"tags": ["race"]}, timeout=30).status_code == 200
+            results: dict[tuple[str, str], int] = {}
+            errors: list[BaseException] = []
 
-        def upload(server: GradexpServer, name: str, data: bytes, barrier: threading.Barrier) -> None:
-            try:
-                stream, _, seq = name[:-4].rpartition("-")
-                s = requests.Session()
-                s.headers["Authorization"] = f"Bearer {key}"
-                barrier.wait(30)
-                r = s.put(f"{server.url}{path}/parts/{stream}/{int(seq)}", data=data, timeout=60,
-                          headers={"X-Gradexp-SHA256": hashlib.sha256(data).hexdigest()})
-                results[(server.url, name)] = r.status_code
-                assert r.status_code in (200, 201), r.text
-                assert r.json()["stored"] == (r.status_code == 201)
-            except BaseException as e:  # reported below
-                errors.append(e)
+            def upload(server: GradexpServer, name: str, data: bytes, barrier: threading.Barrier) -> None:
+                try:
+                    stream, _, seq = name[:-4].rpartition("-")
+                    s = requests.Session()
+                    s.headers["Authorization"] = f"Bearer {key}"
+                    barrier.wait(30)
+                    r = s.put(f"{server.url}{path}/parts/{stream}/{int(seq)}", data=data, timeout=60,
+                              headers={"X-Gradexp-SHA256": hashlib.sha256(data).hexdigest()})
+                    results[(server.url, name)] = r.status_code
+                    assert r.status_code in (200, 201), r.text
+                    assert r.json()["stored"] == (r.status_code == 201)
+                except BaseException as e:  # reported below
+                    errors.append(e)
 
-        for name, data in parts.items():
-            barrier = threading.Barrier(2)
-            threads = [threading.Thread(target=upload, args=(srv, name, data, barrier)) for srv in (a, b)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(90)
-        assert not errors, errors
-        for name in parts:
-            assert sorted(results[(srv.url, name)] for srv in (a, b)) == [200, 201], name
-        counts = session.get(b.url + path, timeout=30).json()["parts"]
-        assert sum(counts.values()) == len(parts)
-        r = session.post(a.url + path + "/finish", json={"exit_code": 0, "parts": counts}, timeout=60)
-        assert r.status_code == 200 and r.json()["status"] == "finished"
-        both = gradexp.Api(host=b.url, api_key=key).run("u/rt/both")
-        check_history(both.history(), range(30))
-        assert both.steps("ids") == list(range(30))
-        assert same_bits(both.tensor("ids", 29), values(29)["ids"])
-        assert_uploaded_exactly_once(db_url, "u", "rt", "both", tmp_path / "src" / "src" / "src")
-    finally:
-        finish_runs()
-        a.stop()
-        b.stop()
+            for name, data in parts.items():
+                barrier = threading.Barrier(2)
+                threads = [threading.Thread(target=upload, args=(srv, name, data, barrier)) for srv in (a, b)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(90)
+            assert not errors, errors
+            for name in parts:
+                assert sorted(results[(srv.url, name)] for srv in (a, b)) == [200, 201], name
+            counts = session.get(b.url + path, timeout=30).json()["parts"]
+            assert sum(counts.values()) == len(parts)
+            r = session.post(a.url + path + "/finish", json={"exit_code": 0, "parts": counts}, timeout=60)
+            assert r.status_code == 200 and r.json()["status"] == "finished"
+            both = gradexp.Api(host=b.url, api_key=key).run("u/rt/both")
+            check_history(both.history(), range(30))
+            assert both.steps("ids") == list(range(30))
+            assert same_bits(both.tensor("ids", 29), values(29)["ids"])
+            assert_uploaded_exactly_once(db_url, "u", "rt", "both", tmp_path / "src" / "src" / "src")
+        finally:
+            finish_runs()

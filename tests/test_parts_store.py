@@ -22,7 +22,7 @@ import gradexp
 from gradexp import _arrow, _format
 from gradexp.server import db
 from gradexp.server.store import Store
-from services import HOST, GradexpServer, same_bits, wait_for
+from services import HOST, GradexpServer, same_bits, two_servers, wait_for
 
 
 def build_part(folder: Path, frames: list[tuple[str, list[int], np.ndarray]]) -> bytes:
@@ -128,14 +128,7 @@ def test_conflicting_concurrent_uploads_leave_exactly_the_winners_bytes(shared, 
     one database and one store, from several threads: one upload wins (201), the others get
     409, and every read afterwards returns the winner's values, through either server."""
     db_url, store_url = shared
-    a = GradexpServer(tmp_path / "a", db_url=db_url, store_url=store_url)
-    b = GradexpServer(tmp_path / "b", db_url=db_url, store_url=store_url)
-    key = a.user_with_key("u")
-    a.start(wait=False)
-    b.start(wait=False)
-    try:
-        a.wait_up()
-        b.wait_up()
+    with two_servers(tmp_path, db_url, store_url) as (a, b, key):
         parts = variant_parts(tmp_path / "parts")
         base = {srv.url: f"{srv.url}/api/v1/runs/u/race/r" for srv in (a, b)}
         assert session(key).put(base[a.url], json={}, timeout=30).status_code == 200
@@ -191,9 +184,6 @@ def test_conflicting_concurrent_uploads_leave_exactly_the_winners_bytes(shared, 
         for seq, sha, object_key in rows:  # the row's object holds exactly the row's bytes
             assert hashlib.sha256(store.get(object_key)).hexdigest() == sha == \
                 hashlib.sha256(parts[(winners[seq], seq)]).hexdigest()
-    finally:
-        a.stop()
-        b.stop()
 
 
 # -- what an upload is checked for ----------------------------------------------------------------
