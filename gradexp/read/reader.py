@@ -1,0 +1,69 @@
+"""The interface every run reader implements: local folders, a server over HTTP, the server's
+own database and store. The explorer, export and ``Api()`` read through it and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["RunReader"]
+
+
+@runtime_checkable
+class RunReader(Protocol):
+    """A run, read-only, finished or live.
+
+    Metadata (``meta`` holds the run record: name, tags, notes, host, argv, versions, times,
+    exit code) is re-read on each access of :attr:`status`, :attr:`config` and :attr:`summary`,
+    so a live run's reader stays current. Tensors come back bit-exact in their logged dtype and
+    shape; where a (key, step) was written twice the last write wins.
+    """
+
+    id: str
+    project: str
+    meta: dict[str, Any]
+
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def tags(self) -> list[str]: ...
+    @property
+    def notes(self) -> str | None: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def summary(self) -> dict[str, Any]: ...
+    @property
+    def status(self) -> str:
+        """``running``, ``finished``, ``failed`` or ``crashed``."""
+        ...
+
+    @property
+    def damage(self) -> list[Any]:
+        """Byte ranges that could not be read (``gradexp.core.format.Damage``)."""
+        ...
+
+    def history(self, keys: Sequence[str] | None = None) -> pa.Table:
+        """``step``, ``_timestamp``, ``_runtime`` and one column per key, in step order."""
+        ...
+
+    def keys(self) -> list[str]:
+        """Every logged key: history columns and tensors."""
+        ...
+
+    def tensor_keys(self) -> list[str]: ...
+
+    def steps(self, key: str) -> list[int]:
+        """The steps at which tensor ``key`` was logged, ascending (``KeyError`` if none)."""
+        ...
+
+    def tensor(self, key: str, step: int) -> np.ndarray:
+        """Tensor ``key`` at ``step`` (``KeyError`` naming what exists if absent)."""
+        ...
+
+    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, array)`` for the given steps (default: every logged step) in step order."""
+        ...
