@@ -26,7 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
-KEY_CHARS = 1024
+from gradexp.core.limits import MAX_KEY_LENGTH
+
 """The longest tensor key in characters (``frames.key``); longer keys are refused on upload."""
 
 _TIME = sa.Double
@@ -115,7 +116,7 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("run_pk", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
         sa.Column("part_id", sa.Integer, sa.ForeignKey("parts.id"), nullable=False),
         sa.Column("kind", sa.SmallInteger, nullable=False),
-        sa.Column("key", sa.String(KEY_CHARS), nullable=False),
+        sa.Column("key", sa.String(MAX_KEY_LENGTH), nullable=False),
         sa.Column("step_min", sa.BigInteger, nullable=False),
         sa.Column("step_max", sa.BigInteger, nullable=False),
         sa.Column("rows", sa.Integer, nullable=False),
@@ -219,7 +220,7 @@ def _v4(conn: Connection) -> None:
 def _v5(conn: Connection) -> None:
     """MySQL/MariaDB: ``frames.key`` in utf8mb4 with a binary, no-pad collation; no-op elsewhere.
 
-    Any key of up to ``KEY_CHARS`` characters then fits (in a database made with the
+    Any key of up to ``MAX_KEY_LENGTH`` characters then fits (in a database made with the
     server's default character set, latin1 on MariaDB 10, a 4-byte character was refused),
     and keys compare exactly (under the default collations "w", "W" and "w " were one key,
     so reading one could return another's tensor)."""
@@ -228,7 +229,7 @@ def _v5(conn: Connection) -> None:
     have = {row[0] for row in conn.execute(sa.text("SHOW COLLATION WHERE Charset = 'utf8mb4'"))}
     # MariaDB's binary no-pad collation, MySQL 8's, then the plain binary one (pads with spaces).
     collation = next(c for c in ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin") if c in have)
-    conn.execute(sa.text(f"ALTER TABLE frames MODIFY COLUMN `key` VARCHAR({KEY_CHARS}) "
+    conn.execute(sa.text(f"ALTER TABLE frames MODIFY COLUMN `key` VARCHAR({MAX_KEY_LENGTH}) "
                          f"CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL"))
 
 

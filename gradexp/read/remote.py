@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 import requests
 
-from . import _arrow, _format
-from ._client import TRANSPORT_ERRORS, Client
-from ._errors import ApiError, RunNotFoundError
+from gradexp.core import arrow as _arrow
+from gradexp.core import format as _format
+from gradexp.core.client import TRANSPORT_ERRORS, Client
+from gradexp.core.errors import ApiError, RunNotFoundError
+from gradexp.core.history import BASE_COLUMNS
 
 READ_ATTEMPTS = 4
 """Attempts per read: a 5xx or a dropped connection is retried with backoff (~4 s in all),
@@ -98,7 +100,7 @@ class RemoteRun:
 
     def keys(self) -> list[str]:
         names = dict.fromkeys(n for n in self.history().column_names
-                              if n not in ("step", "_timestamp", "_runtime"))
+                              if n not in BASE_COLUMNS)
         names.update(dict.fromkeys(self.tensor_keys()))
         return list(names)
 

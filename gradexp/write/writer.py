@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import GradexpWarning
-from ._settings import Settings
-from ._values import BufferPool, Prepared, Tensor
+from gradexp.core.buffers import BufferPool
+from gradexp.core.errors import GradexpWarning
+from gradexp.core.layout import HISTORY, TENSORS
+from gradexp.core.settings import Settings
+from gradexp.write.values import Prepared, Tensor
 
-HISTORY = "history"
-TENSORS = "tensors"
 _GROUP_MAX_BYTES = 1 << 20
 _HISTORY_MAX_ROWS = 50_000
 _INFLIGHT_MAX_BYTES = 64 << 20
@@ -126,9 +126,9 @@ def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical
                    summarise: bool, pool: BufferPool) -> list[Any]:
     """Summary (for a single large tensor) and the frame (header, payload) of the rows; the
     payload is compressed into a buffer of ``pool``, handed back once written."""
-    from ._arrow import shuffle_width, tensor_ipc
-    from ._format import KIND_TENSOR, encode_frame
-    from ._summary import summarize
+    from gradexp.core.arrow import shuffle_width, tensor_ipc
+    from gradexp.core.format import KIND_TENSOR, encode_frame
+    from gradexp.core.stats import summarize
 
     first = arrays[0]
     summary = summarize(first) if summarise else None
@@ -164,7 +164,7 @@ class _Group:
         while the group is still filling, so rows added since are summarised on the next call."""
         done = self._summaries or []
         if len(done) < len(self.arrays):
-            from ._summary import summarize_rows
+            from gradexp.core.stats import summarize_rows
 
             done = done + summarize_rows(np.stack(self.arrays[len(done):]))
             self._summaries = done
@@ -350,7 +350,7 @@ class Writer:
             # a second or more on a busy machine: not in the middle of a write.
             import pyarrow.compute  # noqa: F401
 
-            from . import _arrow, _summary  # noqa: F401
+            from gradexp.core import arrow, stats  # noqa: F401
 
             self._ready.set()
             while True:
@@ -517,8 +517,8 @@ class Writer:
 
     def _write_history(self, upto: int | None = None) -> None:
         """Write the rows held (the first ``upto`` of them) as one history frame."""
-        from ._arrow import history_ipc, rows_to_batch
-        from ._format import KIND_HISTORY, encode_frame
+        from gradexp.core.arrow import history_ipc, rows_to_batch
+        from gradexp.core.format import KIND_HISTORY, encode_frame
 
         rows, self._rows = self._rows[:upto], self._rows[len(self._rows) if upto is None else upto:]
         if not rows:
@@ -537,7 +537,7 @@ class Writer:
 
     def _append(self, stream: str, header: bytes, payload: bytes | np.ndarray | list[bytes | np.ndarray], *,
                 key: str, steps: tuple[int, int], rows: int, raw: int, elem: int) -> None:
-        from ._format import FILTER_NONE, FILTER_SHUFFLE, KIND_HISTORY, KIND_TENSOR, PartWriter
+        from gradexp.core.format import FILTER_NONE, FILTER_SHUFFLE, KIND_HISTORY, KIND_TENSOR, PartWriter
 
         part = self._parts.get(stream)
         if part is None:

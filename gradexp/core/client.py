@@ -27,8 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from requests.adapters import BaseAdapter
 
-from ._errors import ApiError
-from ._version import __version__
+from gradexp._version import __version__
+from gradexp.core.errors import ApiError
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_WAIT = 30.0

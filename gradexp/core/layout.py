@@ -1,4 +1,8 @@
-"""Small durable-file helpers: atomic JSON writes and the run folder's names."""
+"""The run folder: its file and stream names, the name rule, the run lock, atomic JSON writes.
+
+Everything that reads or writes run folders (writer, sender, readers, server store) takes
+these names from here.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +15,33 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 RUN_JSON = "run.json"
 CONFIG_JSON = "config.json"
 SUMMARY_JSON = "summary.json"
 LOCK = "run.lock"
 PARTS = "parts"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
+HISTORY = "history"
+TENSORS = "tensors"
+STREAMS = (HISTORY, TENSORS)
+"""The part streams of a run: ``parts/<stream>-<seq>.gxp``."""
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""Entity, project and run ids (JSON Schema form, where ``$`` ends the input): safe in URLs,
+object keys and file names."""
+NAME = re.compile(NAME_PATTERN[:-1] + r"\Z")  # \Z: Python's "$" would accept a trailing newline
 
 
 def check_name(what: str, value: Any) -> str:
     """Project names and run ids become folder names: letters, digits, '.', '_', '-' only."""
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str; got {type(value).__name__}")
-    if not _NAME.match(value) or value in (".", ".."):
+    if not NAME.match(value) or value in (".", ".."):
         raise ValueError(f"{what} {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return value
@@ -78,3 +95,20 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return default
+
+
+def is_locked(path: Path) -> bool:
+    """True while a live process holds the run's lock."""
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing our own descriptor drops a lock we took
+    return False

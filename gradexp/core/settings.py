@@ -94,7 +94,7 @@ def resolve(overrides: Mapping[str, Any], *, environ: Mapping[str, str] | None =
 
 def _from_credentials(values: dict[str, Any]) -> None:
     """Fill host and key from what ``gradexp login`` stored (after arguments and env)."""
-    from . import _auth
+    from gradexp.core import credentials as _auth
 
     host = values.get("host") or _auth.default_host()
     if not host:

@@ -7,39 +7,25 @@ may mutate it right after), and leave every costlier step to the writer thread.
 
 from __future__ import annotations
 
-import mmap
 import sys
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
+
+from gradexp.core.buffers import BufferPool
+from gradexp.core.dtypes import is_ml_dtype
+from gradexp.core.limits import INT_MAX, INT_MIN, MAX_KEY_LENGTH
 
 # Kinds a key keeps for the life of a run: history columns need one type per key.
 NUMBER = "number"
 TEXT = "text"
 TENSOR = "tensor"
 
-MAX_KEY_LENGTH = 1024
-"""Characters in a whole flattened key ("a/b/c"): the server's key columns hold this many,
-and a part's frame header (a u16 byte length) holds any such key (at most 4,096 bytes)."""
 RESERVED_KEYS = frozenset({"step"})
-INT_MIN = -(1 << 63)
-INT_MAX = (1 << 63) - 1
-"""Integers are stored as int64 (history columns, steps); one outside is refused, not rounded."""
 _NUMBER_TYPES = frozenset({int, float, bool})
 _REAL_KINDS = frozenset("biuf")
 _TENSOR_KINDS = frozenset("biufc")
-
-
-def is_ml_dtype(dtype: np.dtype) -> bool:
-    """bfloat16, float8_* and friends from ml_dtypes (recognised without importing it).
-
-    Their ``kind`` varies by type and version ('V' for bfloat16, 'f' for float8), so
-    they are told apart by module; Arrow knows none of them.
-    """
-    return dtype.type.__module__.startswith("ml_dtypes")
 
 
 def check_key(key: Any, *, top_level: bool) -> str:
@@ -122,84 +108,6 @@ def storage_dtype(dtype: np.dtype) -> np.dtype:
     if is_ml_dtype(dtype):
         return dtype
     return dtype.newbyteorder("=")
-
-
-# Private (copy-on-write) anonymous memory: a forked child never shares the pool's pages.
-_PRIVATE = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
-
-
-class BufferPool:
-    """Reused buffers for large snapshots and compressed payloads.
-
-    Fresh memory is slow to touch on first use (page faults: ~1.5 ms per 4 MiB on the
-    reference machine, against ~0.3 ms to copy into memory already touched), so the
-    writer hands a buffer back once it is done with it and the next ``log()`` of the
-    same size copies into it. The pool keeps up to ``max_bytes`` of idle buffers (a full
-    queue's worth, so a second burst of ``log()`` calls runs at copy speed) and unmaps
-    those idle for ``idle_s`` seconds, so a run that stops logging large tensors gives
-    the memory back. Buffers are private anonymous mappings: page-aligned, not
-    madvised for transparent huge pages as NumPy's large arrays are (compaction
-    stalls cost more than huge pages save here), and returned to the OS the moment
-    they are unmapped.
-    """
-
-    MIN_BYTES = 1 << 20
-
-    def __init__(self, max_bytes: int, *, idle_s: float = 30.0) -> None:
-        self._free: dict[int, list[tuple[float, np.ndarray]]] = {}
-        self._bytes = 0
-        self._max = max_bytes
-        self._idle_s = idle_s
-        self._lock = threading.Lock()
-
-    @property
-    def idle_bytes(self) -> int:
-        """Bytes held in idle buffers."""
-        return self._bytes
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A writable uint8 buffer of ``nbytes``: a reused one when the pool has one."""
-        if nbytes < self.MIN_BYTES:
-            return np.empty(nbytes, dtype=np.uint8)
-        with self._lock:
-            free = self._free.get(nbytes)
-            if free:
-                self._bytes -= nbytes
-                return free.pop()[1]
-        return np.frombuffer(mmap.mmap(-1, nbytes, **_PRIVATE), dtype=np.uint8)
-
-    def give(self, buf: np.ndarray) -> None:
-        """Keep ``buf`` for a later ``take`` (if there is room); nothing may use it after."""
-        n = buf.nbytes
-        if n >= self.MIN_BYTES:
-            now = time.monotonic()
-            with self._lock:
-                if self._bytes + n <= self._max:
-                    self._free.setdefault(n, []).append((now, buf))  # taken last in, first out
-                    self._bytes += n
-
-    def clear(self) -> None:
-        """Drop every idle buffer (the run is over; its memory goes back to the OS)."""
-        with self._lock:
-            self._free.clear()
-            self._bytes = 0
-
-    def trim(self, now: float | None = None) -> int:
-        """Drop buffers idle for ``idle_s`` seconds; return the bytes released."""
-        cutoff = (time.monotonic() if now is None else now) - self._idle_s
-        released = 0
-        with self._lock:
-            for n, free in self._free.items():
-                old = 0
-                while old < len(free) and free[old][0] <= cutoff:  # the oldest sit at the bottom
-                    old += 1
-                if old:
-                    del free[:old]
-                    released += old * n
-            for n in [n for n, free in self._free.items() if not free]:
-                del self._free[n]
-            self._bytes -= released
-        return released
 
 
 def snapshot(arr: np.ndarray, key: str, pool: BufferPool | None = None) -> np.ndarray:

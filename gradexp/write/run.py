@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._errors import GradexpWarning, UsageError
-from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
-from ._settings import Settings, resolve
-from ._values import INT_MAX, Keys, Prepared, prepare
-from ._version import __version__
+from gradexp._version import __version__
+from gradexp.core.errors import GradexpWarning, UsageError
+from gradexp.core.layout import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
+from gradexp.core.limits import INT_MAX, exit_code_for_record
+from gradexp.core.settings import Settings, resolve
+from gradexp.write.values import Keys, Prepared, prepare
 
 try:
     import fcntl
@@ -190,11 +191,11 @@ class Run:
         }
         write_json(self.dir / RUN_JSON, self._meta)
         self.config = Config(self.dir / CONFIG_JSON, config or {})
-        from ._writer import Writer
+        from gradexp.write.writer import Writer
 
         self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary)
         if settings.mode == "online":
-            from ._spawn import Sender
+            from gradexp.write.sender_process import Sender
 
             # A separate process: uploads never make the training loop wait, and it
             # finishes the upload (marking the run crashed) if this process dies.
@@ -407,23 +408,6 @@ def _hold_lock(path: Path) -> int:
     return fd
 
 
-def is_locked(path: Path) -> bool:
-    """True while a live process holds the run's lock."""
-    if fcntl is None:
-        return True
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing our own descriptor drops a lock we took
-    return False
-
-
 # -- the module-level run stack -------------------------------------------------------------
 
 _runs: list[Run] = []
@@ -489,15 +473,6 @@ def _status_code(status: object) -> int:
     if status is None:
         return 0
     return int(status) if isinstance(status, int) else 1
-
-
-EXIT_CODE_MAX = (1 << 31) - 1
-
-
-def exit_code_for_record(code: int) -> int:
-    """``code`` within 32 bits, as run.json and every server database keep it: an exit code
-    beyond that (which no process can exit with) is clamped, keeping its sign."""
-    return max(-EXIT_CODE_MAX - 1, min(int(code), EXIT_CODE_MAX))
 
 
 _hooks_installed = False
