@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradexp.core import arrow as _arrow
+from gradexp.core.errors import KeyNotFoundError
 
 __all__ = ["BASE_COLUMNS", "combine_history", "merge_steps", "select_keys", "unify_types",
            "write_history_parquet"]
@@ -36,7 +37,7 @@ def select_keys(table: pa.Table, keys: Sequence[str] | None, run_id: str) -> pa.
         return table
     missing = [k for k in keys if k not in table.column_names]
     if missing:
-        raise KeyError(f"no key {missing[0]!r} in the history of run {run_id}; keys: "
+        raise KeyNotFoundError(f"no key {missing[0]!r} in the history of run {run_id}; keys: "
                        f"{', '.join(c for c in table.column_names if c not in BASE_COLUMNS)}")
     return table.select(list(BASE_COLUMNS) + [k for k in keys if k not in BASE_COLUMNS])
 

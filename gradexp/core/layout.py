@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from gradexp.core.errors import InvalidTypeError, InvalidValueError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
@@ -40,9 +42,9 @@ NAME = re.compile(NAME_PATTERN[:-1] + r"\Z")  # \Z: Python's "$" would accept a 
 def check_name(what: str, value: Any) -> str:
     """Project names and run ids become folder names: letters, digits, '.', '_', '-' only."""
     if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str; got {type(value).__name__}")
+        raise InvalidTypeError(f"{what} must be a str; got {type(value).__name__}")
     if not NAME.match(value) or value in (".", ".."):
-        raise ValueError(f"{what} {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
+        raise InvalidValueError(f"{what} {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return value
 
@@ -52,7 +54,7 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         item = value.item()
         if isinstance(item, np.generic):  # np.longdouble: no Python type holds it exactly
-            raise TypeError(f"NumPy {value.dtype} value {value!r} has no exact JSON form")
+            raise InvalidTypeError(f"NumPy {value.dtype} value {value!r} has no exact JSON form")
         return item
     if isinstance(value, np.ndarray):
         return value.tolist()
@@ -60,7 +62,7 @@ def to_jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=repr)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    raise InvalidTypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def write_json(path: Path, data: Any, *, fsync: bool = False) -> None:

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
-from gradexp.core.errors import CorruptPartError, CorruptPartWarning, RunNotFoundError
+from gradexp.core.errors import CorruptPartError, CorruptPartWarning, KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import BASE_COLUMNS, combine_history, select_keys
 from gradexp.core.layout import CONFIG_JSON, HISTORY, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, TENSORS, is_locked, read_json
 
@@ -149,7 +149,7 @@ class StoredRun:
         """step -> the frame holding its last write, for one key."""
         frames = self._tensor_frames(key)
         if not frames:
-            raise KeyError(f"no tensor {key!r} in run {self.id}; tensor keys: "
+            raise KeyNotFoundError(f"no tensor {key!r} in run {self.id}; tensor keys: "
                            f"{', '.join(self.tensor_keys()) or '(none)'}")
         where: dict[int, tuple[Path, _format.FrameInfo]] = {}
         for path, info in frames:
@@ -180,7 +180,7 @@ class StoredRun:
                 hits = np.flatnonzero(steps == step)
                 if hits.size:
                     return arrays[int(hits[-1])]
-        raise KeyError(f"tensor {key!r} of run {self.id} has no step {step}")
+        raise KeyNotFoundError(f"tensor {key!r} of run {self.id} has no step {step}")
 
     def tensors(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
         """``(step, array)`` for every logged step of ``key``, in step order."""

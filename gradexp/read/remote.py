@@ -14,7 +14,7 @@ import requests
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
 from gradexp.core.client import TRANSPORT_ERRORS, Client
-from gradexp.core.errors import ApiError, RunNotFoundError
+from gradexp.core.errors import ApiError, InvalidValueError, KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import BASE_COLUMNS
 
 READ_ATTEMPTS = 4
@@ -91,7 +91,7 @@ class RemoteRun:
             r = self._get("/history", "the history", params=params)
         except ApiError as e:
             if e.status == 404 and keys is not None:
-                raise KeyError(e.message) from None
+                raise KeyNotFoundError(e.message) from None
             raise
         return pa.ipc.open_stream(r.content).read_all()
 
@@ -109,7 +109,7 @@ class RemoteRun:
             return self._get(f"/tensors/{_quote_key(key)}/steps", f"the steps of tensor {key!r}").json()["steps"]
         except ApiError as e:
             if e.status == 404:
-                raise KeyError(e.message) from None
+                raise KeyNotFoundError(e.message) from None
             raise
 
     def tensor(self, key: str, step: int) -> np.ndarray:
@@ -118,12 +118,12 @@ class RemoteRun:
             r = self._get(f"/tensors/{_quote_key(key)}", f"tensor {key!r} at step {step}", params={"step": step})
         except ApiError as e:
             if e.status == 404:
-                raise KeyError(e.message) from None
+                raise KeyNotFoundError(e.message) from None
             raise
         frame = r.content
         info = _format.parse_header(frame, 0, len(frame))
         if info is None:
-            raise ValueError(f"short frame from {self.client.host} for {key!r} at step {step}")
+            raise InvalidValueError(f"short frame from {self.client.host} for {key!r} at step {step}")
         steps, arrays = _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:]))
         return arrays[int(np.flatnonzero(steps == step)[-1])]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gradexp._version import __version__
-from gradexp.core.errors import GradexpWarning, UsageError
+from gradexp.core.errors import GradexpWarning, InvalidTypeError, InvalidValueError, UsageError
 from gradexp.core.layout import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
 from gradexp.core.limits import INT_MAX, exit_code_for_record
 from gradexp.core.settings import Settings, resolve
@@ -53,11 +53,11 @@ class Config(MutableMapping):
     def _check(data: Mapping[str, Any]) -> None:
         for key, value in data.items():
             if not isinstance(key, str):
-                raise TypeError(f"config keys must be str; got {key!r}")
+                raise InvalidTypeError(f"config keys must be str; got {key!r}")
             try:
                 json.dumps(value, default=to_jsonable)
             except (TypeError, ValueError) as e:
-                raise TypeError(f"config key {key!r}: value cannot be saved as JSON ({e})") from None
+                raise InvalidTypeError(f"config key {key!r}: value cannot be saved as JSON ({e})") from None
 
     def _save(self) -> None:
         if self._path is not None:
@@ -161,7 +161,7 @@ class Run:
         if isinstance(config, argparse.Namespace):
             config = vars(config)
         if config is not None and not isinstance(config, Mapping):
-            raise TypeError(f"config must be a dict or argparse.Namespace; got {type(config).__name__}")
+            raise InvalidTypeError(f"config must be a dict or argparse.Namespace; got {type(config).__name__}")
         if settings.mode == "online" and not (settings.host and settings.api_key):
             missing = (f"there is no API key for {settings.host}" if settings.host else "no server (host) is set")
             warnings.warn(f"gradexp: online mode needs a server and an API key, but {missing}; "
@@ -359,9 +359,9 @@ def _check_step(step: Any) -> int:
     import numpy as np
 
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"step must be an int; got {type(step).__name__} {step!r}")
+        raise InvalidTypeError(f"step must be an int; got {type(step).__name__} {step!r}")
     if not 0 <= step <= INT_MAX:
-        raise ValueError(f"step must be >= 0 and < 2**63 (steps are int64); got {step}")
+        raise InvalidValueError(f"step must be >= 0 and < 2**63 (steps are int64); got {step}")
     return int(step)
 
 

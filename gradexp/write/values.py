@@ -15,6 +15,7 @@ import numpy as np
 
 from gradexp.core.buffers import BufferPool
 from gradexp.core.dtypes import is_ml_dtype
+from gradexp.core.errors import InvalidTypeError, InvalidValueError
 from gradexp.core.limits import INT_MAX, INT_MIN, MAX_KEY_LENGTH
 
 # Kinds a key keeps for the life of a run: history columns need one type per key.
@@ -33,18 +34,18 @@ def check_key(key: Any, *, top_level: bool) -> str:
     if type(key) is not str:
         if isinstance(key, str):
             return check_key(str(key), top_level=top_level)
-        raise TypeError(f"log() keys must be str; got {type(key).__name__} {key!r}")
+        raise InvalidTypeError(f"log() keys must be str; got {type(key).__name__} {key!r}")
     if not key or "\x00" in key or key.startswith("/") or key.endswith("/") or "//" in key:
-        raise ValueError(f"log() key {key!r} is empty, has an empty '/' segment or a NUL byte")
+        raise InvalidValueError(f"log() key {key!r} is empty, has an empty '/' segment or a NUL byte")
     if len(key) > MAX_KEY_LENGTH:
         _too_long(key)
     if not key.isascii():
         try:
             key.encode()
         except UnicodeEncodeError:
-            raise ValueError(f"log() key {key!r} is not valid Unicode (it holds a lone surrogate)") from None
+            raise InvalidValueError(f"log() key {key!r} is not valid Unicode (it holds a lone surrogate)") from None
     if top_level and (key[0] == "_" or key in RESERVED_KEYS):
-        raise ValueError(
+        raise InvalidValueError(
             f"log() key {key!r} is reserved: keys starting with '_' and 'step' are gradexp's "
             "own history columns (pass the step as log(..., step=N))"
         )
@@ -52,7 +53,7 @@ def check_key(key: Any, *, top_level: bool) -> str:
 
 
 def _too_long(key: str) -> None:
-    raise ValueError(f"log() key {key[:60]!r}... is {len(key)} characters long; keys (nested ones "
+    raise InvalidValueError(f"log() key {key[:60]!r}... is {len(key)} characters long; keys (nested ones "
                      f"counted whole, as 'a/b/c') may have at most {MAX_KEY_LENGTH}")
 
 
@@ -72,12 +73,12 @@ def tensor_from(value: Any, key: str) -> np.ndarray | None:
         try:
             arr = np.asarray(value)
         except (ValueError, TypeError) as e:  # ragged nesting, or items NumPy cannot combine
-            raise ValueError(f"log() key {key!r}: the {type(value).__name__} is not a rectangular array "
+            raise InvalidValueError(f"log() key {key!r}: the {type(value).__name__} is not a rectangular array "
                              f"of numbers ({e})") from None
         return arr if arr.dtype.kind in _TENSOR_KINDS else None
     ma = sys.modules.get("numpy.ma")  # not imported: nothing can be a masked array
     if ma is not None and isinstance(value, ma.MaskedArray):
-        raise TypeError(f"log() key {key!r}: a masked array's mask would be lost; log "
+        raise InvalidTypeError(f"log() key {key!r}: a masked array's mask would be lost; log "
                         "value.filled(fill) or value.data, and the mask (np.ma.getmaskarray(value)) "
                         "under a key of its own")
     if hasattr(value, "__array__"):
@@ -118,7 +119,7 @@ def snapshot(arr: np.ndarray, key: str, pool: BufferPool | None = None) -> np.nd
     dtype = arr.dtype
     too_wide = dtype.itemsize > (16 if dtype.kind == "c" else 8)  # float128 has no Arrow type
     if (dtype.kind not in _TENSOR_KINDS or too_wide) and not is_ml_dtype(dtype):
-        raise TypeError(
+        raise InvalidTypeError(
             f"log() key {key!r}: arrays of dtype {dtype} cannot be logged "
             "(numeric, bool, complex, bfloat16 and float8 arrays can)"
         )
@@ -192,7 +193,7 @@ def prepare(data: Mapping[str, Any], keys: Keys, pool: BufferPool | None = None)
             out.scalars = data.copy()
             return out
     elif not isinstance(data, Mapping):
-        raise TypeError(f"log() takes a dict of values; got {type(data).__name__}")
+        raise InvalidTypeError(f"log() takes a dict of values; got {type(data).__name__}")
     new_kinds: dict[str, str] = {}
     _walk(data, "", keys.kinds, new_kinds, out, pool)
     if new_kinds:
@@ -226,7 +227,7 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
         else:
             arr = tensor_from(value, key)
             if arr is None:
-                raise TypeError(
+                raise InvalidTypeError(
                     f"log() key {key!r}: cannot log a value of type {tv.__module__}.{tv.__qualname__} "
                     "(log numbers, strings, arrays or tensors; nest dicts for groups)"
                 )
@@ -236,13 +237,13 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
             else:
                 kind = TENSOR
         if key in scalars or key in tensors:
-            raise ValueError(f"log() key {key!r} is given twice in one call (a nested dict and a "
+            raise InvalidValueError(f"log() key {key!r} is given twice in one call (a nested dict and a "
                              "'/' in a key flatten to the same name); give it once")
         seen = kinds.get(key) or new.get(key)
         if seen is None:
             new[key] = kind
         elif seen != kind:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"log() key {key!r} was logged as a {seen} before and is a {kind} now; "
                 "a key keeps one kind for the whole run"
             )
@@ -259,7 +260,7 @@ def _scalar_kind(value: np.generic, key: str) -> str:
     dtype = value.dtype
     k = dtype.kind
     if k == "f" and dtype.itemsize > 8 and not is_ml_dtype(dtype):
-        raise TypeError(f"log() key {key!r}: a NumPy {dtype} scalar does not fit float64, the type "
+        raise InvalidTypeError(f"log() key {key!r}: a NumPy {dtype} scalar does not fit float64, the type "
                         "history stores numbers in; log float(value) if rounding it is fine")
     if k == "u" and dtype.itemsize == 8 and value.item() > INT_MAX:
         _out_of_range(key, value)
@@ -267,9 +268,9 @@ def _scalar_kind(value: np.generic, key: str) -> str:
         return NUMBER
     if k == "U":
         return TEXT
-    raise TypeError(f"log() key {key!r}: cannot log a NumPy {dtype} scalar")
+    raise InvalidTypeError(f"log() key {key!r}: cannot log a NumPy {dtype} scalar")
 
 
 def _out_of_range(key: str, value: Any) -> None:
-    raise ValueError(f"log() key {key!r}: {value} is outside int64 (history stores integers as "
+    raise InvalidValueError(f"log() key {key!r}: {value} is outside int64 (history stores integers as "
                      "int64); log it as a float or a string")
