@@ -191,22 +191,49 @@ def _client(api: Api) -> Client:
 @main.command("runs")
 @click.argument("project", required=False)
 @_DIR_OPTION
-def runs_(project: str | None, base_dir: Path | None) -> None:
-    """List runs (of PROJECT, if given), newest first."""
+@click.option("--host", default=None, help="List the runs on this server (default for an entity/project "
+                                           "PROJECT: $GRADEXP_HOST, else the last `gradexp login`'s).")
+@click.option("--api-key", default=None, help="API key (default: $GRADEXP_API_KEY, else the one `gradexp login` "
+                                              "stored).")
+@click.option("--status", type=click.Choice(["running", "finished", "failed", "crashed"]), default=None,
+              help="Only runs with this status.")
+@click.option("--tag", "tags", multiple=True, help="Only runs with this tag (repeat: all of them).")
+def runs_(project: str | None, base_dir: Path | None, host: str | None, api_key: str | None,
+          status: str | None, tags: tuple[str, ...]) -> None:
+    """List runs (of PROJECT, if given), newest first: the run folders under --dir, or with
+    --host or an entity/project PROJECT the runs on the server."""
     from .api import Api
 
-    api = Api(dir=base_dir)
-    found = api.runs(project)
-    if not found and project:
-        projects = sorted({r.project for r in api.runs()})
+    api = Api(dir=base_dir, host=host, api_key=api_key)
+    remote = host is not None or (project is not None and "/" in project)
+    if remote:
+        _client(api)
+        entity, name = None, project
+        if project is not None and "/" in project:
+            entity, _, name = project.partition("/")
+            if not entity or not name or "/" in name:
+                raise click.ClickException(f"a project on a server is entity/project (or a project of "
+                                           f"yours), not {project!r}")
+        found = api._server_runs(entity, name, status=status, tags=tags)
+        where = f"on {api.host}"
+    else:
+        found = api._local_runs(project, status=status, tags=tags)
+        where = f"under {api.dir}"
+    filters = "".join([f" with status {status}" if status else ""] + [f" tagged {t!r}" for t in tags])
+    if not found and project and not remote and not filters:
+        projects = sorted({r.project for r in api._local_runs(None)})
         there = f"projects there: {', '.join(projects)}" if projects else "there are no runs there"
         raise click.ClickException(f"no runs of project {project!r} under {api.dir}; {there}")
     if not found:
-        click.echo(f"no runs under {api.dir}", err=True)
+        click.echo(f"no runs{f' of project {project}' if project else ''}{filters} {where}", err=True)
         return
     for r in found:
         created = datetime.datetime.fromtimestamp(r.meta.get("created_at", 0)).strftime("%Y-%m-%d %H:%M")
-        click.echo(f"{r.project}/{r.id}\t{r.status:<9}\t{created}\t{r.name}")
+        if remote:  # the listing's own record: no request per run
+            ref, state = f"{r.meta['entity']}/{r.project}/{r.id}", r.meta["status"]
+        else:
+            ref, state = f"{r.project}/{r.id}", r.status
+        click.echo(f"{ref}\t{state:<9}\t{created}\t{r.name}")
 
 
 _HOST_OPTION = click.option("--host", default=None,
