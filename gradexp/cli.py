@@ -206,26 +206,27 @@ def runs_(project: str | None, base_dir: Path | None, host: str | None, api_key:
 
     api = Api(dir=base_dir, host=host, api_key=api_key)
     remote = host is not None or (project is not None and "/" in project)
+    filters: dict[str, Any] = {k: v for k, v in (("status", status), ("tags", tags)) if v}
     if remote:
-        _client(api)
-        entity, name = None, project
-        if project is not None and "/" in project:
-            entity, _, name = project.partition("/")
-            if not entity or not name or "/" in name:
-                raise click.ClickException(f"a project on a server is entity/project (or a project of "
-                                           f"yours), not {project!r}")
-        found = api._server_runs(entity, name, status=status, tags=tags)
+        client = _client(api)
+        if project is not None and (project.count("/") > 1 or "" in project.split("/")):
+            raise click.ClickException(f"a project on a server is entity/project (or a project of yours), "
+                                       f"not {project!r}")
+        if project is not None and "/" not in project:  # a project of the viewer's
+            project = f"{client.json('GET', '/viewer')['entity']}/{project}"
+        found = api.runs(project, **filters)
         where = f"on {api.host}"
     else:
-        found = api._local_runs(project, status=status, tags=tags)
+        api.host = ""  # the run folders, whatever server is set up
+        found = api.runs(project, **filters)
         where = f"under {api.dir}"
-    filters = "".join([f" with status {status}" if status else ""] + [f" tagged {t!r}" for t in tags])
+    described = "".join([f" with status {status}" if status else ""] + [f" tagged {t!r}" for t in tags])
     if not found and project and not remote and not filters:
-        projects = sorted({r.project for r in api._local_runs(None)})
+        projects = sorted({r.project for r in api.runs()})
         there = f"projects there: {', '.join(projects)}" if projects else "there are no runs there"
         raise click.ClickException(f"no runs of project {project!r} under {api.dir}; {there}")
     if not found:
-        click.echo(f"no runs{f' of project {project}' if project else ''}{filters} {where}", err=True)
+        click.echo(f"no runs{f' of project {project}' if project else ''}{described} {where}", err=True)
         return
     for r in found:
         created = datetime.datetime.fromtimestamp(r.meta.get("created_at", 0)).strftime("%Y-%m-%d %H:%M")

@@ -199,9 +199,10 @@ class ServerRun:
             steps, _ = decode_frame(data, ref["object_key"])
             if (steps == step).any():
                 return data
+        missing = f"tensor {key!r} of run {self.id} has no step {step}"
         if not self._frames(key):
-            raise self._no_key(key)
-        raise KeyError(f"tensor {key!r} of run {self.id} has no step {step}")
+            raise KeyError(f"{missing}: {self._no_key(key).args[0]}")
+        raise KeyError(missing)
 
     def tensor(self, key: str, step: int) -> np.ndarray:
         """Tensor ``key`` at ``step``: bit-exact, in the dtype and shape it was logged with."""
