@@ -42,6 +42,19 @@ def _decode(frame: bytes | memoryview, what: str) -> tuple[np.ndarray, list[np.n
     return _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:], what))
 
 
+def _rows(batch: pa.RecordBatch) -> Iterator[tuple[list[int], memoryview]]:
+    """The rows of a record batch of a rows stream: (steps asked for, the frame holding them),
+    read from the buffers (``to_numpy``/``as_py`` would import pandas, or copy each frame)."""
+    steps, frames = batch.column(0), batch.column(1)
+    step_offsets = np.frombuffer(steps.buffers()[1], np.int32, len(steps) + 1, steps.offset * 4)
+    values = _arrow.to_numpy(steps.values).tolist()
+    frame_offsets = np.frombuffer(frames.buffers()[1], np.int64, len(frames) + 1, frames.offset * 8).tolist()
+    data = memoryview(frames.buffers()[2])
+    for i in range(len(batch)):
+        yield (values[step_offsets[i]:step_offsets[i + 1]],
+               data[frame_offsets[i]:frame_offsets[i + 1]])
+
+
 def _step_chunks(steps: list[int]) -> Iterator[list[int]]:
     """``steps`` in pieces that each fit one request's query string."""
     chunk: list[int] = []
@@ -201,11 +214,9 @@ class RemoteRun:
             try:
                 with r:
                     for batch in pa.ipc.open_stream(r.raw):
-                        asked = batch.column(0)
-                        frames = batch.column(1)
-                        for i in range(batch.num_rows):
-                            got, arrays = _decode(memoryview(frames[i].as_buffer()), what)
-                            for s in asked[i].values.to_numpy().tolist():
+                        for asked, frame in _rows(batch):
+                            got, arrays = _decode(frame, what)
+                            for s in asked:
                                 yield s, arrays[int(np.flatnonzero(got == s)[-1])]
                                 last = s
                 return
