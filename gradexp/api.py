@@ -79,8 +79,9 @@ class Api:
         """Runs, newest first, with ``status`` and all of ``tags`` if given.
 
         ``"entity/project"`` lists that project's runs on :attr:`host`, and no project with a
-        host set every run of the viewer there (:class:`gradexp._remote.RemoteRun`); a user
-        sees their own entity's runs only, so another entity's project lists none. A bare
+        host set every run of the viewer there (:class:`gradexp._remote.RemoteRun`, the
+        newest 1,000 at most); a user sees their own entity's runs only, so another
+        entity's project lists none. A bare
         ``"project"``, or no project and no host, lists the run folders under :attr:`dir`
         (:class:`StoredRun`)."""
         if project is None and self.host:

@@ -296,3 +296,22 @@ def test_export_tensors_from_the_server_matches_the_local_export(server, tmp_pat
     assert here == sorted(p.name for p in (tmp_path / "there.tensors").iterdir()) and here
     for name in here:
         assert pq.read_table(tmp_path / "here.tensors" / name).equals(pq.read_table(tmp_path / "there.tensors" / name))
+
+
+ROUTE_KEYS = ["rows", "opt/rows", "x/rows/rows", "a/rows/steps", "b/steps/rows", "c/steps"]
+"""Keys that end like the routes under ``.../tensors/{key}``: each still reaches its own tensor."""
+
+
+def test_keys_ending_like_the_routes_read_back_through_every_route(server, tmp_path):
+    run = gradexp.init("keys", id="routes", dir=tmp_path)
+    for s in range(3):
+        run.log({k: np.full(2, s * 100 + i, np.int16) for i, k in enumerate(ROUTE_KEYS)})
+    run.finish()
+    sync(run.dir, Client(server.url, server.key), USER)
+    r = remote(server, "routes", "keys")
+    assert r.tensor_keys() == sorted(ROUTE_KEYS)
+    for i, k in enumerate(ROUTE_KEYS):
+        assert r.steps(k) == [0, 1, 2], k
+        assert [(s, a.tolist()) for s, a in r.tensors(k)] == [(s, [s * 100 + i] * 2) for s in range(3)], k
+        assert [s for s, _ in r.tensors(k, [2, 0])] == [0, 2], k
+        assert r.tensor(k, 1).tolist() == [100 + i] * 2, k
