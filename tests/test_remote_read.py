@@ -315,3 +315,35 @@ def test_keys_ending_like_the_routes_read_back_through_every_route(server, tmp_p
         assert [(s, a.tolist()) for s, a in r.tensors(k)] == [(s, [s * 100 + i] * 2) for s in range(3)], k
         assert [s for s, _ in r.tensors(k, [2, 0])] == [0, 2], k
         assert r.tensor(k, 1).tolist() == [100 + i] * 2, k
+
+
+def test_a_frame_damaged_on_the_server_is_skipped_by_export_as_locally(server, tmp_path):
+    """The rows stream sends frames as stored; the client checks each as it decodes it. A
+    damaged one fails ``tensors()`` with CorruptPartError, and export skips just that tensor."""
+    from gradexp import _format
+
+    run = gradexp.init("dmg", id="dmg", dir=tmp_path / "runs")
+    for s in range(4):
+        run.log({"big": np.full(BIG, s, np.float32)}, step=s)
+    run.finish()
+    sync(run.dir, Client(server.url, server.key), USER)
+    hit = 0
+    for part in _format.list_parts(run.dir / "parts", "tensors"):
+        body = part.read_bytes()
+        for info in _format.scan_part(part).frames:
+            if info.kind == _format.KIND_TENSOR and info.step_min == 2:
+                for stored in (p for p in Path(server.store_url).rglob("*.gxp") if p.read_bytes() == body):
+                    data = bytearray(body)
+                    data[info.data_offset + info.stored // 2] ^= 0x20
+                    stored.write_bytes(bytes(data))
+                    hit += 1
+    assert hit == 1
+    r = remote(server, "dmg", "dmg")
+    with pytest.raises(gradexp.CorruptPartError):
+        list(r.tensors("big"))
+    assert [s for s, _ in r.tensors("big", [0, 1, 3])] == [0, 1, 3]
+    out = subprocess.run([sys.executable, "-m", "gradexp", "export", f"{USER}/dmg/dmg", "--tensors", "-o",
+                          str(tmp_path / "d.parquet"), "--host", server.url, "--api-key", server.key],
+                         capture_output=True, text=True, timeout=300, env=clean_env(), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "'big' at step 2" in out.stderr and "3 (1 damaged, skipped)" in out.stderr, out.stderr
