@@ -181,9 +181,10 @@ def report(res: dict[str, Any], steps: int, repeat: int) -> str:
     lines.append(C.table(["code", "read", "local s", "remote s", "remote/local", f"within {TARGET:g}x"], rows))
     if "before" in res and "after" in res:
         b, a = res["before"], res["after"]
-        lines += ["", "Remote, before/after: " + ", ".join(
-            f"{what} {C.fmt(b[f'{what}_remote_s'])} -> {C.fmt(a[f'{what}_remote_s'])} s "
-            f"({C.ratio(b[f'{what}_remote_s'], a[f'{what}_remote_s'])} faster)" for what in ("tensors", "export")) + "."]
+        changes = [f"{what} {C.fmt(b[f'{what}_remote_s'])} -> {C.fmt(a[f'{what}_remote_s'])} s "
+                   f"({C.ratio(b[f'{what}_remote_s'], a[f'{what}_remote_s'])} faster)"
+                   for what in ("tensors", "export")]
+        lines += ["", "Remote, before/after: " + ", ".join(changes) + "."]
     return "\n".join(lines)
 
 
