@@ -336,8 +336,9 @@ def openapi() -> dict[str, Any]:
             run + "/tensors/{key}/rows": {"get": _op(
                 "Many steps of a tensor in one answer, in step order: an Arrow IPC stream with one row "
                 "per stored frame, columns 'steps' (list<int64>: the steps asked for that the frame holds) "
-                "and 'frame' (large_binary: the frame as in the part, docs/format.md), in record batches "
-                "of about 8 MiB. 404 naming the first step asked for that was not logged",
+                "and 'frame' (large_binary: the frame as in the part, docs/format.md); a frame of 256 KiB "
+                "or more is a record batch of its own, smaller ones share batches of up to 8 MiB. "
+                "404 naming the first step asked for that was not logged",
                 params=at_run + _params(TensorPath, "path") + _params(RowsQuery, "query"),
                 ok={"description": "frames", "content": {"application/vnd.apache.arrow.stream": {}}})},
             run + "/tensors/{key}": {"get": _op(
