@@ -33,6 +33,7 @@ SCRIPTS = [
     "bench_read_tensor.py",
     "bench_export_history.py",
     "bench_server.py",
+    "bench_remote_read.py",
     "bench_watch.py",
 ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,8 @@ class StoredRun:
         return list(names)
 
     def tensor_keys(self) -> list[str]:
-        return list(dict.fromkeys(f.key for _, f in self._tensor_frames()))
+        """Tensor keys, sorted (as a server lists them)."""
+        return sorted({f.key for _, f in self._tensor_frames()})
 
     # -- tensors -------------------------------------------------------------------------------
 
@@ -182,11 +183,18 @@ class StoredRun:
                     return arrays[int(hits[-1])]
         raise KeyNotFoundError(f"tensor {key!r} of run {self.id} has no step {step}")
 
-    def tensors(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
-        """``(step, array)`` for every logged step of ``key``, in step order."""
+    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, array)`` for the given steps of ``key`` (default: every logged step), each
+        once, in step order; ``KeyError`` naming a step that was not logged, before any is read."""
         where = self._rows(key)
+        wanted = sorted(where) if steps is None else sorted(set(steps))
+        missing = [s for s in wanted if s not in where]
+        if missing:
+            raise KeyNotFoundError(f"tensor {key!r} of run {self.id} has no step {missing[0]}"
+                                   + (f" (nor {len(missing) - 1} more of the steps asked for)"
+                                      if len(missing) > 1 else ""))
         cache: tuple[_format.FrameInfo | None, Any] = (None, None)
-        for step in sorted(where):
+        for step in wanted:
             path, info = where[step]
             if cache[0] is not info:
                 cache = (info, _arrow.tensor_rows(_format.read_frame(path, info)))
