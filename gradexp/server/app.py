@@ -99,7 +99,7 @@ class Server:
         scheme, _, key = auth.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'",
-                            {"WWW-Authenticate": "Bearer"})
+                                {"WWW-Authenticate": "Bearer"})
         viewer = await run_in_threadpool(db.authenticate, self.engine, key.strip())
         if viewer is None:
             raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
