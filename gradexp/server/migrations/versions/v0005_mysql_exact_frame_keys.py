@@ -13,7 +13,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from gradexp.server.db import KEY_CHARS
+KEY_CHARS = 1024
+"""The longest tensor key as of this revision: a revision keeps the schema it made, whatever
+the limit becomes later (a later revision would change the column)."""
 
 revision = "0005"
 down_revision = "0004"
