@@ -2,7 +2,7 @@
 
 gradexp: a run with 1M ``log()`` calls of 10 float metrics (100k with ``--quick``)
 is written first (not timed against the target; its time is reported), then
-``gradexp._export.export_history(r, out)`` is timed from a fresh ``StoredRun``
+``gradexp.read.export.export_history(r, out)`` is timed from a fresh ``StoredRun``
 (it reads the history from the part files and writes the Parquet file). Best and
 median of 3.
 
@@ -89,7 +89,7 @@ def _history_loss(tmp: Path, n: int = 200_000) -> dict:
 
 def _gradexp_export(run_dir: Path, out: Path, reps: int):
     import gradexp
-    from gradexp import _export
+    from gradexp.read import export as _export
 
     times, hist_times = [], []
     for _ in range(reps):

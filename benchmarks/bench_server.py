@@ -34,8 +34,8 @@ import numpy as np
 import requests
 
 import gradexp
-from gradexp import _service
-from gradexp._client import Client
+from gradexp.core.client import Client
+from gradexp.sync import sender as _service
 
 MB = 1e6
 

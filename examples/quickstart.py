@@ -152,7 +152,7 @@ def train(args: argparse.Namespace, host: str | None, key: str | None) -> None:
     print(f"grad/w1 at step {step}: shape {g.shape}, dtype {g.dtype}, norm {np.linalg.norm(g):.4g}")
     print(f"status {r.status}; summary {r.summary}")
 
-    from gradexp import _export
+    from gradexp.read import export as _export
 
     out = run.dir / "history.parquet"
     _export.export_history(r, out)

@@ -12,24 +12,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._errors import (
+from gradexp._version import __version__
+from gradexp.core.errors import (
     ApiError,
     CorruptPartError,
     CorruptPartWarning,
+    GradexpError,
     GradexpWarning,
+    InvalidTypeError,
+    InvalidValueError,
+    KeyNotFoundError,
     RunNotFoundError,
     UsageError,
 )
-from ._run import Run, current, init
-from ._settings import Settings
-from ._version import __version__
+from gradexp.core.settings import Settings
+from gradexp.write.run import Run, current, init
 
 __all__ = [
     "Api",
     "ApiError",
     "CorruptPartError",
     "CorruptPartWarning",
+    "GradexpError",
     "GradexpWarning",
+    "InvalidTypeError",
+    "InvalidValueError",
+    "KeyNotFoundError",
     "RemoteRun",
     "Run",
     "RunNotFoundError",
@@ -59,15 +67,15 @@ def finish(exit_code: int = 0) -> None:
 def __getattr__(name: str) -> Any:
     # The read side pulls in pyarrow; keep it out of `import gradexp` until it is used.
     if name in ("Api", "StoredRun"):
-        from . import api
+        from gradexp import api
 
         return getattr(api, name)
     if name in ("watch", "unwatch", "log_gradient_stats"):  # imports torch: only when used
-        from .integrations import pytorch
+        from gradexp.integrations import pytorch
 
         return getattr(pytorch, name)
     if name == "RemoteRun":
-        from ._remote import RemoteRun
+        from gradexp.read.remote import RemoteRun
 
         return RemoteRun
     raise AttributeError(f"module 'gradexp' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .cli import main
+from gradexp.cli import main
 
 main()

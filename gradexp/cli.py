@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ._version import __version__
+from gradexp._version import __version__
 
 if TYPE_CHECKING:
-    from ._client import Client
-    from ._errors import ApiError
-    from .api import Api
-    from .server.cli import Paths
+    from gradexp.api import Api
+    from gradexp.core.client import Client
+    from gradexp.core.errors import ApiError
+    from gradexp.server.cli import Paths
 
 _DIR_OPTION = click.option("--dir", "base_dir", type=click.Path(file_okay=False, path_type=Path),
                            default=None, help="Folder of runs (default: $GRADEXP_DIR or ./gradexp-runs).")
@@ -59,7 +59,7 @@ class _Commands(click.Group):
 
 def _user_error(e: BaseException) -> str | None:
     """One line for an error the user can act on; None for a bug."""
-    from ._errors import ApiError, CorruptPartError, RunNotFoundError, UsageError
+    from gradexp.core.errors import ApiError, CorruptPartError, RunNotFoundError, UsageError
 
     if isinstance(e, ApiError):
         return _api_error(e)
@@ -124,9 +124,9 @@ def export(run: str, fmt: str, output: Path | None, tensors: bool, base_dir: Pat
            host: str | None, api_key: str | None) -> None:
     """Export RUN to Parquet: a run folder, project/run_id or a run id under --dir, or
     entity/project/run_id on the server."""
-    from . import _export
-    from ._errors import RunNotFoundError
-    from .api import Api
+    from gradexp.api import Api
+    from gradexp.core.errors import RunNotFoundError
+    from gradexp.read import export as _export
 
     api = Api(dir=base_dir, host=host, api_key=api_key)
     if api.host and run.count("/") == 2 and not Path(run).exists():  # a server's run, as Api.run decides
@@ -165,7 +165,7 @@ def export(run: str, fmt: str, output: Path | None, tensors: bool, base_dir: Pat
 def _warning_lines() -> Iterator[None]:
     """gradexp's warnings in the block (damaged data skipped...) as one ``Warning:`` line each,
     printed after it: not through a progress bar, not as Python's two-line format."""
-    from ._errors import GradexpWarning
+    from gradexp.core.errors import GradexpWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GradexpWarning)
@@ -193,7 +193,7 @@ def _client(api: Api) -> Client:
 @_DIR_OPTION
 def runs_(project: str | None, base_dir: Path | None) -> None:
     """List runs (of PROJECT, if given), newest first."""
-    from .api import Api
+    from gradexp.api import Api
 
     api = Api(dir=base_dir)
     found = api.runs(project)
@@ -227,11 +227,10 @@ def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base
     Idempotent: parts already uploaded are not sent again, and a run that is
     fully synced is skipped. Runs that are still running are left to their sender.
     """
-    from . import _service
-    from ._errors import ApiError
-    from ._files import LOCK, RUN_JSON
-    from ._run import is_locked
-    from .api import Api
+    from gradexp.api import Api
+    from gradexp.core.errors import ApiError
+    from gradexp.core.layout import LOCK, RUN_JSON, is_locked
+    from gradexp.sync import sender as _service
 
     api = Api(dir=base_dir, host=host, api_key=api_key)
     if run_dirs:
@@ -273,7 +272,7 @@ def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base
 def _runs_in(folder: Path) -> list[Path]:
     """The run folders a folder on the command line names: itself if it is one, else the runs
     of a project folder, else those of a folder of projects; none is an error."""
-    from ._files import RUN_JSON
+    from gradexp.core.layout import RUN_JSON
 
     if (folder / RUN_JSON).is_file():
         return [folder]
@@ -305,7 +304,7 @@ def _runs_in(folder: Path) -> list[Path]:
 def server(ctx: click.Context, bind: str, port: int, db_url: str | None, store_url: str | None,
            data_dir: Path | None, max_body: int, access_log: bool) -> None:
     """Run the gradexp server (needs the [server] extra: pip install -e '.[server]' in a clone)."""
-    from .server import cli as server_cli
+    from gradexp.server import cli as server_cli
 
     ctx.obj = server_cli.Paths.resolve(db_url, store_url, data_dir)
     if ctx.invoked_subcommand is None:
@@ -318,7 +317,7 @@ def server(ctx: click.Context, bind: str, port: int, db_url: str | None, store_u
 @click.pass_obj
 def create_user(paths: Paths, name: str, admin: bool) -> None:
     """Create a user (and their entity) in the server's database."""
-    from .server import cli as server_cli
+    from gradexp.server import cli as server_cli
 
     server_cli.create_user(paths, name, admin=admin)
 
@@ -329,7 +328,7 @@ def create_user(paths: Paths, name: str, admin: bool) -> None:
 @click.pass_obj
 def create_key(paths: Paths, user: str, name: str) -> None:
     """Create an API key for USER and print it (it is stored only as a hash)."""
-    from .server import cli as server_cli
+    from gradexp.server import cli as server_cli
 
     server_cli.create_key(paths, user, name=name)
 
@@ -340,7 +339,7 @@ def create_key(paths: Paths, user: str, name: str) -> None:
 @click.pass_obj
 def set_password(paths: Paths, user: str, password_stdin: bool) -> None:
     """Set USER's password for the web pages (asked twice at a hidden prompt)."""
-    from .server import cli as server_cli
+    from gradexp.server import cli as server_cli
 
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -356,7 +355,7 @@ def set_password(paths: Paths, user: str, password_stdin: bool) -> None:
 @click.pass_obj
 def signin_link(paths: Paths, user: str, base_url: str) -> None:
     """Print a one-time sign-in link for USER (valid 24 h; for a forgotten password)."""
-    from .server import cli as server_cli
+    from gradexp.server import cli as server_cli
 
     server_cli.signin_link(paths, user, base_url)
 
@@ -365,7 +364,7 @@ def signin_link(paths: Paths, user: str, base_url: str) -> None:
 @click.pass_obj
 def list_users(paths: Paths) -> None:
     """List users: admin or not, password set or not, active keys."""
-    from .server import cli as server_cli
+    from gradexp.server import cli as server_cli
 
     server_cli.list_users(paths)
 
@@ -376,7 +375,7 @@ def list_users(paths: Paths) -> None:
 @click.pass_obj
 def list_keys(paths: Paths, user: str | None, revoked: bool) -> None:
     """List API keys (of USER, or everyone's): id, first characters, name, last use."""
-    from .server import cli as server_cli
+    from gradexp.server import cli as server_cli
 
     server_cli.list_keys(paths, user, revoked=revoked)
 
@@ -386,7 +385,7 @@ def list_keys(paths: Paths, user: str | None, revoked: bool) -> None:
 @click.pass_obj
 def revoke_key(paths: Paths, key_id: int) -> None:
     """Revoke the API key with id KEY_ID (from list-keys); it stops working at once."""
-    from .server import cli as server_cli
+    from gradexp.server import cli as server_cli
 
     server_cli.revoke_key(paths, key_id)
 
@@ -409,7 +408,8 @@ def login(host: str | None, key: str | None, no_browser: bool, timeout: float) -
     you paste it at a hidden prompt. The key is stored per host in the user config
     dir (mode 0600) and never printed.
     """
-    from . import _auth, _login
+    from gradexp.core import credentials as _auth
+    from gradexp.sync import login as _login
 
     host = _auth.normalize_host(host or os.environ.get("GRADEXP_HOST") or _auth.default_host()
                                 or _auth.DEFAULT_HOST)
@@ -447,8 +447,8 @@ def _reachable(host: str) -> None:
 
 
 def _viewer(host: str, key: str) -> dict:
-    from ._client import Client
-    from ._errors import ApiError
+    from gradexp.core.client import Client
+    from gradexp.core.errors import ApiError
 
     try:
         return Client(host, key, timeout=15).json("GET", "/viewer", retry=False)
@@ -464,7 +464,7 @@ def _viewer(host: str, key: str) -> dict:
 @click.option("--host", default=None, help="Server (default: GRADEXP_HOST or the last login's).")
 def whoami(host: str | None) -> None:
     """Show the user, entity and host that runs go to."""
-    from ._settings import resolve
+    from gradexp.core.settings import resolve
 
     s = resolve({"host": host})
     if not s.host:
@@ -479,7 +479,7 @@ def whoami(host: str | None) -> None:
 @click.option("--host", default=None, help="Server (default: GRADEXP_HOST or the last login's).")
 def logout(host: str | None) -> None:
     """Forget the API key stored for a host."""
-    from . import _auth
+    from gradexp.core import credentials as _auth
 
     host = host or os.environ.get("GRADEXP_HOST") or _auth.default_host()
     if not host:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: installs what the tests need, lints (ruff) and
-# type-checks (mypy) the code, then runs pytest.
+# The whole test suite, from a fresh clone: installs what the tests need, lints (ruff),
+# type-checks (mypy) and checks the layer contract (lint-imports) of the code, then runs pytest.
 # The tests start real services themselves: PostgreSQL and MariaDB (from Debian packages,
 # installed here when missing), an S3-protocol server (moto, from the test extra),
 # gradexp servers on loopback, and Debian's headless Chromium (driven by Playwright from
@@ -28,4 +28,5 @@ python -m pip install -q -e '.[test]'
 # .mypy_cache; a cold run reads torch's hints and takes about a minute).
 python -m ruff check gradexp tests benchmarks
 python -m mypy gradexp
+lint-imports
 exec python -m pytest "$@"

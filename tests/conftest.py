@@ -16,7 +16,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADEXP_CONFIG_DIR", str(tmp_path / ".gradexp-config"))
     monkeypatch.chdir(tmp_path)
     yield
-    import gradexp._run as _run
+    import gradexp.write.run as _run
 
     for run in list(_run._runs):  # a failing test must not leave a run open for the next one
         run.finish()

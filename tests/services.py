@@ -530,7 +530,7 @@ def _children(pid: int) -> list[int]:
 def _kill_sender(pid: int) -> None:
     """SIGKILL ``pid`` if it is still a gradexp sender (not a process that reused the id)."""
     try:
-        if b"gradexp._service" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if b"gradexp.sync.sender" in Path(f"/proc/{pid}/cmdline").read_bytes():
             os.kill(pid, signal.SIGKILL)
     except (OSError, ProcessLookupError):
         pass
@@ -652,7 +652,7 @@ class Trainer:
 
 def finish_runs(timeout: float = 30) -> None:
     """Finish the runs this process left open (a failed test) while their server is still up."""
-    import gradexp._run as _run
+    import gradexp.write.run as _run
 
     for run in list(_run._runs):
         sender = run._sender
@@ -671,7 +671,7 @@ def local_parts(run_dir: Path) -> dict[tuple[str, int], tuple[str, dict[int, int
     """(stream, seq) -> (sha256, {frame kind: count}) of a run folder's sealed parts."""
     import hashlib
 
-    from gradexp import _format
+    from gradexp.core import format as _format
 
     out = {}
     for p in sorted((Path(run_dir) / "parts").glob("*.gxp")):

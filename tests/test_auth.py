@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 import gradexp
-from gradexp import _auth, _settings
 from gradexp.cli import main
+from gradexp.core import credentials as _auth
+from gradexp.core import settings as _settings
 
 
 @pytest.fixture(scope="module")

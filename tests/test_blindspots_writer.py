@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import gradexp
-from gradexp import _format, _writer
-from gradexp._arrow import HIST_BINS
-from gradexp._settings import Settings
-from gradexp._summary import summarize
-from gradexp._values import Keys, prepare
+from gradexp.core import format as _format
+from gradexp.core.arrow import HIST_BINS
+from gradexp.core.settings import Settings
+from gradexp.core.stats import summarize
+from gradexp.write import writer as _writer
+from gradexp.write.values import Keys, prepare
 
 # -- fsync ------------------------------------------------------------------------------------
 
@@ -255,7 +256,7 @@ def test_large_int_and_nonfinite_histograms():
 
 
 def test_online_parts_are_sealed_after_two_seconds_unless_set():
-    from gradexp._settings import resolve
+    from gradexp.core.settings import resolve
 
     online = {"mode": "online", "host": "http://127.0.0.1:9", "api_key": "gx_test"}
     assert resolve(online, environ={}).part_max_age == 2.0

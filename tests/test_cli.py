@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 import gradexp
-from gradexp import _format
 from gradexp.cli import main
+from gradexp.core import format as _format
 from services import GradexpServer, clean_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]

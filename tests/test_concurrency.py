@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import gradexp
-from gradexp import _format, _writer
+from gradexp.core import format as _format
+from gradexp.write import writer as _writer
 
 TIMEOUT = 60  # generous: these must not flake on a loaded 2-core machine
 

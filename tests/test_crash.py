@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import gradexp
-from gradexp import _format
+from gradexp.core import format as _format
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX only")
 

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 import gradexp
-from gradexp import _format
+from gradexp.core import format as _format
 from gradexp.server import accounts, db
 from services import (
     GradexpServer,
@@ -187,7 +187,7 @@ def test_runs_parts_and_frames(engine, tmp_path):
         part_name = frames[0]["object_key"].rpartition("/")[2]
         blob = parts[part_name][frames[0]["offset"]:frames[0]["offset"] + frames[0]["length"]]
         info = _format.parse_header(blob, 0, len(blob))
-        from gradexp import _arrow
+        from gradexp.core import arrow as _arrow
 
         steps, arrays = _arrow.tensor_rows(_format.decode_payload(info, memoryview(blob)[info.header_len:]))
         assert same_bits(arrays[list(steps).index(17)], values(17)["w"])

@@ -27,8 +27,8 @@ import pytest
 import gradexp
 import services
 from faultproxy import KINDS, FaultProxy
-from gradexp._client import RETRY_LOG_EVERY
-from gradexp._service import DONE_MARK, UPLOADED_LOG
+from gradexp.core.client import RETRY_LOG_EVERY
+from gradexp.sync.sender import DONE_MARK, UPLOADED_LOG
 from services import GradexpServer, Trainer, assert_uploaded_exactly_once, check_history, clean_env, same_bits
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX only")

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pytest
 
 import gradexp
-from gradexp._client import Client
-from gradexp._service import sync
-from gradexp._values import MAX_KEY_LENGTH
+from gradexp.core.client import Client
+from gradexp.core.limits import MAX_KEY_LENGTH
+from gradexp.sync.sender import sync
 from services import GradexpServer, same_bits, unavailable
 
 
@@ -275,7 +275,7 @@ def test_last_write_wins_when_the_writer_writes_between_the_logs(tmp_path, order
     run.finish()
     r = read(run)
     check_last_write(r, order, last)
-    from gradexp import _format
+    from gradexp.core import format as _format
 
     history_frames = [f for p in _format.list_parts(run.dir / "parts", "history")
                       for f in _format.scan_part(p).frames if f.kind == _format.KIND_HISTORY]
@@ -312,7 +312,7 @@ def test_last_write_wins_through_the_server(server, tmp_path):
 
 
 def test_a_failed_writer_ends_the_run_failed_on_the_server_too(server, tmp_path, monkeypatch):
-    from gradexp import _format
+    from gradexp.core import format as _format
 
     run = gradexp.init("failing", dir=tmp_path, mode="online", host=server.url, api_key=server.key)
     run.log({"x": 1})
@@ -336,7 +336,7 @@ def test_an_exit_code_beyond_32_bits_is_recorded_clamped(tmp_path):
     make the run impossible to upload, so run.json records it clamped (sign kept)."""
     import json
 
-    from gradexp import _service
+    from gradexp.sync import sender as _service
 
     for given, kept in ((2**40, 2**31 - 1), (-(10**30), -(2**31)), (3, 3)):
         run = gradexp.init("p", dir=tmp_path)

@@ -18,7 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from gradexp import _auth, _login
+from gradexp.core import credentials as _auth
+from gradexp.sync import login as _login
 from services import GradexpServer, WebSession, clean_env, run_python, wait_for
 
 PASSWORD = "correct horse battery"

@@ -19,7 +19,8 @@ import requests
 import sqlalchemy as sa
 
 import gradexp
-from gradexp import _arrow, _format
+from gradexp.core import arrow as _arrow
+from gradexp.core import format as _format
 from gradexp.server import db
 from gradexp.server.store import Store
 from services import HOST, GradexpServer, same_bits, two_servers, wait_for

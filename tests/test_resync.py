@@ -29,9 +29,11 @@ from hypothesis import strategies as st
 from requests.adapters import HTTPAdapter
 
 import gradexp
-from gradexp import _arrow, _format, _service
-from gradexp._client import Client
-from gradexp._errors import ApiError
+from gradexp.core import arrow as _arrow
+from gradexp.core import format as _format
+from gradexp.core.client import Client
+from gradexp.core.errors import ApiError
+from gradexp.sync import sender as _service
 from services import GradexpServer, Trainer, clean_env, same_bits, values, wait_for
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX only")

@@ -202,7 +202,7 @@ def test_unknown_run_reference():
 
 def test_long_drains_keep_every_row(monkeypatch):
     """Rows past the per-frame row limit within one drain of the queue were once lost."""
-    from gradexp import _writer
+    from gradexp.write import writer as _writer
 
     monkeypatch.setattr(_writer, "_HISTORY_MAX_ROWS", 1000)
     with gradexp.init("p", flush_interval=30) as run:  # no timed flush: one long drain at finish

@@ -27,10 +27,12 @@ from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
 import gradexp
-from gradexp import _client, _format, _service
-from gradexp._client import Client
-from gradexp._errors import ApiError
-from gradexp._service import DONE_MARK, UPLOADED_LOG, Uploader
+from gradexp.core import client as _client
+from gradexp.core import format as _format
+from gradexp.core.client import Client
+from gradexp.core.errors import ApiError
+from gradexp.sync import sender as _service
+from gradexp.sync.sender import DONE_MARK, UPLOADED_LOG, Uploader
 from services import values
 
 HOST = "http://upload.test"

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import gradexp
-from gradexp._service import DONE_MARK, UPLOADED_LOG
+from gradexp.sync.sender import DONE_MARK, UPLOADED_LOG
 from services import (
     GradexpServer,
     Trainer,

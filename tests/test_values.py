@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import gradexp
-from gradexp._values import BufferPool, Keys
-from gradexp._values import prepare as _prepare
+from gradexp.core.buffers import BufferPool
+from gradexp.write.values import Keys
+from gradexp.write.values import prepare as _prepare
 
 
 def prepare(data, keys):

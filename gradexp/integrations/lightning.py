@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - the standalone package (other classes,
     from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment  # type: ignore[assignment]
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from .._run import DEFAULT_PROJECT, Run, init, new_run_id
-from .pytorch import unwatch, watch
+from gradexp.integrations.pytorch import unwatch, watch
+from gradexp.write.run import DEFAULT_PROJECT, Run, init, new_run_id
 
 __all__ = ["GradexpLogger", "GradexpWatch"]
 

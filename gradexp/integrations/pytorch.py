@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import UsageError
-from .._run import Run, _merge, current
-from .._values import TENSOR, TEXT, Keys, Prepared, Tensor, check_key
+from gradexp.core.errors import UsageError
+from gradexp.write.run import Run, _merge, current
+from gradexp.write.values import TENSOR, TEXT, Keys, Prepared, Tensor, check_key
 
 __all__ = ["log_gradient_stats", "unwatch", "watch"]
 

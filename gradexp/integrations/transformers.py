@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .._errors import UsageError
-from .._run import Run, current, init
-from .pytorch import unwatch, watch
+from gradexp.core.errors import UsageError
+from gradexp.integrations.pytorch import unwatch, watch
+from gradexp.write.run import Run, current, init
 
 __all__ = ["GradexpCallback"]
 

@@ -1,5 +1,5 @@
 """The gradexp server: ``pip install -e '.[server]'`` in a clone, then ``gradexp server``."""
 
-from .app import create_app
+from gradexp.server.app import create_app
 
 __all__ = ["create_app"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import db
+from gradexp.server import db
 
 SESSION_SECONDS = 14 * 24 * 3600
 CODE_SECONDS = 60

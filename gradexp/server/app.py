@@ -35,11 +35,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import _arrow, _format
-from .._errors import CorruptPartError
-from .._version import __version__
-from . import db, history, web
-from .openapi import (
+from gradexp._version import __version__
+from gradexp.core import arrow as _arrow
+from gradexp.core import format as _format
+from gradexp.core.errors import CorruptPartError
+from gradexp.core.limits import MAX_KEY_LENGTH
+from gradexp.server import db, history, web
+from gradexp.server.openapi import (
     MODELS,
     FinishBody,
     HistoryQuery,
@@ -52,7 +54,7 @@ from .openapi import (
     TensorPath,
     openapi,
 )
-from .store import Store
+from gradexp.server.store import Store
 
 JSON_BODY_MAX = 8 << 20
 """Bytes of a JSON request body: run metadata, well inside what every database takes in one
@@ -331,7 +333,7 @@ class Server:
             pk, pid = self.run_pk(v, project, run_id)
             table = history.read(self.engine, self.store, pk, address=(v.entity_id, pid, run_id))
             if keys:
-                from ..api import select_keys
+                from gradexp.core.history import select_keys
 
                 try:
                     table = select_keys(table, keys.split(","), run_id)
@@ -438,9 +440,9 @@ def _verify_frames(data: memoryview, scan: _format.PartScan, label: str) -> None
     for info in scan.frames:
         if info.end > scan.valid_end or _format.parse_header(data, info.offset, scan.valid_end) != info:
             raise ValueError(f"{label}: the frame at byte {info.offset} does not match the part's index")
-        if len(info.key) > db.KEY_CHARS:
+        if len(info.key) > MAX_KEY_LENGTH:
             raise ValueError(f"{label}: the frame at byte {info.offset} has a key of {len(info.key)} characters, "
-                             f"over the limit of {db.KEY_CHARS}: {info.key[:100]!r}...")
+                             f"over the limit of {MAX_KEY_LENGTH}: {info.key[:100]!r}...")
         with data[info.data_offset:info.end] as payload:  # let go of the buffer: the caller closes its mmap
             problem = _format.payload_problem(info, payload, scratch=scratch)
         if problem is not None:

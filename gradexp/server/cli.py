@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import accounts, db
+from gradexp.server import accounts, db
 
 BOOTSTRAP_USER = "local"
 KEY_FILE = "local-api-key"
@@ -95,7 +95,7 @@ def serve(paths: Paths, bind: str, port: int, *, max_body_bytes: int = 2 << 30, 
     try:
         import uvicorn
 
-        from .app import create_app
+        from gradexp.server.app import create_app
     except ImportError as e:
         raise click.ClickException(f"the server needs the [server] extra ({e}): from a clone of gradexp, "
                                    "pip install -e '.[server]'") from None
@@ -171,9 +171,9 @@ def _safe(url: str) -> str:
 def create_user(paths: Paths, name: str, *, admin: bool) -> None:
     import sqlalchemy as sa
 
-    from ..server.store import _RUN_ID
+    from gradexp.core.layout import NAME
 
-    if not _RUN_ID.match(name) or len(name) > 64:
+    if not NAME.match(name) or len(name) > 64:
         raise click.ClickException(f"invalid user name {name!r}: letters, digits, '.', '_', '-'")
     try:
         db.create_user(_engine(paths, create=True), name, admin=admin)

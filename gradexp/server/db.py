@@ -33,7 +33,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
-KEY_CHARS = 1024
+from gradexp.core.limits import MAX_KEY_LENGTH
+
 """The longest tensor key in characters (``frames.key``); longer keys are refused on upload."""
 
 _TIME = sa.Double
@@ -123,7 +124,7 @@ def define_tables(md: sa.MetaData, version: int) -> None:
         sa.Column("run_pk", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
         sa.Column("part_id", sa.Integer, sa.ForeignKey("parts.id"), nullable=False),
         sa.Column("kind", sa.SmallInteger, nullable=False),
-        sa.Column("key", sa.String(KEY_CHARS), nullable=False),
+        sa.Column("key", sa.String(MAX_KEY_LENGTH), nullable=False),
         sa.Column("step_min", sa.BigInteger, nullable=False),
         sa.Column("step_max", sa.BigInteger, nullable=False),
         sa.Column("rows", sa.Integer, nullable=False),

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy.engine import Engine
 
-from .. import _arrow, _format
-from .._export import write_history_parquet
-from ..api import combine_history
-from . import db
-from .store import Store
+from gradexp.core import arrow as _arrow
+from gradexp.core import format as _format
+from gradexp.core.history import combine_history, write_history_parquet
+from gradexp.server import db
+from gradexp.server.store import Store
 
 COMPACT_AT = 32
 

@@ -15,12 +15,12 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from .._version import __version__
+from gradexp._version import __version__
+from gradexp.core.layout import NAME_PATTERN
+from gradexp.core.limits import EXIT_CODE_MAX as INT32_MAX
+from gradexp.core.limits import INT_MAX as INT64_MAX
+from gradexp.core.limits import INT_MIN as INT64_MIN
 
-INT32_MAX = 2**31 - 1
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-"""Entity, project and run ids: safe in URLs, object keys and file names."""
 RUN_NAME_MAX = 256
 
 Text = Annotated[str, Field(pattern=r"^[^\x00]*$")]

@@ -23,8 +23,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-STREAMS = ("history", "tensors")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
+from gradexp.core.layout import NAME, STREAMS
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _COPY_CHUNK = 8 << 20
 _SPOOL = ".incoming"
@@ -143,6 +143,6 @@ class Store:
 
 
 def _run_prefix(entity_id: int, project_id: int, run_id: str) -> str:
-    if not (isinstance(entity_id, int) and isinstance(project_id, int) and _RUN_ID.match(run_id)):
+    if not (isinstance(entity_id, int) and isinstance(project_id, int) and NAME.match(run_id)):
         raise ValueError(f"invalid run address {entity_id}/{project_id}/{run_id!r}")
     return f"runs/{entity_id}/{project_id}/{run_id}"

@@ -34,11 +34,11 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from . import accounts, db
+from gradexp.core.credentials import CLIENT_ID
+from gradexp.server import accounts, db
 
 SESSION_COOKIE = "gx_session"
 LOGIN_CSRF_COOKIE = "gx_login_csrf"
-CLIENT_ID = "gradexp-cli"
 _CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43,128}\Z")  # base64url of a SHA-256, unpadded: 43
 _VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}\Z")  # RFC 7636 section 4.1
 _MAX_FORM = 64 << 10

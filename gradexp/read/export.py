@@ -26,30 +26,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import _arrow
-from ._errors import CorruptPartError, CorruptPartWarning
-from ._values import is_ml_dtype
+from gradexp.core import arrow as _arrow
+from gradexp.core.dtypes import is_ml_dtype
+from gradexp.core.errors import CorruptPartError, CorruptPartWarning
+from gradexp.core.history import write_history_parquet
 
 _ROW_GROUP_BYTES = 64 << 20
-
 
 def export_history(run: Any, out: Path) -> pa.Table:
     table = run.history()
     write_history_parquet(table, out)
     return table
-
-
-def write_history_parquet(table: pa.Table, where: Path | pa.NativeFile) -> None:
-    """The history as Parquet, encoded for its columns (see the module docstring)."""
-    encodings: dict[str, str] = {}
-    for field in table.schema:
-        if field.name in ("step",) and pa.types.is_integer(field.type):
-            encodings[field.name] = "DELTA_BINARY_PACKED"
-        elif pa.types.is_floating(field.type):
-            encodings[field.name] = "BYTE_STREAM_SPLIT"
-    dictionary = [f.name for f in table.schema if f.name not in encodings]
-    pq.write_table(table, where, compression="zstd", use_dictionary=dictionary,
-                   column_encoding=encodings, row_group_size=1 << 20)
 
 
 def tensor_count(run: Any) -> int:

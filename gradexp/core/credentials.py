@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._files import write_json
+from gradexp.core.layout import write_json
 
 DEFAULT_HOST = "http://127.0.0.1:8080"
+CLIENT_ID = "gradexp-cli"
+"""The OAuth client id of ``gradexp login``: the only client the server's authorize page serves."""
 FILE = "credentials.json"
 
 

@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._errors import GradexpWarning, UsageError
-from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
-from ._settings import Settings, resolve
-from ._values import INT_MAX, Keys, Prepared, prepare
-from ._version import __version__
+from gradexp._version import __version__
+from gradexp.core.errors import GradexpWarning, InvalidTypeError, InvalidValueError, UsageError
+from gradexp.core.layout import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
+from gradexp.core.limits import INT_MAX, exit_code_for_record
+from gradexp.core.settings import Settings, resolve
+from gradexp.write.values import Keys, Prepared, prepare
 
 try:
     import fcntl
@@ -52,11 +53,11 @@ class Config(MutableMapping):
     def _check(data: Mapping[str, Any]) -> None:
         for key, value in data.items():
             if not isinstance(key, str):
-                raise TypeError(f"config keys must be str; got {key!r}")
+                raise InvalidTypeError(f"config keys must be str; got {key!r}")
             try:
                 json.dumps(value, default=to_jsonable)
             except (TypeError, ValueError) as e:
-                raise TypeError(f"config key {key!r}: value cannot be saved as JSON ({e})") from None
+                raise InvalidTypeError(f"config key {key!r}: value cannot be saved as JSON ({e})") from None
 
     def _save(self) -> None:
         if self._path is not None:
@@ -160,7 +161,7 @@ class Run:
         if isinstance(config, argparse.Namespace):
             config = vars(config)
         if config is not None and not isinstance(config, Mapping):
-            raise TypeError(f"config must be a dict or argparse.Namespace; got {type(config).__name__}")
+            raise InvalidTypeError(f"config must be a dict or argparse.Namespace; got {type(config).__name__}")
         if settings.mode == "online" and not (settings.host and settings.api_key):
             missing = (f"there is no API key for {settings.host}" if settings.host else "no server (host) is set")
             warnings.warn(f"gradexp: online mode needs a server and an API key, but {missing}; "
@@ -190,11 +191,11 @@ class Run:
         }
         write_json(self.dir / RUN_JSON, self._meta)
         self.config = Config(self.dir / CONFIG_JSON, config or {})
-        from ._writer import Writer
+        from gradexp.write.writer import Writer
 
         self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary)
         if settings.mode == "online":
-            from ._spawn import Sender
+            from gradexp.write.sender_process import Sender
 
             # A separate process: uploads never make the training loop wait, and it
             # finishes the upload (marking the run crashed) if this process dies.
@@ -358,9 +359,9 @@ def _check_step(step: Any) -> int:
     import numpy as np
 
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"step must be an int; got {type(step).__name__} {step!r}")
+        raise InvalidTypeError(f"step must be an int; got {type(step).__name__} {step!r}")
     if not 0 <= step <= INT_MAX:
-        raise ValueError(f"step must be >= 0 and < 2**63 (steps are int64); got {step}")
+        raise InvalidValueError(f"step must be >= 0 and < 2**63 (steps are int64); got {step}")
     return int(step)
 
 
@@ -405,23 +406,6 @@ def _hold_lock(path: Path) -> int:
     if fcntl is not None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd
-
-
-def is_locked(path: Path) -> bool:
-    """True while a live process holds the run's lock."""
-    if fcntl is None:
-        return True
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing our own descriptor drops a lock we took
-    return False
 
 
 # -- the module-level run stack -------------------------------------------------------------
@@ -489,15 +473,6 @@ def _status_code(status: object) -> int:
     if status is None:
         return 0
     return int(status) if isinstance(status, int) else 1
-
-
-EXIT_CODE_MAX = (1 << 31) - 1
-
-
-def exit_code_for_record(code: int) -> int:
-    """``code`` within 32 bits, as run.json and every server database keep it: an exit code
-    beyond that (which no process can exit with) is clamped, keeping its sign."""
-    return max(-EXIT_CODE_MAX - 1, min(int(code), EXIT_CODE_MAX))
 
 
 _hooks_installed = False

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-CLIENT_ID = "gradexp-cli"
+from gradexp.core.credentials import CLIENT_ID
+
 CALLBACK_PATH = "/gradexp/callback"
 
 

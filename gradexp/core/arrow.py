@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ._format import FrameInfo
-from ._values import is_ml_dtype
+from gradexp.core.buffers import scratch
+from gradexp.core.dtypes import is_ml_dtype
 
 META_DTYPE = b"gradexp.dtype"
 META_SHAPE = b"gradexp.shape"
@@ -181,9 +181,7 @@ def _ipc(batch: pa.RecordBatch, *, reuse: bool = False) -> pa.Buffer:
     with pa.ipc.new_stream(mock, batch.schema) as w:
         w.write_batch(batch)
     size = mock.size()
-    from ._format import _scratch
-
-    buf = pa.py_buffer(_scratch("ipc", size))
+    buf = pa.py_buffer(scratch("ipc", size))
     sink = pa.FixedSizeBufferWriter(buf)
     with pa.ipc.new_stream(sink, batch.schema) as w:
         w.write_batch(batch)
@@ -196,26 +194,6 @@ def _read_batch(raw: np.ndarray) -> pa.RecordBatch:
     if len(batches) != 1:
         return pa.Table.from_batches(batches, reader.schema).combine_chunks().to_batches()[0]
     return batches[0]
-
-
-_INDEX_SCHEMA = pa.schema([
-    ("offset", pa.uint64()), ("kind", pa.uint8()), ("filter", pa.uint8()), ("elem", pa.uint8()),
-    ("stored", pa.uint64()), ("raw", pa.uint64()), ("step_min", pa.int64()),
-    ("step_max", pa.int64()), ("rows", pa.uint32()), ("key", pa.string()),
-])
-
-
-def index_to_ipc(frames: Sequence[FrameInfo]) -> pa.Buffer:
-    cols = [strings([f.key for f in frames]).cast(pa.string()) if field.name == "key" else
-            from_numpy(np.array([getattr(f, field.name) for f in frames],
-                                dtype=_NUMPY_TYPES[field.type]))
-            for field in _INDEX_SCHEMA]
-    return _ipc(pa.record_batch(cols, schema=_INDEX_SCHEMA))
-
-
-def index_from_ipc(raw: np.ndarray) -> list[FrameInfo]:
-    cols = _read_batch(raw).to_pydict()
-    return [FrameInfo(*row) for row in zip(*(cols[n] for n in _INDEX_SCHEMA.names))]
 
 
 def summaries_array(items: Sequence[dict[str, Any] | None]) -> pa.Array:
@@ -288,3 +266,25 @@ def table_ipc(table: pa.Table) -> pa.Buffer:
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
     return sink.getvalue()
+
+
+_INDEX_SCHEMA = pa.schema([
+    ("offset", pa.uint64()), ("kind", pa.uint8()), ("filter", pa.uint8()), ("elem", pa.uint8()),
+    ("stored", pa.uint64()), ("raw", pa.uint64()), ("step_min", pa.int64()),
+    ("step_max", pa.int64()), ("rows", pa.uint32()), ("key", pa.string()),
+])
+
+
+def index_to_ipc(frames: Sequence[Any]) -> pa.Buffer:
+    """A part's index frame from its frames' headers (``format.FrameInfo``, read by attribute)."""
+    cols = [strings([f.key for f in frames]).cast(pa.string()) if field.name == "key" else
+            from_numpy(np.array([getattr(f, field.name) for f in frames],
+                                dtype=_NUMPY_TYPES[field.type]))
+            for field in _INDEX_SCHEMA]
+    return _ipc(pa.record_batch(cols, schema=_INDEX_SCHEMA))
+
+
+def index_from_ipc(raw: np.ndarray) -> list[tuple[Any, ...]]:
+    """An index frame's rows, fields in ``format.FrameInfo`` order."""
+    cols = _read_batch(raw).to_pydict()
+    return list(zip(*(cols[n] for n in _INDEX_SCHEMA.names)))

@@ -7,39 +7,26 @@ may mutate it right after), and leave every costlier step to the writer thread.
 
 from __future__ import annotations
 
-import mmap
 import sys
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
+
+from gradexp.core.buffers import BufferPool
+from gradexp.core.dtypes import is_ml_dtype
+from gradexp.core.errors import InvalidTypeError, InvalidValueError
+from gradexp.core.limits import INT_MAX, INT_MIN, MAX_KEY_LENGTH
 
 # Kinds a key keeps for the life of a run: history columns need one type per key.
 NUMBER = "number"
 TEXT = "text"
 TENSOR = "tensor"
 
-MAX_KEY_LENGTH = 1024
-"""Characters in a whole flattened key ("a/b/c"): the server's key columns hold this many,
-and a part's frame header (a u16 byte length) holds any such key (at most 4,096 bytes)."""
 RESERVED_KEYS = frozenset({"step"})
-INT_MIN = -(1 << 63)
-INT_MAX = (1 << 63) - 1
-"""Integers are stored as int64 (history columns, steps); one outside is refused, not rounded."""
 _NUMBER_TYPES = frozenset({int, float, bool})
 _REAL_KINDS = frozenset("biuf")
 _TENSOR_KINDS = frozenset("biufc")
-
-
-def is_ml_dtype(dtype: np.dtype) -> bool:
-    """bfloat16, float8_* and friends from ml_dtypes (recognised without importing it).
-
-    Their ``kind`` varies by type and version ('V' for bfloat16, 'f' for float8), so
-    they are told apart by module; Arrow knows none of them.
-    """
-    return dtype.type.__module__.startswith("ml_dtypes")
 
 
 def check_key(key: Any, *, top_level: bool) -> str:
@@ -47,18 +34,18 @@ def check_key(key: Any, *, top_level: bool) -> str:
     if type(key) is not str:
         if isinstance(key, str):
             return check_key(str(key), top_level=top_level)
-        raise TypeError(f"log() keys must be str; got {type(key).__name__} {key!r}")
+        raise InvalidTypeError(f"log() keys must be str; got {type(key).__name__} {key!r}")
     if not key or "\x00" in key or key.startswith("/") or key.endswith("/") or "//" in key:
-        raise ValueError(f"log() key {key!r} is empty, has an empty '/' segment or a NUL byte")
+        raise InvalidValueError(f"log() key {key!r} is empty, has an empty '/' segment or a NUL byte")
     if len(key) > MAX_KEY_LENGTH:
         _too_long(key)
     if not key.isascii():
         try:
             key.encode()
         except UnicodeEncodeError:
-            raise ValueError(f"log() key {key!r} is not valid Unicode (it holds a lone surrogate)") from None
+            raise InvalidValueError(f"log() key {key!r} is not valid Unicode (it holds a lone surrogate)") from None
     if top_level and (key[0] == "_" or key in RESERVED_KEYS):
-        raise ValueError(
+        raise InvalidValueError(
             f"log() key {key!r} is reserved: keys starting with '_' and 'step' are gradexp's "
             "own history columns (pass the step as log(..., step=N))"
         )
@@ -66,7 +53,7 @@ def check_key(key: Any, *, top_level: bool) -> str:
 
 
 def _too_long(key: str) -> None:
-    raise ValueError(f"log() key {key[:60]!r}... is {len(key)} characters long; keys (nested ones "
+    raise InvalidValueError(f"log() key {key[:60]!r}... is {len(key)} characters long; keys (nested ones "
                      f"counted whole, as 'a/b/c') may have at most {MAX_KEY_LENGTH}")
 
 
@@ -86,12 +73,12 @@ def tensor_from(value: Any, key: str) -> np.ndarray | None:
         try:
             arr = np.asarray(value)
         except (ValueError, TypeError) as e:  # ragged nesting, or items NumPy cannot combine
-            raise ValueError(f"log() key {key!r}: the {type(value).__name__} is not a rectangular array "
+            raise InvalidValueError(f"log() key {key!r}: the {type(value).__name__} is not a rectangular array "
                              f"of numbers ({e})") from None
         return arr if arr.dtype.kind in _TENSOR_KINDS else None
     ma = sys.modules.get("numpy.ma")  # not imported: nothing can be a masked array
     if ma is not None and isinstance(value, ma.MaskedArray):
-        raise TypeError(f"log() key {key!r}: a masked array's mask would be lost; log "
+        raise InvalidTypeError(f"log() key {key!r}: a masked array's mask would be lost; log "
                         "value.filled(fill) or value.data, and the mask (np.ma.getmaskarray(value)) "
                         "under a key of its own")
     if hasattr(value, "__array__"):
@@ -124,84 +111,6 @@ def storage_dtype(dtype: np.dtype) -> np.dtype:
     return dtype.newbyteorder("=")
 
 
-# Private (copy-on-write) anonymous memory: a forked child never shares the pool's pages.
-_PRIVATE = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
-
-
-class BufferPool:
-    """Reused buffers for large snapshots and compressed payloads.
-
-    Fresh memory is slow to touch on first use (page faults: ~1.5 ms per 4 MiB on the
-    reference machine, against ~0.3 ms to copy into memory already touched), so the
-    writer hands a buffer back once it is done with it and the next ``log()`` of the
-    same size copies into it. The pool keeps up to ``max_bytes`` of idle buffers (a full
-    queue's worth, so a second burst of ``log()`` calls runs at copy speed) and unmaps
-    those idle for ``idle_s`` seconds, so a run that stops logging large tensors gives
-    the memory back. Buffers are private anonymous mappings: page-aligned, not
-    madvised for transparent huge pages as NumPy's large arrays are (compaction
-    stalls cost more than huge pages save here), and returned to the OS the moment
-    they are unmapped.
-    """
-
-    MIN_BYTES = 1 << 20
-
-    def __init__(self, max_bytes: int, *, idle_s: float = 30.0) -> None:
-        self._free: dict[int, list[tuple[float, np.ndarray]]] = {}
-        self._bytes = 0
-        self._max = max_bytes
-        self._idle_s = idle_s
-        self._lock = threading.Lock()
-
-    @property
-    def idle_bytes(self) -> int:
-        """Bytes held in idle buffers."""
-        return self._bytes
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A writable uint8 buffer of ``nbytes``: a reused one when the pool has one."""
-        if nbytes < self.MIN_BYTES:
-            return np.empty(nbytes, dtype=np.uint8)
-        with self._lock:
-            free = self._free.get(nbytes)
-            if free:
-                self._bytes -= nbytes
-                return free.pop()[1]
-        return np.frombuffer(mmap.mmap(-1, nbytes, **_PRIVATE), dtype=np.uint8)
-
-    def give(self, buf: np.ndarray) -> None:
-        """Keep ``buf`` for a later ``take`` (if there is room); nothing may use it after."""
-        n = buf.nbytes
-        if n >= self.MIN_BYTES:
-            now = time.monotonic()
-            with self._lock:
-                if self._bytes + n <= self._max:
-                    self._free.setdefault(n, []).append((now, buf))  # taken last in, first out
-                    self._bytes += n
-
-    def clear(self) -> None:
-        """Drop every idle buffer (the run is over; its memory goes back to the OS)."""
-        with self._lock:
-            self._free.clear()
-            self._bytes = 0
-
-    def trim(self, now: float | None = None) -> int:
-        """Drop buffers idle for ``idle_s`` seconds; return the bytes released."""
-        cutoff = (time.monotonic() if now is None else now) - self._idle_s
-        released = 0
-        with self._lock:
-            for n, free in self._free.items():
-                old = 0
-                while old < len(free) and free[old][0] <= cutoff:  # the oldest sit at the bottom
-                    old += 1
-                if old:
-                    del free[:old]
-                    released += old * n
-            for n in [n for n, free in self._free.items() if not free]:
-                del self._free[n]
-            self._bytes -= released
-        return released
-
-
 def snapshot(arr: np.ndarray, key: str, pool: BufferPool | None = None) -> np.ndarray:
     """Copy ``arr`` into native-order C-contiguous memory (the one copy ``log()`` makes).
 
@@ -210,7 +119,7 @@ def snapshot(arr: np.ndarray, key: str, pool: BufferPool | None = None) -> np.nd
     dtype = arr.dtype
     too_wide = dtype.itemsize > (16 if dtype.kind == "c" else 8)  # float128 has no Arrow type
     if (dtype.kind not in _TENSOR_KINDS or too_wide) and not is_ml_dtype(dtype):
-        raise TypeError(
+        raise InvalidTypeError(
             f"log() key {key!r}: arrays of dtype {dtype} cannot be logged "
             "(numeric, bool, complex, bfloat16 and float8 arrays can)"
         )
@@ -284,7 +193,7 @@ def prepare(data: Mapping[str, Any], keys: Keys, pool: BufferPool | None = None)
             out.scalars = data.copy()
             return out
     elif not isinstance(data, Mapping):
-        raise TypeError(f"log() takes a dict of values; got {type(data).__name__}")
+        raise InvalidTypeError(f"log() takes a dict of values; got {type(data).__name__}")
     new_kinds: dict[str, str] = {}
     _walk(data, "", keys.kinds, new_kinds, out, pool)
     if new_kinds:
@@ -318,7 +227,7 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
         else:
             arr = tensor_from(value, key)
             if arr is None:
-                raise TypeError(
+                raise InvalidTypeError(
                     f"log() key {key!r}: cannot log a value of type {tv.__module__}.{tv.__qualname__} "
                     "(log numbers, strings, arrays or tensors; nest dicts for groups)"
                 )
@@ -328,13 +237,13 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
             else:
                 kind = TENSOR
         if key in scalars or key in tensors:
-            raise ValueError(f"log() key {key!r} is given twice in one call (a nested dict and a "
+            raise InvalidValueError(f"log() key {key!r} is given twice in one call (a nested dict and a "
                              "'/' in a key flatten to the same name); give it once")
         seen = kinds.get(key) or new.get(key)
         if seen is None:
             new[key] = kind
         elif seen != kind:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"log() key {key!r} was logged as a {seen} before and is a {kind} now; "
                 "a key keeps one kind for the whole run"
             )
@@ -351,7 +260,7 @@ def _scalar_kind(value: np.generic, key: str) -> str:
     dtype = value.dtype
     k = dtype.kind
     if k == "f" and dtype.itemsize > 8 and not is_ml_dtype(dtype):
-        raise TypeError(f"log() key {key!r}: a NumPy {dtype} scalar does not fit float64, the type "
+        raise InvalidTypeError(f"log() key {key!r}: a NumPy {dtype} scalar does not fit float64, the type "
                         "history stores numbers in; log float(value) if rounding it is fine")
     if k == "u" and dtype.itemsize == 8 and value.item() > INT_MAX:
         _out_of_range(key, value)
@@ -359,9 +268,9 @@ def _scalar_kind(value: np.generic, key: str) -> str:
         return NUMBER
     if k == "U":
         return TEXT
-    raise TypeError(f"log() key {key!r}: cannot log a NumPy {dtype} scalar")
+    raise InvalidTypeError(f"log() key {key!r}: cannot log a NumPy {dtype} scalar")
 
 
 def _out_of_range(key: str, value: Any) -> None:
-    raise ValueError(f"log() key {key!r}: {value} is outside int64 (history stores integers as "
+    raise InvalidValueError(f"log() key {key!r}: {value} is outside int64 (history stores integers as "
                      "int64); log it as a float or a string")

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import GradexpWarning
-from ._settings import Settings
-from ._values import BufferPool, Prepared, Tensor
+from gradexp.core.buffers import BufferPool
+from gradexp.core.errors import GradexpWarning
+from gradexp.core.layout import HISTORY, TENSORS
+from gradexp.core.settings import Settings
+from gradexp.write.values import Prepared, Tensor
 
-HISTORY = "history"
-TENSORS = "tensors"
 _GROUP_MAX_BYTES = 1 << 20
 _HISTORY_MAX_ROWS = 50_000
 _INFLIGHT_MAX_BYTES = 64 << 20
@@ -126,9 +126,9 @@ def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical
                    summarise: bool, pool: BufferPool) -> list[Any]:
     """Summary (for a single large tensor) and the frame (header, payload) of the rows; the
     payload is compressed into a buffer of ``pool``, handed back once written."""
-    from ._arrow import shuffle_width, tensor_ipc
-    from ._format import KIND_TENSOR, encode_frame
-    from ._summary import summarize
+    from gradexp.core.arrow import shuffle_width, tensor_ipc
+    from gradexp.core.format import KIND_TENSOR, encode_frame
+    from gradexp.core.stats import summarize
 
     first = arrays[0]
     summary = summarize(first) if summarise else None
@@ -164,7 +164,7 @@ class _Group:
         while the group is still filling, so rows added since are summarised on the next call."""
         done = self._summaries or []
         if len(done) < len(self.arrays):
-            from ._summary import summarize_rows
+            from gradexp.core.stats import summarize_rows
 
             done = done + summarize_rows(np.stack(self.arrays[len(done):]))
             self._summaries = done
@@ -172,6 +172,15 @@ class _Group:
 
     def fits(self, t: Tensor) -> bool:
         return t.array.shape == self.shape and t.array.dtype == self.dtype and t.logical == self.logical
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Flush:
+    """A request queued behind the rows before it: write them (``fsync``), or seal and stop."""
+
+    done: threading.Event
+    fsync: bool = False
+    close: bool = False
 
 
 class Writer:
@@ -184,7 +193,9 @@ class Writer:
         self._b = Budget.of(settings)
         self._start = start_time
         self._on_flush = on_flush
-        self._q: collections.deque = collections.deque()
+        # Rows are plain (step, time, Prepared) tuples: a tuple is the cheapest thing log() can
+        # queue (a dataclass costs ~0.2 us more per call); flush requests are _Flush objects.
+        self._q: collections.deque[tuple[int, float, Prepared] | _Flush] = collections.deque()
         self._wake = threading.Event()
         self._cv = threading.Condition()
         self._queued_bytes = 0  # tensor bytes logged and not yet written (queued or held)
@@ -255,10 +266,10 @@ class Writer:
         if held is not None:
             return held
         try:
-            ts = self._q[0][1]
+            head = self._q[0]
         except IndexError:
             return None
-        return ts if type(ts) is float else None  # a flush request: a write is under way
+        return None if isinstance(head, _Flush) else head[1]  # a flush request: a write is under way
 
     def _backlog(self, rows: int | None = None) -> float:
         """Projected seconds to write ``rows`` rows (default: every unwritten one) and every
@@ -332,7 +343,7 @@ class Writer:
         if not self._thread.is_alive():
             return
         done = threading.Event()
-        self._q.append(("close" if close else "flush", done, fsync))
+        self._q.append(_Flush(done, fsync=fsync, close=close))
         self._wake.set()
         while not done.wait(0.1):
             if not self._thread.is_alive():
@@ -350,7 +361,7 @@ class Writer:
             # a second or more on a busy machine: not in the middle of a write.
             import pyarrow.compute  # noqa: F401
 
-            from . import _arrow, _summary  # noqa: F401
+            from gradexp.core import arrow, stats  # noqa: F401
 
             self._ready.set()
             while True:
@@ -411,12 +422,11 @@ class Writer:
                     self._wake.set()  # more is queued: come straight back after the write
                     break
             item = q[0]
-            if len(item) == 3 and type(item[0]) is str:
+            if isinstance(item, _Flush):
                 q.popleft()
-                kind, done, fsync = item
-                self._flush(fsync=fsync, seal=kind == "close", meta=True)
-                done.set()
-                if kind == "close":
+                self._flush(fsync=item.fsync, seal=item.close, meta=True)
+                item.done.set()
+                if item.close:
                     if self._workers:
                         self._workers.close()
                     self.pool.clear()
@@ -517,8 +527,8 @@ class Writer:
 
     def _write_history(self, upto: int | None = None) -> None:
         """Write the rows held (the first ``upto`` of them) as one history frame."""
-        from ._arrow import history_ipc, rows_to_batch
-        from ._format import KIND_HISTORY, encode_frame
+        from gradexp.core.arrow import history_ipc, rows_to_batch
+        from gradexp.core.format import KIND_HISTORY, encode_frame
 
         rows, self._rows = self._rows[:upto], self._rows[len(self._rows) if upto is None else upto:]
         if not rows:
@@ -537,7 +547,7 @@ class Writer:
 
     def _append(self, stream: str, header: bytes, payload: bytes | np.ndarray | list[bytes | np.ndarray], *,
                 key: str, steps: tuple[int, int], rows: int, raw: int, elem: int) -> None:
-        from ._format import FILTER_NONE, FILTER_SHUFFLE, KIND_HISTORY, KIND_TENSOR, PartWriter
+        from gradexp.core.format import FILTER_NONE, FILTER_SHUFFLE, KIND_HISTORY, KIND_TENSOR, PartWriter
 
         part = self._parts.get(stream)
         if part is None:
@@ -616,8 +626,8 @@ class Writer:
         self._parts.clear()
         while self._q:
             item = self._q.popleft()
-            if len(item) == 3 and type(item[0]) is str:
-                item[1].set()
+            if isinstance(item, _Flush):
+                item.done.set()
         if self._workers:
             self._workers.close()
         self.pool.clear()

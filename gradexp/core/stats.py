@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ._arrow import HIST_BINS
-from ._format import _scratch
-from ._values import is_ml_dtype
+from gradexp.core.arrow import HIST_BINS
+from gradexp.core.buffers import scratch
+from gradexp.core.dtypes import is_ml_dtype
 
 HIST_EXACT = 1 << 18
 
@@ -97,8 +97,8 @@ def _summarize_blocks(x: np.ndarray) -> dict[str, Any] | None:
     """
     n = x.size
     widen = x.dtype.itemsize < 4
-    wide = _scratch("sum_block", 4 * _BLOCK).view(np.float32) if widen else None
-    is0 = _scratch("sum_zeros", _BLOCK).view(np.bool_)
+    wide = scratch("sum_block", 4 * _BLOCK).view(np.float32) if widen else None
+    is0 = scratch("sum_zeros", _BLOCK).view(np.bool_)
     total = sq = 0.0
     lo, hi, zeros = math.inf, -math.inf, 0
     for i in range(0, n, _BLOCK):

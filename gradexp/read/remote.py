@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 import requests
 
-from . import _arrow, _format
-from ._client import TRANSPORT_ERRORS, Client
-from ._errors import ApiError, RunNotFoundError
+from gradexp.core import arrow as _arrow
+from gradexp.core import format as _format
+from gradexp.core.client import TRANSPORT_ERRORS, Client
+from gradexp.core.errors import ApiError, InvalidValueError, KeyNotFoundError, RunNotFoundError
+from gradexp.core.history import BASE_COLUMNS
 
 READ_ATTEMPTS = 4
 """Attempts per read: a 5xx or a dropped connection is retried with backoff (~4 s in all),
@@ -89,7 +91,7 @@ class RemoteRun:
             r = self._get("/history", "the history", params=params)
         except ApiError as e:
             if e.status == 404 and keys is not None:
-                raise KeyError(e.message) from None
+                raise KeyNotFoundError(e.message) from None
             raise
         return pa.ipc.open_stream(r.content).read_all()
 
@@ -98,7 +100,7 @@ class RemoteRun:
 
     def keys(self) -> list[str]:
         names = dict.fromkeys(n for n in self.history().column_names
-                              if n not in ("step", "_timestamp", "_runtime"))
+                              if n not in BASE_COLUMNS)
         names.update(dict.fromkeys(self.tensor_keys()))
         return list(names)
 
@@ -107,7 +109,7 @@ class RemoteRun:
             return self._get(f"/tensors/{_quote_key(key)}/steps", f"the steps of tensor {key!r}").json()["steps"]
         except ApiError as e:
             if e.status == 404:
-                raise KeyError(e.message) from None
+                raise KeyNotFoundError(e.message) from None
             raise
 
     def tensor(self, key: str, step: int) -> np.ndarray:
@@ -116,12 +118,12 @@ class RemoteRun:
             r = self._get(f"/tensors/{_quote_key(key)}", f"tensor {key!r} at step {step}", params={"step": step})
         except ApiError as e:
             if e.status == 404:
-                raise KeyError(e.message) from None
+                raise KeyNotFoundError(e.message) from None
             raise
         frame = r.content
         info = _format.parse_header(frame, 0, len(frame))
         if info is None:
-            raise ValueError(f"short frame from {self.client.host} for {key!r} at step {step}")
+            raise InvalidValueError(f"short frame from {self.client.host} for {key!r} at step {step}")
         steps, arrays = _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:]))
         return arrays[int(np.flatnonzero(steps == step)[-1])]
 

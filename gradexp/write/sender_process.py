@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 
 class Sender:
-    """A running ``python -m gradexp._service`` for one run."""
+    """A running ``python -m gradexp.sync.sender`` for one run."""
 
     def __init__(self, run_dir: Path, host: str, api_key: str) -> None:
         self.run_dir = run_dir
@@ -26,7 +26,7 @@ class Sender:
         env = dict(os.environ)
         env.pop("GRADEXP_API_KEY", None)  # the key travels over the pipe, not in the environment
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gradexp._service"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "gradexp.sync.sender"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=log, env=env, start_new_session=True, close_fds=True, text=True, bufsize=1)
         log.close()
         assert self.proc.stdin is not None and self.proc.stdout is not None

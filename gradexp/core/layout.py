@@ -1,4 +1,8 @@
-"""Small durable-file helpers: atomic JSON writes and the run folder's names."""
+"""The run folder: its file and stream names, the name rule, the run lock, atomic JSON writes.
+
+Everything that reads or writes run folders (writer, sender, readers, server store) takes
+these names from here.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +15,36 @@ from typing import Any
 
 import numpy as np
 
+from gradexp.core.errors import InvalidTypeError, InvalidValueError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 RUN_JSON = "run.json"
 CONFIG_JSON = "config.json"
 SUMMARY_JSON = "summary.json"
 LOCK = "run.lock"
 PARTS = "parts"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
+HISTORY = "history"
+TENSORS = "tensors"
+STREAMS = (HISTORY, TENSORS)
+"""The part streams of a run: ``parts/<stream>-<seq>.gxp``."""
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""Entity, project and run ids (JSON Schema form, where ``$`` ends the input): safe in URLs,
+object keys and file names."""
+NAME = re.compile(NAME_PATTERN[:-1] + r"\Z")  # \Z: Python's "$" would accept a trailing newline
 
 
 def check_name(what: str, value: Any) -> str:
     """Project names and run ids become folder names: letters, digits, '.', '_', '-' only."""
     if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str; got {type(value).__name__}")
-    if not _NAME.match(value) or value in (".", ".."):
-        raise ValueError(f"{what} {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
+        raise InvalidTypeError(f"{what} must be a str; got {type(value).__name__}")
+    if not NAME.match(value) or value in (".", ".."):
+        raise InvalidValueError(f"{what} {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return value
 
@@ -35,7 +54,7 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         item = value.item()
         if isinstance(item, np.generic):  # np.longdouble: no Python type holds it exactly
-            raise TypeError(f"NumPy {value.dtype} value {value!r} has no exact JSON form")
+            raise InvalidTypeError(f"NumPy {value.dtype} value {value!r} has no exact JSON form")
         return item
     if isinstance(value, np.ndarray):
         return value.tolist()
@@ -43,7 +62,7 @@ def to_jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=repr)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    raise InvalidTypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def write_json(path: Path, data: Any, *, fsync: bool = False) -> None:
@@ -78,3 +97,20 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return default
+
+
+def is_locked(path: Path) -> bool:
+    """True while a live process holds the run's lock."""
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing our own descriptor drops a lock we took
+    return False

@@ -1,6 +1,6 @@
 """The sender: uploads a run folder's sealed parts to the server, in order, exactly once.
 
-One sender process per online run (``python -m gradexp._service``), spawned by
+One sender process per online run (``python -m gradexp.sync.sender``), spawned by
 ``init()`` and connected to it by a pipe: the training process writes
 ``finish <exit code>`` when it is done, and EOF without that means it died. Then
 the sender seals the part the trainer left open, uploads everything and marks the
@@ -18,7 +18,7 @@ upload also covers the gap between a PUT and its log line.
 
 A part that is not a well-formed sealed part (damaged on disk), or that the server
 refuses as damaged (400), is re-sealed from its intact frames under the same name
-(:func:`gradexp._format.reseal_part`; the original is kept as ``<name>.damaged``),
+(:func:`gradexp.core.format.reseal_part`; the original is kept as ``<name>.damaged``),
 one line says what was lost, and the upload goes on.
 """
 
@@ -34,11 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import _format
-from ._client import Client
-from ._errors import ApiError
-from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, read_json, write_json
-from ._run import exit_code_for_record
+from gradexp.core import format as _format
+from gradexp.core.client import Client
+from gradexp.core.errors import ApiError
+from gradexp.core.layout import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, read_json, write_json
+from gradexp.core.limits import exit_code_for_record
 
 UPLOADED_LOG = "uploaded.log"
 DONE_MARK = "#finished"
@@ -229,7 +229,7 @@ class Uploader:
 
     def recover(self) -> list[Path]:
         """Seal parts a dead trainer left open (only when no live process holds the run)."""
-        from ._run import is_locked
+        from gradexp.core.layout import is_locked
 
         if is_locked(self.dir / LOCK):
             raise RuntimeError(f"run {self.dir} is still running")
@@ -309,7 +309,7 @@ def failure(error: BaseException, run_dir: Path) -> tuple[str, str]:
 
 
 def main() -> None:
-    """``python -m gradexp._service``: read the handshake from stdin, then upload until told to stop."""
+    """``python -m gradexp.sync.sender``: read the handshake from stdin, then upload until told to stop."""
     hello = json.loads(sys.stdin.readline())
     run_dir = Path(hello["run_dir"])
     try:
@@ -376,7 +376,7 @@ def _finish(up: Uploader, status: str, code: int | None) -> None:
 
 def _crashed(up: Uploader) -> None:
     """The trainer died: wait for its lock to fall, seal what it left open, upload, mark crashed."""
-    from ._run import is_locked
+    from gradexp.core.layout import is_locked
 
     deadline = time.monotonic() + 30
     while is_locked(up.dir / LOCK) and time.monotonic() < deadline:

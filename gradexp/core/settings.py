@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gradexp.core.errors import InvalidTypeError, InvalidValueError
+
 MODES = ("online", "offline", "disabled")
 MiB = 1 << 20
 
@@ -44,13 +46,13 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+            raise InvalidValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         for name in ("flush_interval", "part_max_age", "live_interval", "finish_timeout"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
+                raise InvalidValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         for name in ("queue_max_bytes", "queue_max_rows", "part_max_bytes", "workers"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
+                raise InvalidValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -64,7 +66,7 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"setting {name!r}: cannot use {value!r} as {kind.__name__}") from None
+        raise InvalidValueError(f"setting {name!r}: cannot use {value!r} as {kind.__name__}") from None
 
 
 def resolve(overrides: Mapping[str, Any], *, environ: Mapping[str, str] | None = None) -> Settings:
@@ -79,7 +81,7 @@ def resolve(overrides: Mapping[str, Any], *, environ: Mapping[str, str] | None =
             values[name] = _coerce(name, raw)
     unknown = set(overrides) - set(_FIELDS)
     if unknown:
-        raise TypeError(
+        raise InvalidTypeError(
             f"unknown setting {sorted(unknown)[0]!r}; known settings: {', '.join(sorted(_FIELDS))}"
         )
     if "host" not in values or "api_key" not in values:
@@ -94,7 +96,7 @@ def resolve(overrides: Mapping[str, Any], *, environ: Mapping[str, str] | None =
 
 def _from_credentials(values: dict[str, Any]) -> None:
     """Fill host and key from what ``gradexp login`` stored (after arguments and env)."""
-    from . import _auth
+    from gradexp.core import credentials as _auth
 
     host = values.get("host") or _auth.default_host()
     if not host:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from ._errors import CorruptPartError
+from gradexp.core.buffers import scratch
+from gradexp.core.errors import CorruptPartError
 
 MAGIC_PART = b"GXPART01"
 MAGIC_FRAME = b"GXFR"
@@ -107,22 +108,13 @@ def _compressor() -> zstandard.ZstdCompressor:
     return c
 
 
-def _scratch(name: str, size: int) -> np.ndarray:
-    """A per-thread buffer reused across calls: fresh memory is slow to touch on first use."""
-    buf = getattr(_local, name, None)
-    if buf is None or buf.size < size:
-        buf = np.empty(max(size, 1 << 20), dtype=np.uint8)
-        setattr(_local, name, buf)
-    return buf[:size]
-
-
 def shuffle(raw: memoryview | bytes, elem: int, *, reuse: bool = False) -> np.ndarray:
     """Byte-shuffle: all first bytes of each ``elem``-byte element, then all second bytes...
 
     With ``reuse`` the result lives in a per-thread buffer, valid until the next call.
     """
     src = np.frombuffer(raw, dtype=np.uint8)
-    out = _scratch("shuffled", src.size) if reuse else np.empty(src.size, dtype=np.uint8)
+    out = scratch("shuffled", src.size) if reuse else np.empty(src.size, dtype=np.uint8)
     n = src.size // elem
     np.copyto(out[: n * elem].reshape(elem, n), src[: n * elem].reshape(n, elem).T)
     out[n * elem:] = src[n * elem:]
@@ -183,7 +175,7 @@ def decode_payload(info: FrameInfo, payload: bytes | memoryview, path: str = "?"
     """Decompress (and unshuffle) a frame payload into a writable uint8 array."""
     shuffled = info.filter == FILTER_SHUFFLE
     # A shuffled payload decodes into a reused buffer, unshuffled into the caller's own memory.
-    out = _scratch("decoded", info.raw) if shuffled else np.empty(info.raw, dtype=np.uint8)
+    out = scratch("decoded", info.raw) if shuffled else np.empty(info.raw, dtype=np.uint8)
     try:
         n = zstandard.ZstdDecompressor().stream_reader(payload).readinto(out)
     except zstandard.ZstdError as e:
@@ -271,7 +263,7 @@ class PartWriter:
 
         ``drop_cache=False`` keeps the part in the page cache (online runs: the sender
         reads it at once to upload it)."""
-        from ._arrow import index_to_ipc
+        from gradexp.core.arrow import index_to_ipc
 
         raw = index_to_ipc(self.frames)
         header, payload = encode_frame(KIND_INDEX, raw, rows=len(self.frames))
@@ -340,7 +332,7 @@ def scan_part(path: Path) -> PartScan:
 
 
 def _read_index(path: Path, mm: mmap.mmap, size: int) -> PartScan | None:
-    from ._arrow import index_from_ipc
+    from gradexp.core.arrow import index_from_ipc
 
     if size < len(MAGIC_PART) + _TRAILER.size:
         return None
@@ -351,7 +343,8 @@ def _read_index(path: Path, mm: mmap.mmap, size: int) -> PartScan | None:
         info = parse_header(mm, offset, size - _TRAILER.size)
         if info is None or info.kind != KIND_INDEX or info.end != size - _TRAILER.size:
             return None
-        frames = index_from_ipc(decode_payload(info, mm[info.data_offset:info.end], str(path)))
+        raw = decode_payload(info, mm[info.data_offset:info.end], str(path))
+        frames = [FrameInfo(*row) for row in index_from_ipc(raw)]
     except (ValueError, CorruptPartError):
         return None
     return PartScan(path, frames, [], True, offset)
@@ -599,7 +592,7 @@ def _salvage(mm: mmap.mmap, size: int, *, torn_ok: bool
              ) -> tuple[list[FrameInfo], list[FrameInfo], list[FrameInfo] | None, int]:
     """Walk a part: (intact data frames, frames whose payload is damaged, the part's own index
     if it is readable, bytes accounted for). A torn tail counts as accounted for if ``torn_ok``."""
-    from ._arrow import index_from_ipc
+    from gradexp.core.arrow import index_from_ipc
 
     kept: list[FrameInfo] = []
     lost: list[FrameInfo] = []
@@ -625,7 +618,7 @@ def _salvage(mm: mmap.mmap, size: int, *, torn_ok: bool
             payload = view[info.data_offset:info.end]
             if info.kind == KIND_INDEX:
                 try:
-                    index = index_from_ipc(decode_payload(info, payload))
+                    index = [FrameInfo(*row) for row in index_from_ipc(decode_payload(info, payload))]
                 except (ValueError, CorruptPartError):
                     pass
                 pos = info.end
@@ -664,7 +657,7 @@ def _keep_aside(path: Path) -> Path:
 def _write_sealed(final: Path, source: Path, frames: Sequence[FrameInfo]) -> list[FrameInfo]:
     """Write a sealed part of ``source``'s ``frames`` (their bytes copied as they are) to
     ``final``, via a temporary file, fsynced and renamed; returns the frames as placed."""
-    from ._arrow import index_to_ipc
+    from gradexp.core.arrow import index_to_ipc
 
     tmp = final.with_name(final.name + ".tmp")
     placed: list[FrameInfo] = []

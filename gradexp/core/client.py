@@ -29,8 +29,8 @@ from urllib3 import HTTPResponse
 from urllib3.exceptions import InvalidHeader, MaxRetryError
 from urllib3.util import Retry
 
-from ._errors import ApiError
-from ._version import __version__
+from gradexp._version import __version__
+from gradexp.core.errors import ApiError
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_WAIT = 30.0
