@@ -11,15 +11,18 @@ bodies carry NaN and ±Infinity, and parts go up history first, in seq order.
 from __future__ import annotations
 
 import email.utils
+import http.server
 import json
 import math
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import urllib3.util.retry
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
@@ -70,8 +73,9 @@ class FakeServer(BaseAdapter):
 
 
 class Clock:
-    """Stands in for the client's ``time`` module and its stop event: waiting advances the
-    clock instead of sleeping, and every wait is recorded."""
+    """Stands in for the ``time`` module of the client and of urllib3's Retry, and for the
+    client's stop event: waiting advances the clock instead of sleeping, and every wait is
+    recorded."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -97,6 +101,7 @@ class Clock:
 def clock(monkeypatch) -> Clock:
     c = Clock()
     monkeypatch.setattr(_client, "time", c)
+    monkeypatch.setattr(urllib3.util.retry, "time", c)  # urllib3's Retry reads a Retry-After date with it
     return c
 
 
@@ -246,6 +251,68 @@ def test_json_bodies_carry_nan_and_infinities(clock):
     got = json.loads(sent.body)
     assert math.isnan(got["summary"]["loss"]) and got["summary"]["best"] == -math.inf
     assert got["config"] == {"clip": math.inf, "lr": 0.1}
+
+
+# -- over a real socket: requests' own HTTPAdapter, the real clock -----------------------------------
+
+class Scripted(http.server.ThreadingHTTPServer):
+    """A loopback HTTP server answering GETs from ``script`` (status, headers), in turn."""
+
+    def __init__(self, script: list[tuple[int, dict[str, str]]]) -> None:
+        self.script = script
+        self.seen: list[float] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(handler) -> None:
+                self.seen.append(time.time())
+                status, headers = self.script.pop(0) if self.script else (200, {})
+                body = json.dumps({"error": f"status {status}"} if status >= 400 else {"ok": True}).encode()
+                handler.send_response(status)
+                for k, v in {**headers, "Content-Type": "application/json",
+                             "Content-Length": str(len(body))}.items():
+                    handler.send_header(k, v)
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> Scripted:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def test_over_a_socket_429_waits_until_an_http_date_and_400_is_final():
+    when = email.utils.formatdate(math.ceil(time.time()) + 2, usegmt=True)
+    with Scripted([(429, {"Retry-After": when}), (400, {})]) as srv:
+        c = Client(srv.url, "gx_secret_key")
+        with pytest.raises(ApiError) as e:
+            c.request("GET", "/viewer")
+        assert e.value.status == 400 and len(srv.seen) == 2  # 429 retried, 400 not
+        assert srv.seen[1] >= email.utils.parsedate_to_datetime(when).timestamp() - 1.0  # not before the date
+
+
+def test_stopping_ends_a_long_retry_after_wait_at_once():
+    """A sender that stops does not sit out a server's Retry-After (up to 300 s)."""
+    with Scripted([(503, {"Retry-After": "300"})]) as srv:
+        c = Client(srv.url, "gx_secret_key")
+        threading.Timer(0.5, c.stop.set).start()
+        start = time.monotonic()
+        with pytest.raises(ApiError) as e:
+            c.request("GET", "/viewer")
+        assert e.value.status == 503 and len(srv.seen) == 1
+        assert time.monotonic() - start < 120
 
 
 # -- the uploader ------------------------------------------------------------------------------------

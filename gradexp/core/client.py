@@ -1,10 +1,11 @@
 """HTTP client for the server API: one ``requests.Session``, retries with backoff.
 
 Transient failures (connection errors, timeouts, 429, 5xx) are retried with
-exponential backoff and full jitter, honouring ``Retry-After`` (in seconds or as an
+exponential backoff and jitter, honouring ``Retry-After`` (in seconds or as an
 HTTP date), until ``deadline`` or ``attempts`` run out (or forever when neither is
 given: the sender outlives server outages). Other failures raise
-:class:`gradexp.ApiError` at once.
+:class:`gradexp.ApiError` at once. The retry policy (which answers, how long to wait,
+how many attempts) is urllib3's :class:`~urllib3.util.Retry`.
 
 JSON bodies are sent with the tokens ``NaN``, ``Infinity`` and ``-Infinity`` for
 non-finite floats (what Python's ``json`` writes): a loss that went NaN is data.
@@ -14,9 +15,7 @@ through another one (tests use an in-process fake server).
 
 from __future__ import annotations
 
-import email.utils
 import json as _json
-import math
 import random
 import threading
 import time
@@ -26,6 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import BaseAdapter
+from urllib3 import HTTPResponse
+from urllib3.exceptions import InvalidHeader, MaxRetryError
+from urllib3.util import Retry
 
 from gradexp._version import __version__
 from gradexp.core.errors import ApiError
@@ -33,6 +35,8 @@ from gradexp.core.errors import ApiError
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_WAIT = 30.0
 """Longest backoff between two attempts (a ``Retry-After`` may ask for up to 300 s)."""
+MAX_RETRY_AFTER = 300
+"""Longest wait a ``Retry-After`` gets (seconds)."""
 RETRY_LOG_EVERY = 10.0
 """Seconds between two retry lines of one client (the ones between are counted, not shown)."""
 
@@ -41,6 +45,25 @@ TRANSPORT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.excepti
 """Failures of the connection, retried like 5xx answers. ChunkedEncodingError: the connection
 broke inside the answer's body (the request may have been done: every request here is safe
 to repeat)."""
+
+
+class _Policy(Retry):
+    """urllib3's Retry with full jitter: each wait is drawn between half and all of the
+    exponential step (urllib3 adds its jitter on top of the step, and skips the first wait),
+    so clients that failed together do not come back together."""
+
+    RETRY_AFTER_STATUS_CODES = _RETRY_STATUS  # a Retry-After alone makes no other answer retried
+
+    def get_backoff_time(self) -> float:
+        step = min(self.backoff_max, self.backoff_factor * 2 ** min(len(self.history), 10))
+        return step * random.uniform(0.5, 1.0)
+
+
+POLICY = _Policy(total=None, connect=None, read=None, status=None, other=None, allowed_methods=None,
+                 status_forcelist=_RETRY_STATUS, backoff_factor=0.25, backoff_max=MAX_WAIT,
+                 retry_after_max=MAX_RETRY_AFTER, respect_retry_after_header=True, raise_on_status=False)
+"""Which answers are retried and how long to wait before the next attempt. Every request of
+the client is safe to repeat (``allowed_methods=None``: all methods)."""
 
 
 class Client:
@@ -86,12 +109,20 @@ class Client:
         if json is not None:
             kw["data"] = _json.dumps(json, allow_nan=True).encode()
             kw["headers"] = {**kw.get("headers", {}), "Content-Type": "application/json"}
-        attempt = 0
+        # The policy is urllib3's Retry, but the loop is here rather than in an HTTPAdapter
+        # mounted with max_retries=POLICY: urllib3 keeps one socket timeout for all the attempts
+        # of a request, where the deadline must shorten each one (a host that never answers
+        # would hold `gradexp sync` for attempts x 60 s); urllib3 sleeps in time.sleep, where a
+        # stopping sender must end a wait of up to MAX_RETRY_AFTER s at once (stop.wait); each
+        # retry is logged for the sender's log; and the transport seam (Client(transport=...),
+        # the in-process fakes of tests/test_sender.py) is a requests adapter, which replaces
+        # the HTTPAdapter a mounted Retry would live in.
+        policy = POLICY.new(total=None if attempts is None else attempts - 1) if retry else POLICY.new(total=0)
         while True:
-            wait: float | None = None
             timeout = self.timeout
             if deadline is not None:  # no single wait past the deadline (a host that never answers)
                 timeout = max(1.0, min(timeout, deadline - time.monotonic()))
+            answer: HTTPResponse | None = None
             try:
                 r = self.session.request(method, url, timeout=timeout, **kw)
             except TRANSPORT_ERRORS as e:
@@ -101,18 +132,20 @@ class Client:
                 if r.status_code < 400:
                     return r
                 error = ApiError(r.status_code, _message(r), url)
-                if r.status_code not in _RETRY_STATUS:
+                if not policy.is_retry(method, r.status_code):
                     raise error
-                wait = _retry_after(r)
+                answer = HTTPResponse(headers=dict(r.headers), status=r.status_code)
                 what = f"{r.status_code} {r.reason or ''}".strip()
-            attempt += 1
-            if not retry or (attempts is not None and attempt >= attempts):
-                raise error
+            try:
+                policy = policy.increment(method, url, response=answer, error=None if answer else error)
+            except MaxRetryError:
+                raise error from None
+            wait = _retry_after(policy, answer)
             if wait is None:
-                wait = min(MAX_WAIT, 0.25 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
+                wait = policy.get_backoff_time()
             if deadline is not None and time.monotonic() + wait > deadline:
                 raise error
-            self._log_retry(f"{what} from {method} {_safe_url(url)}; retry {attempt} in {wait:.1f} s")
+            self._log_retry(f"{what} from {method} {_safe_url(url)}; retry {len(policy.history)} in {wait:.1f} s")
             if self.stop.wait(wait):
                 raise error
 
@@ -144,17 +177,12 @@ def _message(r: requests.Response) -> str:
         return r.text[:500]
 
 
-def _retry_after(r: requests.Response) -> float | None:
-    """``Retry-After`` in seconds (RFC 9110: delay-seconds or an HTTP date), at most 300 s."""
-    value = r.headers.get("Retry-After")
-    if value is None:
+def _retry_after(policy: Retry, answer: HTTPResponse | None) -> float | None:
+    """The answer's ``Retry-After`` in seconds (RFC 9110: delay-seconds or an HTTP date), at
+    most MAX_RETRY_AFTER; None without one, or with one that is neither."""
+    if answer is None:
         return None
     try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return None if math.isnan(seconds) else max(0.0, min(seconds, 300.0))
+        return policy.get_retry_after(answer)
+    except InvalidHeader:
+        return None

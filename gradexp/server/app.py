@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -80,14 +80,6 @@ class ExactJSONResponse(JSONResponse):
                           separators=(",", ":")).encode("utf-8")
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
 @dataclass
 class Config:
     db_url: str
@@ -110,18 +102,18 @@ class Server:
         auth = request.headers.get("authorization", "")
         scheme, _, key = auth.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise HTTPError(401, "missing API key: send 'Authorization: Bearer <key>'",
-                            {"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'",
+                                {"WWW-Authenticate": "Bearer"})
         viewer = await run_in_threadpool(db.authenticate, self.engine, key.strip())
         if viewer is None:
-            raise HTTPError(401, "invalid or revoked API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         request.state.user = viewer.user  # for the access log
         return viewer
 
     def address(self, request: Request, viewer: db.Viewer) -> tuple[str, str]:
         p = RunPath.model_validate(request.path_params)
         if p.entity != viewer.entity:
-            raise HTTPError(404, f"no run {p.entity}/{p.project}/{p.run_id}")
+            raise HTTPException(404, f"no run {p.entity}/{p.project}/{p.run_id}")
         return p.project, p.run_id
 
     def run_pk(self, viewer: db.Viewer, project: str, run_id: str) -> tuple[int, int]:
@@ -129,7 +121,7 @@ class Server:
             pk = db.run_pk(conn, viewer.entity_id, project, run_id)
             pid = db.project_id(conn, viewer.entity_id, project, create=False)
         if pk is None or pid is None:
-            raise HTTPError(404, f"no run {viewer.entity}/{project}/{run_id}")
+            raise HTTPException(404, f"no run {viewer.entity}/{project}/{run_id}")
         return pk, pid
 
     def open_run(self, viewer: db.Viewer, project: str, run_id: str) -> ServerRun:
@@ -138,36 +130,36 @@ class Server:
             return ServerRun(self.engine, self.store, entity_id=viewer.entity_id, entity=viewer.entity,
                              project=project, run_id=run_id)
         except RunNotFoundError as e:
-            raise HTTPError(404, str(e)) from None
+            raise HTTPException(404, str(e)) from None
 
     async def body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and int(declared) > limit:
-            raise HTTPError(413, f"request body over the limit of {limit} bytes")
+            raise HTTPException(413, f"request body over the limit of {limit} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise HTTPError(413, f"request body over the limit of {limit} bytes")
+                raise HTTPException(413, f"request body over the limit of {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
     async def json_body(self, request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > JSON_BODY_MAX:
-            raise HTTPError(413, f"JSON body over the limit of {JSON_BODY_MAX} bytes")
+            raise HTTPException(413, f"JSON body over the limit of {JSON_BODY_MAX} bytes")
         raw = await self.body(request)
         if len(raw) > JSON_BODY_MAX:
-            raise HTTPError(413, f"JSON body over the limit of {JSON_BODY_MAX} bytes")
+            raise HTTPException(413, f"JSON body over the limit of {JSON_BODY_MAX} bytes")
         try:  # json, not pydantic: config and summary may hold NaN, Infinity and -Infinity
             data = json.loads(raw or b"{}")
         except ValueError as e:
-            raise HTTPError(400, f"request body is not JSON: {e}") from None
+            raise HTTPException(400, f"request body is not JSON: {e}") from None
         except RecursionError:
-            raise HTTPError(400, "request body is nested too deeply") from None
+            raise HTTPException(400, "request body is nested too deeply") from None
         if not isinstance(data, dict):
-            raise HTTPError(400, "request body must be a JSON object")
+            raise HTTPException(400, "request body must be a JSON object")
         return data
 
     # -- endpoints -----------------------------------------------------------------------------
@@ -242,7 +234,7 @@ class Server:
             digest, size = await self.receive(request, spool)
             claimed = request.headers.get("x-gradexp-sha256")
             if claimed and claimed.lower() != digest:
-                raise HTTPError(400, "body does not match its X-Gradexp-SHA256 header (corrupted in transit?)")
+                raise HTTPException(400, "body does not match its X-Gradexp-SHA256 header (corrupted in transit?)")
 
             def work() -> tuple[int, dict[str, Any]]:
                 pk, pid = self.run_pk(v, project, run_id)
@@ -251,11 +243,11 @@ class Server:
                 if existing is not None:
                     if existing["sha256"] == digest:
                         return 200, {"stored": False, "sha256": digest}
-                    raise HTTPError(409, f"{label} of this run exists with other content")
+                    raise HTTPException(409, f"{label} of this run exists with other content")
                 try:
                     scan = _check_part(spool, size, label)
                 except ValueError as e:
-                    raise HTTPError(400, str(e)) from None
+                    raise HTTPException(400, str(e)) from None
                 # Content-addressed: a concurrent upload of other bytes to this (run, stream,
                 # seq) writes another object, so whichever row wins names its own bytes.
                 key = Store.part_key(v.entity_id, pid, run_id, stream, seq, digest)
@@ -265,7 +257,7 @@ class Server:
                         again = db.part(conn, pk, stream, seq)  # a concurrent upload won the race
                         if again is None or again["sha256"] != digest:
                             self.store.delete(key)  # no row will ever name it
-                            raise HTTPError(409, f"{label} of this run exists with other content")
+                            raise HTTPException(409, f"{label} of this run exists with other content")
                         return 200, {"stored": False, "sha256": digest}
                     db.update_run(conn, pk, heartbeat_at=time.time())
                 return 201, {"stored": True, "sha256": digest}
@@ -281,7 +273,7 @@ class Server:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and int(declared) > limit:
-            raise HTTPError(413, f"request body over the limit of {limit} bytes")
+            raise HTTPException(413, f"request body over the limit of {limit} bytes")
         sha = hashlib.sha256()
         size = 0
         with open(path, "wb") as f:
@@ -297,7 +289,7 @@ class Server:
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limit:
-                        raise HTTPError(413, f"request body over the limit of {limit} bytes")
+                        raise HTTPException(413, f"request body over the limit of {limit} bytes")
                     batch.append(chunk)
                     batched += len(chunk)
                     if batched >= _SPOOL_BATCH:
@@ -311,7 +303,7 @@ class Server:
                 if batch:
                     await run_in_threadpool(write, batch)
             except ClientDisconnect:  # nobody reads the answer, but the access log gets no traceback
-                raise HTTPError(400, f"the client went away after {size} bytes of the body") from None
+                raise HTTPException(400, f"the client went away after {size} bytes of the body") from None
             finally:
                 if writing is not None:  # the body failed midway: let the worker finish with the file
                     with contextlib.suppress(Exception):
@@ -331,7 +323,7 @@ class Server:
                 have = db.part_counts(conn, pk)
             missing = {s: n - have.get(s, 0) for s, n in declared.items() if have.get(s, 0) < n}
             if missing:
-                raise HTTPError(409, f"parts missing: {missing}; upload them, then finish again")
+                raise HTTPException(409, f"parts missing: {missing}; upload them, then finish again")
             history.finalize(self.engine, self.store, pk, address=(v.entity_id, pid, run_id))
             with self.engine.begin() as conn:
                 db.update_run(conn, pk, status=status, exit_code=exit_code, finished_at=time.time())
@@ -349,7 +341,7 @@ class Server:
             try:
                 return run.history(keys.split(",") if keys else None)
             except KeyError as e:
-                raise HTTPError(404, str(e.args[0])) from None
+                raise HTTPException(404, str(e.args[0])) from None
 
         table = await run_in_threadpool(work)
         if fmt == "arrow":
@@ -415,7 +407,7 @@ def _found(read: Callable[..., T], *args: Any) -> T:
     try:
         return read(*args)
     except KeyError as e:
-        raise HTTPError(404, str(e.args[0])) from None
+        raise HTTPException(404, str(e.args[0])) from None
 
 
 def _check_part(path: Path, size: int, label: str) -> _format.PartScan:
@@ -450,18 +442,6 @@ def _verify_frames(data: memoryview, scan: _format.PartScan, label: str) -> None
             problem = _format.payload_problem(info, payload, scratch=scratch)
         if problem is not None:
             raise CorruptPartError(label, info.offset, problem)
-
-
-def _handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except HTTPError as e:
-            return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
-        except sa.exc.OperationalError as e:  # database busy or briefly away: ask the client to retry
-            return JSONResponse({"error": f"database unavailable: {e.orig!r}"}, status_code=503,
-                                headers={"Retry-After": "1"})
-    return wrapped
 
 
 _access = logging.getLogger("gradexp.access")
@@ -535,21 +515,36 @@ async def _invalid(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "; ".join(problems)}, status_code=400)
 
 
-async def _unrouted(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405 (no route for the path or method): JSON under /api/, as the API's."""
+def _api(request: Request) -> bool:
+    """Whether the request is the API's (errors as JSON) rather than a page's (errors as HTML)."""
+    return request.url.path.startswith("/api/")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """An ``HTTPException`` a handler raised, or Starlette's own 404/405 (no route for the path
+    or method): ``{"error": message}`` from the API, an error page from the pages."""
     assert isinstance(exc, HTTPException)
-    if request.url.path.startswith("/api/"):
+    if _api(request):
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    return web.error_page(request, exc.status_code, exc.detail, exc.headers)
+
+
+async def _database_away(request: Request, exc: Exception) -> Response:
+    """503 with ``Retry-After``: the database is busy or briefly away, and the client retries."""
+    assert isinstance(exc, sa.exc.OperationalError)
+    if _api(request):
+        return JSONResponse({"error": f"database unavailable: {exc.orig!r}"}, status_code=503,
+                            headers={"Retry-After": "1"})
+    return web.error_page(request, 503, "The database is unavailable for a moment. Reload the page to try again.",
+                          {"Retry-After": "1"})
 
 
 def _by_method(**handlers: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     """One route for several methods, so a 405 lists all of them in its Allow header."""
-    wrapped = {method: _handler(fn) for method, fn in handlers.items()}
-    wrapped.setdefault("HEAD", wrapped["GET"])
+    handlers.setdefault("HEAD", handlers["GET"])
 
     async def dispatch(request: Request) -> Response:
-        return await wrapped[request.method](request)
+        return await handlers[request.method](request)
     return dispatch
 
 
@@ -559,22 +554,23 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
     s = Server(Config(db_url=db_url, store_url=store_url, max_body_bytes=max_body_bytes))
     run = "/api/v1/runs/{entity}/{project}/{run_id}"
     routes = [
-        Route("/healthz", _handler(s.health)),
-        Route("/api/v1/openapi.json", _handler(s.schema)),
-        Route("/api/v1/viewer", _handler(s.get_viewer)),
-        Route("/api/v1/projects", _handler(s.list_projects)),
-        Route("/api/v1/runs", _handler(s.list_runs)),
+        Route("/healthz", s.health),
+        Route("/api/v1/openapi.json", s.schema),
+        Route("/api/v1/viewer", s.get_viewer),
+        Route("/api/v1/projects", s.list_projects),
+        Route("/api/v1/runs", s.list_runs),
         Route(run, _by_method(GET=s.get_run, PUT=s.put_run, PATCH=s.patch_run), methods=["GET", "PUT", "PATCH"]),
-        Route(run + "/parts/{stream}/{seq:int}", _handler(s.put_part), methods=["PUT"]),
-        Route(run + "/finish", _handler(s.finish_run), methods=["POST"]),
-        Route(run + "/history", _handler(s.get_history)),
-        Route(run + "/tensors", _handler(s.list_tensor_keys)),
-        Route(run + "/tensors/{key:path}/steps", _handler(s.tensor_steps)),
-        Route(run + "/tensors/{key:path}/rows", _handler(s.tensor_rows)),
-        Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
+        Route(run + "/parts/{stream}/{seq:int}", s.put_part, methods=["PUT"]),
+        Route(run + "/finish", s.finish_run, methods=["POST"]),
+        Route(run + "/history", s.get_history),
+        Route(run + "/tensors", s.list_tensor_keys),
+        Route(run + "/tensors/{key:path}/steps", s.tensor_steps),
+        Route(run + "/tensors/{key:path}/rows", s.tensor_rows),
+        Route(run + "/tensors/{key:path}", s.get_tensor),
     ]
     routes += web.routes(s.engine)
     app = Starlette(routes=routes, middleware=[Middleware(AccessLog)] if access_log else [],
-                    exception_handlers={ValidationError: _invalid, HTTPException: _unrouted})
+                    exception_handlers={ValidationError: _invalid, HTTPException: _http_error,
+                                        sa.exc.OperationalError: _database_away})
     app.state.server = s
     return app

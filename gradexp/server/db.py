@@ -1,9 +1,12 @@
 """Metadata in SQL through SQLAlchemy 2: schema, in-place migrations, and the queries.
 
 SQLite (the embedded default), PostgreSQL (psycopg 3) and MySQL/MariaDB (PyMySQL)
-run the same code. The schema is versioned in ``gradexp_schema``; ``migrate()``
-applies the missing steps of ``MIGRATIONS`` in order, each in its own
-transaction, so an existing database is upgraded in place.
+run the same code. Migrations are Alembic revisions (``migrations/versions``, one per
+schema version, each in its own transaction); ``migrate()`` applies the missing ones, so
+an existing database is upgraded in place. Each applied revision is also recorded in
+``gradexp_schema``, the table releases before Alembic read: a server of such a release
+sharing the database (a rolling upgrade, a rollback) finds its schema done rather than
+running its own steps again.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 try:
@@ -23,12 +27,13 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
-from gradexp.core.limits import MAX_KEY_LENGTH
-
-"""The longest tensor key in characters (``frames.key``); longer keys are refused on upload."""
+from gradexp.core.limits import MAX_KEY_LENGTH  # frames.key holds a whole key; longer ones are refused on upload
 
 _TIME = sa.Double
 """Timestamps (Unix seconds). DOUBLE: MySQL/MariaDB's FLOAT is 4 bytes and reaches the
@@ -38,8 +43,9 @@ _LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 thousand metrics (elsewhere TEXT has no such limit)."""
 
 
-def _define(md: sa.MetaData, version: int) -> None:
-    """The tables as of schema ``version`` (columns carry the version that added them)."""
+def define_tables(md: sa.MetaData, version: int) -> None:
+    """The tables as of schema ``version`` (columns carry the version that added them): the
+    current ones for the queries below, older ones for the migrations that reach them."""
     def since(v: int, *cols: sa.schema.SchemaItem) -> list[sa.schema.SchemaItem]:
         return list(cols) if version >= v else []
     json_text = _LONG_TEXT if version >= 6 else sa.Text
@@ -174,81 +180,11 @@ def _define(md: sa.MetaData, version: int) -> None:
         )
 
 
-def _v1(conn: Connection) -> None:
-    """The first schema."""
-    md = sa.MetaData()
-    _define(md, 1)
-    md.create_all(conn, tables=[t for name, t in md.tables.items() if name != "gradexp_schema"])
-
-
-def _v2(conn: Connection) -> None:
-    """Key last-use times (shown to users) and run heartbeats (to mark vanished runs crashed)."""
-    md = sa.MetaData()
-    _define(md, 2)
-    for table, column in (("api_keys", "last_used_at"), ("runs", "heartbeat_at")):
-        col = md.tables[table].c[column]
-        type_sql = col.type.compile(dialect=conn.dialect)
-        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {type_sql}"))
-    for idx in md.tables["runs"].indexes:
-        idx.create(conn)
-
-
-def _v3(conn: Connection) -> None:
-    """MySQL/MariaDB: timestamps as DOUBLE (databases made before were FLOAT); no-op elsewhere."""
-    if conn.dialect.name not in ("mysql", "mariadb"):
-        return
-    md = sa.MetaData()
-    _define(md, 3)
-    for table in md.sorted_tables:
-        for col in table.columns:
-            if isinstance(col.type, sa.Double):
-                null = "NULL" if col.nullable else "NOT NULL"
-                conn.execute(sa.text(f"ALTER TABLE {table.name} MODIFY COLUMN {col.name} DOUBLE {null}"))
-
-
-def _v4(conn: Connection) -> None:
-    """Accounts: passwords, browser sessions, one-time authorization codes and sign-in links,
-    failed sign-ins (for the rate limit)."""
-    md = sa.MetaData()
-    _define(md, 4)
-    col = md.tables["users"].c["password_hash"]
-    conn.execute(sa.text(f"ALTER TABLE users ADD COLUMN password_hash {col.type.compile(dialect=conn.dialect)}"))
-    md.create_all(conn, tables=[md.tables[n] for n in ("sessions", "auth_codes", "login_failures",
-                                                               "signin_links")])
-
-
-def _v5(conn: Connection) -> None:
-    """MySQL/MariaDB: ``frames.key`` in utf8mb4 with a binary, no-pad collation; no-op elsewhere.
-
-    Any key of up to ``MAX_KEY_LENGTH`` characters then fits (in a database made with the
-    server's default character set, latin1 on MariaDB 10, a 4-byte character was refused),
-    and keys compare exactly (under the default collations "w", "W" and "w " were one key,
-    so reading one could return another's tensor)."""
-    if conn.dialect.name not in ("mysql", "mariadb"):
-        return
-    have = {row[0] for row in conn.execute(sa.text("SHOW COLLATION WHERE Charset = 'utf8mb4'"))}
-    # MariaDB's binary no-pad collation, MySQL 8's, then the plain binary one (pads with spaces).
-    collation = next(c for c in ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin") if c in have)
-    conn.execute(sa.text(f"ALTER TABLE frames MODIFY COLUMN `key` VARCHAR({MAX_KEY_LENGTH}) "
-                         f"CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL"))
-
-
-def _v6(conn: Connection) -> None:
-    """MySQL/MariaDB: a run's tags, notes, config and summary as LONGTEXT (TEXT made a
-    summary over 64 KiB fail); no-op elsewhere."""
-    if conn.dialect.name not in ("mysql", "mariadb"):
-        return
-    md = sa.MetaData()
-    _define(md, 6)
-    runs = md.tables["runs"]
-    conn.execute(sa.text("ALTER TABLE runs " + ", ".join(
-        f"MODIFY COLUMN {name} LONGTEXT {'NULL' if runs.c[name].nullable else 'NOT NULL'}"
-        for name in ("tags", "notes", "config", "summary"))))
-
-
 meta = sa.MetaData()
 SCHEMA_VERSION = 6
-_define(meta, SCHEMA_VERSION)
+"""The newest schema: Alembic revision ``0006`` in ``migrations/versions``."""
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+define_tables(meta, SCHEMA_VERSION)
 schema_version = meta.tables["gradexp_schema"]
 users = meta.tables["users"]
 entities = meta.tables["entities"]
@@ -263,10 +199,6 @@ sessions = meta.tables["sessions"]
 auth_codes = meta.tables["auth_codes"]
 login_failures = meta.tables["login_failures"]
 signin_links = meta.tables["signin_links"]
-
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
-assert len(MIGRATIONS) == SCHEMA_VERSION
-
 
 def connect(url: str) -> Engine:
     """An engine for ``url``, with SQLite set up for several threads and processes."""
@@ -285,6 +217,11 @@ def connect(url: str) -> Engine:
 
 
 def current_version(conn: Connection) -> int:
+    """The schema version of the database: its Alembic revision (``0001``... are versions
+    1...), else the version a release before Alembic recorded in ``gradexp_schema``, else 0."""
+    revision = MigrationContext.configure(conn).get_current_revision()
+    if revision is not None:
+        return int(revision)
     if not sa.inspect(conn).has_table("gradexp_schema"):
         return 0
     return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
@@ -294,6 +231,7 @@ def current_version(conn: Connection) -> int:
 def _migration_lock(engine: Engine) -> Iterator[None]:
     """Hold a lock across processes while migrating: servers (and CLI commands) starting at
     once on a fresh database would otherwise race to create the same tables."""
+    # Alembic takes no lock of its own: two processes would both find the database empty.
     dialect = engine.dialect.name
     if dialect == "sqlite":
         path = engine.url.database
@@ -326,24 +264,33 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
 _MIGRATION_LOCK = 0x6772616465787001  # "gradexp" + 1: a fixed advisory lock key
 
 
+def _alembic(conn: Connection) -> AlembicConfig:
+    """Alembic's configuration for the package's migrations, over ``conn``."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = conn
+    return config
+
+
 def migrate(engine: Engine, *, target: int = SCHEMA_VERSION) -> int:
-    """Bring the database to ``target``; return the version it was at."""
-    with _migration_lock(engine):
-        return _migrate(engine, target)
+    """Bring the database to version ``target`` with Alembic; return the version it was at.
 
-
-def _migrate(engine: Engine, target: int) -> int:
-    with engine.begin() as conn:
-        schema_version.create(conn, checkfirst=True)
-    with engine.begin() as conn:
-        # Serialise concurrent upgrades (two servers starting at once) where the database can.
-        if engine.dialect.name == "postgresql":
-            conn.execute(sa.text("LOCK TABLE gradexp_schema IN EXCLUSIVE MODE"))
+    A database of a release before Alembic (``gradexp_schema`` at version N) is first
+    stamped at revision N, then upgraded: its rows stay where they are."""
+    with _migration_lock(engine), engine.connect() as conn:
         start = current_version(conn)
-        for version in range(start + 1, target + 1):
-            MIGRATIONS[version - 1](conn)
-            conn.execute(sa.insert(schema_version).values(version=version))
+        config = _alembic(conn)
+        if start and MigrationContext.configure(conn).get_current_revision() is None:
+            command.stamp(config, revision(start))
+        if start < target:
+            command.upgrade(config, revision(target))
+        conn.commit()
     return start
+
+
+def revision(version: int) -> str:
+    """The Alembic revision of schema ``version``."""
+    return f"{version:04d}"
 
 
 # -- users and keys ---------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Alembic's environment and revisions of the server's schema (``db.migrate`` runs them)."""
