@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import _arrow, _format
 from .._errors import CorruptPartError, RunNotFoundError
 from .._version import __version__
-from . import db, history, web
+from . import db, explorer_catalog, history, web
 from .openapi import (
     MODELS,
     FinishBody,
@@ -572,6 +572,7 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
         Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
     ]
     routes += web.routes(s.engine)
+    routes += explorer_catalog.routes(s.engine, s.store)  # last: its pages match any /<entity>/<project>
     app = Starlette(routes=routes, middleware=[Middleware(AccessLog)] if access_log else [],
                     exception_handlers={ValidationError: _invalid, HTTPException: _unrouted})
     app.state.server = s
