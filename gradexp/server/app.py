@@ -572,8 +572,8 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
         Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
     ]
     routes += web.routes(s.engine)
-    routes += explorer_catalog.routes(s.engine, s.store)  # last: its pages match any /<entity>/<project>
-    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)] if access_log else [],
+    # last: the explorer's pages match any /<entity>/<project>[/<run id>]
+    app = Starlette(routes=[*routes, *explorer_catalog.routes(s.engine, s.store)], middleware=[Middleware(AccessLog)] if access_log else [],
                     exception_handlers={ValidationError: _invalid, HTTPException: _unrouted})
     app.state.server = s
     return app
