@@ -573,7 +573,8 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
     ]
     routes += web.routes(s.engine)
     # last: the explorer's pages match any /<entity>/<project>[/<run id>]
-    app = Starlette(routes=[*routes, *explorer_catalog.routes(s.engine, s.store)], middleware=[Middleware(AccessLog)] if access_log else [],
+    everything = [*routes, *explorer_catalog.routes(s.engine, s.store)]
+    app = Starlette(routes=everything, middleware=[Middleware(AccessLog)] if access_log else [],
                     exception_handlers={ValidationError: _invalid, HTTPException: _unrouted})
     app.state.server = s
     return app
