@@ -213,6 +213,7 @@ def test_ui_pages_render_safely(ui, chromium, shots):
     assert w.page.locator("#runs tbody tr").count() == 2
     assert w.page.inner_text("#runs tbody tr[data-run='r1'] td:nth-child(2)") == XSS
     assert w.page.inner_text("#runs tbody tr[data-run='r1'] .gx-badge") == "finished"
+    assert w.page.inner_text("tr[data-run='r1'] td:nth-child(6)") == "2999"  # last step
     w.page.fill("#run-search", "baseline")
     assert w.page.locator("#runs tbody tr").count() == 1
     w.page.fill("#run-search", "")
@@ -331,6 +332,7 @@ def test_server_pages_after_sign_in(server, chromium, shots):
     assert w.page.inner_text("#projects tbody tr td") == "vision"
     w.page.screenshot(path=str(shots / "explorer-server-projects.png"), full_page=True)
     w.open(server.url + "/ada/vision", wait="#runs tbody tr[data-run='r1']")
+    assert w.page.inner_text("tr[data-run='r1'] td:nth-child(6)") == "2999"  # last step
     w.page.screenshot(path=str(shots / "explorer-server-runs.png"), full_page=True)
     # the address `gradexp sync` and the sender print opens the run
     w.open(server.url + "/ada/vision/r1#charts")
