@@ -30,7 +30,7 @@ const ui = {
 function chartWidth() {
   const w = ui.root.clientWidth || document.body.clientWidth || 1000;
   const cols = Math.max(1, Math.floor(w / 460));
-  return Math.max(240, Math.floor(w / cols) - 16);
+  return Math.max(240, Math.floor(w / cols) - 32);  // room for the box's border, padding and gap
 }
 
 const column = (table, name) => {
@@ -118,14 +118,15 @@ function makePlot(key, chart) {
   runs.forEach((run, i) => {
     const label = runs.length > 1 ? (run.info && run.info.name) || run.id : key;
     series.push({ label, stroke: run.color, width: 1.5, spanGaps: true, points: { show: false } });
-    series.push({ label: `${label} min`, stroke: `${run.color}55`, width: 0.5, spanGaps: true, points: { show: false } });
-    series.push({ label: `${label} max`, stroke: `${run.color}55`, width: 0.5, spanGaps: true, points: { show: false } });
-    bands.push({ series: [3 * i + 3, 3 * i + 2], fill: `${run.color}22` });
+    series.push({ label: `${label} min`, stroke: `${run.color}99`, width: 1, spanGaps: true, points: { show: false } });
+    series.push({ label: `${label} max`, stroke: `${run.color}99`, width: 1, spanGaps: true, points: { show: false } });
+    bands.push({ series: [3 * i + 3, 3 * i + 2], fill: `${run.color}33` });
   });
   const opts = {
     width: chartWidth(), height: HEIGHT, series, bands,
     legend: { show: true, live: true },
     scales: { x: { time: ui.x.value === "_timestamp" }, y: ui.log.checked ? { distr: 3 } : {} },
+    axes: [{}, { size: 64 }],  // room for labels such as "10,000" and "1.5e-7"
     cursor: { drag: { x: true, y: false, setScale: false } },
     hooks: { setSelect: [(u) => zoomTo(key, u)] },
   };
