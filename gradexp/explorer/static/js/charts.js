@@ -2,7 +2,7 @@
 // ("opt/lr" under "opt"), several runs overlaid (?compare=id,id). The server reduces long
 // histories to min/max/last per pixel (drawn as a band around the line, so a spike always
 // shows); a drag zooms and re-fetches the range (exactly, once it fits the chart's pixels).
-// While the run is live the chart polls only the rows after its last step (?since=).
+// While a run is live the charts poll only the rows after its last step (?since=).
 import uPlot from "/_x/static/vendor/uplot/uPlot.esm.js";
 import { api, arrow, el, runContext, seg, showError } from "./common.js";
 
@@ -236,50 +236,45 @@ async function loadAll() {
 function append(run, table) {
   const keys = run.info.history_keys;
   const tail = seriesOf(table, keys);
-  if (!tail.step.length) return false;
   const d = run.data;
-  d.x.push(...tail.x);
-  d.step.push(...tail.step);
+  const extend = (to, from) => { for (const v of from) to.push(v); };  // no spread: a tail may be long
+  extend(d.x, tail.x);
+  extend(d.step, tail.step);
   for (const k of keys) {
     const s = d.keys[k], t = tail.keys[k];
-    s.v.push(...t.v);
+    extend(s.v, t.v);
     if (s.min) {
-      s.min.push(...t.v);
-      s.max.push(...t.v);
+      extend(s.min, t.v);
+      extend(s.max, t.v);
     }
   }
   run.lastStep = tail.step[tail.step.length - 1];
-  return true;
+}
+
+/** Fetch the rows of one run logged after its last drawn step: {changed, reload}. */
+async function pollRun(run) {
+  if (run.info.status !== "running") return { changed: false, reload: false };
+  if (run.data === null || run.lastStep === null) return { changed: false, reload: true };  // all of it is new
+  const table = await arrow(`${run.base}/history?${new URLSearchParams({ x: ui.x.value, since: run.lastStep })}`);
+  const names = table.schema.fields.map((f) => f.name).filter((n) => !["step", "_runtime", "_timestamp"].includes(n));
+  if (names.some((n) => !run.info.history_keys.includes(n))) return { changed: false, reload: true };  // a new key
+  if (table.numRows === 0) {  // quiet: has it ended?
+    run.info = { ...run.info, status: (await api(run.base)).status };
+    return { changed: false, reload: false };
+  }
+  append(run, table);
+  // the tail outgrew the chart's pixels: reduce again
+  return { changed: true, reload: run.data.step.length > 4 * chartWidth() };
 }
 
 let polling = false;
 async function poll() {
-  const run = runs[0];
-  if (polling || document.hidden || !run.info) return;
+  if (polling || document.hidden || runs.some((r) => !r.info)) return;
   polling = true;
   try {
-    const wasRunning = run.info.status === "running";
-    if (!wasRunning) return;
-    if (run.data === null || run.lastStep === null) {  // nothing drawn yet: everything is new
-      await loadAll();
-      return;
-    }
-    const table = await arrow(`${run.base}/history?${new URLSearchParams({ x: ui.x.value, since: run.lastStep })}`);
-    const names = table.schema.fields.map((f) => f.name).filter((n) => !["step", "_runtime", "_timestamp"].includes(n));
-    if (names.some((n) => !run.info.history_keys.includes(n))) {  // a new key: draw its chart too
-      await loadAll();
-      return;
-    }
-    if (append(run, table)) {
-      if (run.data.step.length > 4 * chartWidth()) {  // the tail outgrew the pixels: reduce again
-        await loadAll();
-        return;
-      }
-      for (const [k, c] of charts) if (!c.zoom) redraw(k);
-    }
-    if (table.numRows === 0) {
-      run.info = { ...run.info, status: (await api(run.base)).status };
-    }
+    const got = await Promise.all(runs.map(pollRun));
+    if (got.some((g) => g.reload)) await loadAll();
+    else if (got.some((g) => g.changed)) for (const [k, c] of charts) if (!c.zoom) redraw(k);
   } catch (err) {
     showError(err);
   } finally {
