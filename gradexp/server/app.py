@@ -39,7 +39,7 @@ from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
 from gradexp.core.errors import CorruptPartError, RunNotFoundError
 from gradexp.core.limits import MAX_KEY_LENGTH
-from gradexp.server import db, history, web
+from gradexp.server import db, explorer_catalog, history, web
 from gradexp.server.openapi import (
     MODELS,
     FinishBody,
@@ -569,7 +569,9 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
         Route(run + "/tensors/{key:path}", s.get_tensor),
     ]
     routes += web.routes(s.engine)
-    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)] if access_log else [],
+    # last: the explorer's pages match any /<entity>/<project>[/<run id>]
+    everything = [*routes, *explorer_catalog.routes(s.engine, s.store)]
+    app = Starlette(routes=everything, middleware=[Middleware(AccessLog)] if access_log else [],
                     exception_handlers={ValidationError: _invalid, HTTPException: _http_error,
                                         sa.exc.OperationalError: _database_away})
     app.state.server = s

@@ -151,10 +151,6 @@ class Web:
 
     # -- sign in and out ---------------------------------------------------------------------------
 
-    async def home(self, request: Request) -> Response:
-        s = await self.session(request)
-        return RedirectResponse("/keys" if s else "/login", status_code=303)
-
     def login_page(self, request: Request, csrf: str, *, next_: str, name: str = "", error: str = "",
                    status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
         response = page(request, "login.html", "Sign in", csrf=csrf, next=next_, name=name, error=error,
@@ -414,7 +410,6 @@ def routes(engine: Any) -> list[Route]:
     ``app.create_app``'s exception handlers."""
     w = Web(engine)
     return [
-        Route("/", w.home),
         Route("/login", w.get_login, methods=["GET"]),
         Route("/login", w.post_login, methods=["POST"]),
         Route("/login/link", w.get_signin_link, methods=["GET"]),
