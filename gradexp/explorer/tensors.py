@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zstandard
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .._values import is_ml_dtype
@@ -136,13 +136,13 @@ def _step(request: Request) -> int:
         raise BadRequest(f"query parameter 'step' must be an integer, not {raw!r}") from None
 
 
-def _error(e: Exception, status: int) -> JSONResponse:
-    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    return JSONResponse({"error": message}, status_code=status)
-
-
 def routes(explorer: Explorer) -> list[BaseRoute]:
-    """The tensor endpoints, ``/api/runs/{entity}/{project}/{run_id}/...`` under ``/_x``."""
+    """The tensor endpoints, ``/api/runs/{entity}/{project}/{run_id}/...`` under ``/_x``.
+
+    Errors answer as every explorer endpoint does (``app.api``): an unknown run, key or step
+    404 with a message naming it, a malformed parameter 400.
+    """
+    from .app import HEADERS, api, json_response  # (app imports this module: import at call time)
 
     async def reader_for(request: Request) -> tuple[RunReader, tuple[str, str, str]]:
         p = request.path_params
@@ -165,18 +165,13 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
                 out.append(info)
             return out
 
-        return JSONResponse(await explorer.in_worker(work))
+        return json_response(await explorer.in_worker(work))
 
     async def steps_of(request: Request) -> Response:
-        """``GET .../steps?key=K`` -> JSON ``{steps: [...]}`` ascending; 404 for an unknown key."""
-        try:
-            key = _query(request, "key")
-            reader, _ = await reader_for(request)
-            return JSONResponse({"steps": await explorer.in_worker(reader.steps, key)})
-        except BadRequest as e:
-            return _error(e, 400)
-        except KeyError as e:
-            return _error(e, 404)
+        """``GET .../steps?key=K`` -> JSON ``{steps: [...]}`` ascending."""
+        key = _query(request, "key")
+        reader, _ = await reader_for(request)
+        return json_response({"steps": await explorer.in_worker(reader.steps, key)})
 
     async def tensor_at(request: Request) -> Response:
         """``GET .../tensor?key=K&step=S`` -> Arrow IPC of the tensor, row-major (see module).
@@ -184,28 +179,23 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
         Sent zstd-compressed when the client accepts it, else uncompressed (never gzip, see
         below): a 1024x1024 float32 tensor compresses with zstd in milliseconds.
         """
-        try:
-            key, step = _query(request, "key"), _step(request)
-            reader, ref = await reader_for(request)
-        except BadRequest as e:
-            return _error(e, 400)
+        key, step = _query(request, "key"), _step(request)
+        reader, ref = await reader_for(request)
         zstd = "zstd" in request.headers.get("accept-encoding", "")
         ckey = ("tensor-ipc", *ref, key, step, zstd)
         body = explorer.cache.get(ckey)
         if body is None:
             def work() -> bytes:
                 data = tensor_ipc(reader.tensor(key, step), step=step)
-                out = zstandard.ZstdCompressor(level=1).compress(data) if zstd else data  # (not thread-safe: one a call)
+                out = zstandard.ZstdCompressor(level=1).compress(data) if zstd else data  # one a call: not thread-safe
                 if reader.status != "running":  # a live run may rewrite a step: last write wins
                     explorer.cache.put(ckey, out, len(out))
                 return out
-            try:
-                body = await explorer.in_worker(work)
-            except KeyError as e:
-                return _error(e, 404)
+            body = await explorer.in_worker(work)
         # Without zstd the bytes go as they are: gzip gains ~7% on float data for ~170 ms per
         # 4 MB here, longer than the whole scrub should take; "identity" keeps GZip away.
-        headers = {"Content-Encoding": "zstd" if zstd else "identity", "Vary": "Accept-Encoding"}
+        headers = {**HEADERS, "Cache-Control": "no-store", "Vary": "Accept-Encoding",
+                   "Content-Encoding": "zstd" if zstd else "identity"}
         return Response(body, media_type=ARROW_STREAM, headers=headers)
 
     async def value_range(request: Request) -> Response:
@@ -215,11 +205,8 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
         Taken from the per-step summaries in the history (exact min and max, no tensor decoded);
         a run logged without summaries is scanned step by step instead.
         """
-        try:
-            key = _query(request, "key")
-            reader, ref = await reader_for(request)
-        except BadRequest as e:
-            return _error(e, 400)
+        key = _query(request, "key")
+        reader, ref = await reader_for(request)
 
         def work() -> dict[str, float | None]:
             steps = reader.steps(key)
@@ -230,12 +217,9 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
                 explorer.cache.put(ckey, cached, 64)
             return cached
 
-        try:
-            return JSONResponse(await explorer.in_worker(work))
-        except KeyError as e:
-            return _error(e, 404)
+        return json_response(await explorer.in_worker(work))
 
-    return [Route(f"{_BASE}/tensors", list_tensors, methods=["GET"]),
-            Route(f"{_BASE}/tensor", tensor_at, methods=["GET"]),
-            Route(f"{_BASE}/steps", steps_of, methods=["GET"]),
-            Route(f"{_BASE}/tensor-range", value_range, methods=["GET"])]
+    return [Route(f"{_BASE}/tensors", api(list_tensors)),
+            Route(f"{_BASE}/tensor", api(tensor_at)),
+            Route(f"{_BASE}/steps", api(steps_of)),
+            Route(f"{_BASE}/tensor-range", api(value_range))]

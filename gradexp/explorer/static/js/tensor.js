@@ -347,6 +347,13 @@ function mountPanel(root) {
   let want = null;               // the latest requested {key, step}: late answers are dropped
   let fixedRange = null;         // {key, min, max} for 'fixed'
   let viewer3d = null;
+  let pointed = null;            // the index last pointed at: scrubbing updates its value
+
+  function point(index) {
+    pointed = index;
+    readout.textContent = readoutText(t, index);
+    readout.dataset.index = JSON.stringify(index);
+  }
 
   const is3d = () => mode.value === 'surface' || mode.value === 'bars';
 
@@ -436,8 +443,7 @@ function mountPanel(root) {
       if (x < 0 || y < 0 || x >= canvas.width || y >= canvas.height) return;
       const index = fixed.slice();
       index[view.r] = y; index[view.c] = x;
-      readout.textContent = readoutText(t, index);
-      readout.dataset.index = JSON.stringify(index);
+      point(index);
     });
   }
 
@@ -522,8 +528,7 @@ function mountPanel(root) {
       const rect = canvas.getBoundingClientRect();
       const i = Math.floor(((e.clientX - rect.left) / rect.width) * n);
       if (i < 0 || i >= n) return;
-      readout.textContent = readoutText(t, [i]);
-      readout.dataset.index = JSON.stringify([i]);
+      point([i]);
     });
     figure.replaceChildren(canvas);
   }
@@ -531,10 +536,7 @@ function mountPanel(root) {
   async function draw3d(amp) {
     if (!viewer3d) {
       const { Viewer3D } = await import('./tensor3d.js');
-      viewer3d = new Viewer3D((index) => {
-        readout.textContent = readoutText(t, index);
-        readout.dataset.index = JSON.stringify(index);
-      });
+      viewer3d = new Viewer3D(point);
     }
     if (!viewer3d.host.isConnected || figure.firstChild !== viewer3d.host) figure.replaceChildren(viewer3d.host);
     const fixed = view.index.slice();
@@ -557,7 +559,7 @@ function mountPanel(root) {
     renderLegend(amp, n >= 2);
     if (n === 0) {
       figure.replaceChildren(el('div', { class: 'gx-scalar', text: valueText(t, 0) }));
-      readout.textContent = readoutText(t, []);
+      point([]);
     } else if (n === 1) drawLine(amp);
     else if (is3d()) await draw3d(amp);
     else drawHeatmaps(amp);
@@ -589,7 +591,9 @@ function mountPanel(root) {
       if (want.key !== key || want.step !== step) return;
       const sameLayout = t && t.key === key && t.shape.join() === next.shape.join();
       t = next;
-      if (!sameLayout) { view = freshView(t.shape); setModes(t.shape.length); renderAxes(); }
+      if (!sameLayout) { view = freshView(t.shape); setModes(t.shape.length); renderAxes(); pointed = null; }
+      if (pointed) point(pointed);
+      else { readout.textContent = ''; delete readout.dataset.index; }
       await draw();
     },
   };

@@ -30,7 +30,8 @@ export class Viewer3D {
     sun.position.set(1, 3, 2);
     this.scene.add(sun);
     this.camera = new THREE.PerspectiveCamera(40, 1, 0.01, 100);
-    this.orbit = { theta: 0, phi: 0.9, radius: 3.2 };   // around the y axis, from the zenith
+    this.orbit = { theta: 0, phi: 0.6, radius: 2.6 };   // around the y axis, from the zenith
+    this.target = new THREE.Vector3();                   // the middle of the drawn slice
     this.mesh = null;
     this.grid = null;
     this.raycaster = new THREE.Raycaster();
@@ -167,6 +168,10 @@ export class Viewer3D {
       if (!index.length) mat.dispose();
     }
     this.scene.add(this.mesh);
+    let box;
+    if (this.mesh.isInstancedMesh) { this.mesh.computeBoundingBox(); box = this.mesh.boundingBox; }
+    else { this.mesh.geometry.computeBoundingBox(); box = this.mesh.geometry.boundingBox; }
+    box.getCenter(this.target);
     this.render();
   }
 
@@ -176,8 +181,8 @@ export class Viewer3D {
     this.camera.aspect = w / h;
     const { theta, phi, radius } = this.orbit;
     this.camera.position.set(radius * Math.sin(phi) * Math.sin(theta), radius * Math.cos(phi),
-                             radius * Math.sin(phi) * Math.cos(theta));
-    this.camera.lookAt(0, 0, 0);
+                             radius * Math.sin(phi) * Math.cos(theta)).add(this.target);
+    this.camera.lookAt(this.target);
     this.camera.updateProjectionMatrix();
     this.renderer.render(this.scene, this.camera);
   }
