@@ -301,6 +301,9 @@ def test_1d_chart_reads_back_every_index(page: Any) -> None:
     canvas = page.locator("#panel-at-step canvas.gx-line")
     assert hover(page, canvas, 0, 5, 1, 7) == ([5], "5")
     page.screenshot(path=str(SHOTS / "explorer-tensor-1d.png"), full_page=True)
+    show(page, "idx/c64_1d")  # [0, 1-1j, 2-2j]
+    canvas = page.locator("#panel-at-step canvas.gx-line")
+    assert [hover(page, canvas, 0, i, 1, 3) for i in range(3)] == [([0], "0+0j"), ([1], "1-1j"), ([2], "2-2j")]
 
 
 def test_3d_tensor_with_axes_swapped(page: Any) -> None:

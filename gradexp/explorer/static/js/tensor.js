@@ -261,7 +261,7 @@ function mountList(root) {
 
 // ------------------------------------------------------------------------------- scrubber
 
-function mountScrubber(root) {
+function mountScrubber(root, drawnOn) {
   const prev = el('button', { type: 'button', class: 'gx-step-prev', title: 'Previous step (←)', text: '◀' });
   const play = el('button', { type: 'button', class: 'gx-step-play', title: 'Play', text: 'Play' });
   const next = el('button', { type: 'button', class: 'gx-step-next', title: 'Next step (→)', text: '▶' });
@@ -284,10 +284,18 @@ function mountScrubber(root) {
     setStep(key, steps[pos]);
   }
   function stop() { clearTimeout(timer); timer = null; play.textContent = 'Play'; play.title = 'Play'; }
-  function tick() {
+  function tick() {  // the next step once this one is drawn (or after 2 s), never piling requests up
     if (pos >= steps.length - 1) { stop(); return; }
+    const started = performance.now();
+    let done = false;
+    const after = () => {
+      if (done || !timer) return;
+      done = true;
+      timer = setTimeout(tick, Math.max(PLAY_MS - (performance.now() - started), 0));
+    };
+    drawnOn.addEventListener('gx:drawn', after, { once: true });
+    timer = setTimeout(after, 2000);
     go(pos + 1);
-    timer = setTimeout(tick, PLAY_MS);
   }
   prev.addEventListener('click', () => go(pos - 1));
   next.addEventListener('click', () => go(pos + 1));
@@ -609,7 +617,7 @@ function start() {
   const link = el('link', { rel: 'stylesheet', href: STYLE });
   document.head.append(link);
   const list = mountList(listRoot);
-  const scrubber = mountScrubber(scrubRoot);
+  const scrubber = mountScrubber(scrubRoot, panelRoot);  // play waits for the panel's draws
   const panel = mountPanel(panelRoot);
   let current = null;
   onTensor((d) => {
