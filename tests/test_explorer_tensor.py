@@ -452,3 +452,49 @@ def test_list_search_chips_and_xss_key_as_text(page: Any) -> None:
     show(page, XSS)
     assert page.locator("#panel-at-step img").count() == 0
     assert XSS in page.text_content("#panel-at-step .gx-at-caption")
+
+
+LIVE_TRAINER = """
+import sys, time, pathlib, numpy as np, gradexp
+root, stop = sys.argv[1], pathlib.Path(sys.argv[2])
+run = gradexp.init("p", id="liverun", dir=root, mode="offline")
+step = 0
+while not stop.exists() and step < 2000:
+    run.log({"live/w": np.full((2, 3), float(step), np.float32)}, step=step)
+    print(step, flush=True)
+    step += 1
+    time.sleep(0.3)
+run.finish()
+"""
+
+
+def test_live_run_gains_steps_and_follows_the_last(run_dir: Path, ui: str, chromium: Any, tmp_path: Path) -> None:
+    stop = tmp_path / "stop"
+    trainer = subprocess.Popen([sys.executable, "-c", LIVE_TRAINER, str(run_dir), str(stop)], env=clean_env(),
+                               stdout=subprocess.PIPE, text=True)
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        assert trainer.stdout is not None
+        wait_for(lambda: int(trainer.stdout.readline()) >= 2, "the trainer's first steps", proc=trainer)
+        page = context.new_page()
+        page.goto(f"{ui}/local/p/liverun?token={TOKEN}")
+        page.click("a[data-tab=tensors]")
+        page.wait_for_selector("#panel-at-step canvas.gx-heatmap")
+        first = int(page.get_attribute("#panel-at-step", "data-step"))
+        # the scrubber follows the new last step, and the panel shows it: value == step
+        page.wait_for_function("(s) => Number(document.getElementById('panel-at-step').dataset.step) >= s + 3",
+                               arg=first, timeout=20_000)
+        canvas = page.locator("#panel-at-step canvas.gx-heatmap")
+        index, value = hover(page, canvas, 1, 2, 2, 3)
+        shown = int(page.get_attribute("#panel-at-step", "data-step"))
+        assert index == [1, 2] and int(value) in (shown, shown + 1, shown + 2)  # it may move on meanwhile
+        label = page.text_content("#step-scrubber .gx-step-label")
+        m = re.match(r"step (\d+) \((\d+) of (\d+)\)", label or "")
+        assert m and m.group(2) == m.group(3), label
+        count = page.locator("#tensor-list .gx-tensor-item[data-key='live/w'] .gx-tensor-meta")
+        assert int(re.search(r"· (\d+) steps", count.text_content()).group(1)) > first + 1
+        page.screenshot(path=str(SHOTS / "explorer-tensor-live.png"), full_page=True)
+    finally:
+        context.close()
+        stop.touch()
+        trainer.wait(60)

@@ -77,16 +77,15 @@ def tensor_ipc(arr: np.ndarray, *, step: int, dims: list[str] | None = None) -> 
     return sink.getvalue().to_pybytes()
 
 
-def tensor_info(reader: RunReader, key: str) -> dict[str, Any]:
-    """``{key, dtype, shape, steps, dims}`` of one tensor key: dtype and shape at its last step.
+def tensor_info(reader: RunReader, key: str, first_step: int) -> dict[str, Any]:
+    """``{dtype, shape, dims}`` of tensor ``key`` as first logged (at ``first_step``).
 
     The reader holds no dtype or shape outside the tensors themselves, so this decodes one
-    tensor per key (never one per step); the caller caches it per (key, step count, last step).
+    tensor per key, once: the caller caches it per (run, key, first step), so a live page that
+    lists the tensors every second or two decodes nothing new as steps arrive.
     """
-    steps = reader.steps(key)
-    arr = reader.tensor(key, steps[-1])
-    return {"key": key, "dtype": dtype_name(arr.dtype), "shape": list(arr.shape),
-            "steps": len(steps), "dims": None}
+    arr = reader.tensor(key, first_step)
+    return {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape), "dims": None}
 
 
 def finite_range(reader: RunReader, key: str) -> dict[str, float | None]:
@@ -150,19 +149,21 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
         return await explorer.run(request, *ref), ref
 
     async def list_tensors(request: Request) -> Response:
-        """``GET .../tensors`` -> JSON ``[{key, dtype, shape, steps, dims}]`` in key order."""
+        """``GET .../tensors`` -> JSON ``[{key, dtype, shape, steps, dims}]`` in key order: dtype and
+        shape as first logged, ``steps`` the number of logged steps."""
         reader, ref = await reader_for(request)
 
         def work() -> list[dict[str, Any]]:
             out = []
             for key in sorted(reader.tensor_keys()):
                 steps = reader.steps(key)
-                ckey = ("tensor-info", *ref, key, len(steps), steps[-1])
+                ckey = ("tensor-info", *ref, key, steps[0])
                 info = explorer.cache.get(ckey)
                 if info is None:
-                    info = tensor_info(reader, key)
+                    info = tensor_info(reader, key, steps[0])
                     explorer.cache.put(ckey, info, 256 + len(key))
-                out.append(info)
+                out.append({"key": key, "dtype": info["dtype"], "shape": info["shape"], "steps": len(steps),
+                            "dims": info["dims"]})
             return out
 
         return json_response(await explorer.in_worker(work))

@@ -13,6 +13,7 @@ const CACHE_SIZE = 8;          // tensors kept in memory: stepping back and fort
 const MAX_MULTIPLES = 64;      // small multiples drawn at most
 const MAX_CANVAS = 16384;      // a side longer than this cannot be a canvas
 const PLAY_MS = 250;           // play: at most 4 steps a second
+const LIVE_MS = 1500;          // a running run's list and steps are polled this often
 
 // ---------------------------------------------------------------------------------- helpers
 
@@ -251,9 +252,10 @@ function mountList(root) {
   onTensor((d) => { selected = d.key; render(); });
 
   return {
-    async refresh() {
-      items = await api(`${ctx.apiBase}/tensors`);
-      renderChips(); render();
+    count(key) { const t = items.find((x) => x.key === key); return t ? t.steps : null; },
+    async refresh() {  // re-rendered only when something changed: scroll and focus stay
+      const fresh = await api(`${ctx.apiBase}/tensors`);
+      if (JSON.stringify(fresh) !== JSON.stringify(items)) { items = fresh; renderChips(); render(); }
       return items;
     },
   };
@@ -329,6 +331,15 @@ function mountScrubber(root, drawnOn) {
       pos = steps.length - 1;
       show();
       setStep(key, steps[pos]);
+    },
+    async extend() {  // a live run logged more steps: at the last step, follow the new last
+      if (!key) return;
+      const k = key;
+      const fresh = (await api(`${ctx.apiBase}/steps?key=${enc(k)}`)).steps;
+      if (k !== key || fresh.length === steps.length) return;
+      const atEnd = pos === steps.length - 1 && !timer;
+      steps = fresh;
+      if (atEnd) go(steps.length - 1); else show();
     },
   };
 }
@@ -635,6 +646,27 @@ function start() {
   }).catch((err) => {
     listRoot.append(el('p', { class: 'gx-error', text: String(err.message ?? err) }));
   });
+
+  // Live: while the run is running, new keys and steps show within LIVE_MS.
+  let running = null, polls = 0, busy = false;
+  async function poll() {
+    if (busy || document.hidden) return;
+    busy = true;
+    try {
+      if (running === null || polls++ % 10 === 0) running = (await api(ctx.apiBase)).status === 'running';
+      if (!running) return;
+      const known = list.count(current);
+      const items = await list.refresh();
+      const now = items.find((t) => t.key === current);
+      if (now && now.steps !== known) await scrubber.extend();
+      if (current === null && items.length) selectTensor(items[0].key);
+    } catch (err) {
+      console.error(err);
+    } finally {
+      busy = false;
+    }
+  }
+  setInterval(poll, LIVE_MS);
 }
 
 start();
