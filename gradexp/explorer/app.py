@@ -202,7 +202,7 @@ class _Handlers:
         e = request.path_params["entity"]
 
         def work() -> dict[str, Any]:
-            table = history_table(self.x, e, reader)
+            _, table = history_table(self.x, e, reader)
             info = run_info(reader, entity=e).to_json()
             steps = table.column("step")
             info.update(meta=reader.meta, history_keys=history.chart_keys(table),
@@ -260,26 +260,53 @@ class _Handlers:
         e = request.path_params["entity"]
 
         def work() -> pa.Table:
-            table = history_table(self.x, e, reader)
+            stamp, table = history_table(self.x, e, reader)
             chosen = keys if keys is not None else history.chart_keys(table)
             try:
                 if after is not None:
                     return history.since(table, chosen, after)
-                return history.reduce_history(table, chosen, x=x, buckets=buckets, lo=lo, hi=hi)
+                return reduced(self.x, e, reader, stamp, table, chosen, x=x, buckets=buckets, lo=lo, hi=hi)
             except KeyError as exc:
                 raise LookupError(exc.args[0]) from None
         return arrow_response(await self.x.in_worker(work))
 
 
-def history_table(explorer: Explorer, entity: str, reader: RunReader) -> pa.Table:
-    """The run's whole history; kept in the explorer's cache once the run has ended (a live
-    run's history is read anew: its reader reads only what changed where it can)."""
+def history_table(explorer: Explorer, entity: str, reader: RunReader) -> tuple[Any, pa.Table]:
+    """The run's whole history and its stamp, kept in the explorer's cache until the run
+    changes: a live run's chart polls often, and most polls find nothing new (the stamp is the
+    reader's part counts or last step, cheap index reads; see :func:`_stamp`)."""
     key = ("history", entity, reader.project, reader.id)
+    stamp = _stamp(reader)
     cached = explorer.cache.get(key)
-    if cached is not None:
+    if cached is not None and stamp is not None and cached[0] == stamp:
         return cached
-    done = reader.status != "running"
-    table = reader.history()
-    if done:
-        explorer.cache.put(key, table, table.nbytes)
-    return table
+    table = reader.history().combine_chunks()  # one chunk per column: columns read as NumPy without copies
+    if stamp is not None:
+        explorer.cache.put(key, (stamp, table), table.nbytes)
+    return stamp, table
+
+
+def _stamp(reader: RunReader) -> Any:
+    """What changes whenever the run's history may have: its status and, from readers that
+    offer them, its stored part counts (the server's) or its last step (a run folder's).
+    ``None`` for a running run whose reader offers neither (read anew each time)."""
+    status = reader.status
+    for name in ("part_counts", "last_step"):
+        fn = getattr(reader, name, None)
+        if callable(fn):
+            return status, name, fn()
+    return None if status == "running" else (status,)
+
+
+def reduced(explorer: Explorer, entity: str, reader: RunReader, stamp: Any, table: pa.Table, keys: list[str], *,
+            x: str, buckets: int, lo: float | None, hi: float | None) -> pa.Table:
+    """:func:`history.reduce_history`, remembered per history stamp (a page reload or a second
+    viewer of a big run costs a cache lookup)."""
+    key = ("reduced", entity, reader.project, reader.id, tuple(keys), x, buckets, lo, hi)
+    cached = explorer.cache.get(key)
+    if cached is not None and stamp is not None and cached[0] == stamp:
+        return cached[1]
+    out = history.reduce_history(table, keys, x=x, buckets=buckets, lo=lo, hi=hi)
+    if stamp is not None:
+        explorer.cache.put(key, (stamp, out), out.nbytes)
+    return out
