@@ -59,6 +59,7 @@ CASES: dict[str, tuple[np.ndarray, int]] = {
     "idx/u8_2d": (encode((2, 5), 100).astype(np.uint8), 100),
     "idx/i32_3d": (encode((3, 2, 4), 1000).astype(np.int32), 1000),
     "idx/wide_2d": (encode((40, 60), 1000).astype(np.float32), 1000),
+    "idx/long_1d": (encode((5000,), 1000).astype(np.float32), 1000),
 }
 BOOL = np.indices((3, 4)).sum(axis=0) % 2 == 1
 
@@ -185,6 +186,27 @@ def test_steps_range_and_errors(client: Any) -> None:
     assert client.get(f"/_x/api/runs/someone/p/{RUN}/tensors").status_code == 404
 
 
+def test_fixed_range_without_history_summaries_scans_the_tensors() -> None:
+    from gradexp.explorer.tensors import finite_range
+
+    class NoSummaries:  # a reader whose history has no column for the key
+        def history(self, keys: list[str]) -> pa.Table:
+            raise KeyError(keys[0])
+
+        def tensors(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
+            yield 0, np.array([np.nan, -3.5, np.inf], np.float32)
+            yield 1, np.array([[2.0, -np.inf]], np.float64)
+            yield 2, np.array([7, 1], ml_dtypes.bfloat16)
+
+    assert finite_range(NoSummaries(), "k") == {"min": -3.5, "max": 7.0}  # type: ignore[arg-type]
+
+    class AllNonFinite(NoSummaries):
+        def tensors(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
+            yield 0, np.array([np.nan, np.inf], np.float32)
+
+    assert finite_range(AllNonFinite(), "k") == {"min": None, "max": None}  # type: ignore[arg-type]
+
+
 def test_tensor_endpoints_need_the_token(run_dir: Path) -> None:
     from starlette.testclient import TestClient
 
@@ -301,6 +323,13 @@ def test_1d_chart_reads_back_every_index(page: Any) -> None:
     canvas = page.locator("#panel-at-step canvas.gx-line")
     assert hover(page, canvas, 0, 5, 1, 7) == ([5], "5")
     page.screenshot(path=str(SHOTS / "explorer-tensor-1d.png"), full_page=True)
+    show(page, "idx/long_1d")  # more elements than pixels: drawn per pixel, read per element
+    canvas = page.locator("#panel-at-step canvas.gx-line")
+    box = canvas.bounding_box()
+    for fraction in (0.0001, 0.25, 0.5, 0.9999):
+        canvas.hover(position={"x": fraction * box["width"], "y": box["height"] / 2})
+        index, value = readout(page)
+        assert value == str(index[0]) and abs(index[0] - fraction * 5000) <= 10
     show(page, "idx/c64_1d")  # [0, 1-1j, 2-2j]
     canvas = page.locator("#panel-at-step canvas.gx-line")
     assert [hover(page, canvas, 0, i, 1, 3) for i in range(3)] == [([0], "0+0j"), ([1], "1-1j"), ([2], "2-2j")]

@@ -28,7 +28,7 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-export function rowMajorStrides(shape) {
+function rowMajorStrides(shape) {
   const strides = new Array(shape.length);
   let s = 1;
   for (let k = shape.length - 1; k >= 0; k--) { strides[k] = s; s *= shape[k]; }
@@ -59,7 +59,7 @@ const ROUND = {
 
 // The shortest decimal that reads back to the same value in the tensor's own dtype (as NumPy
 // prints it), so what the readout shows IS the stored value.
-export function formatNumber(v, dtype) {
+function formatNumber(v, dtype) {
   if (typeof v === 'bigint') return v.toString();
   if (Number.isNaN(v)) return 'nan';
   if (v === Infinity) return 'inf';
@@ -124,25 +124,25 @@ function loadTensor(key, step) {
   return p;
 }
 
-export function valueText(t, offset) {
+function valueText(t, offset) {
   if (t.dtype === 'bool') return t.values[offset] ? 'True' : 'False';
-  const re = formatNumber(t.values[offset], t.dtype.startsWith('complex') ? 'float' + (t.dtype === 'complex64' ? '32' : '64') : t.dtype);
-  if (!t.imag) return re;
+  if (!t.imag) return formatNumber(t.values[offset], t.dtype);
+  const part = t.dtype === 'complex64' ? 'float32' : 'float64';  // the dtype of each half
   const im = t.imag[offset];
-  const imText = formatNumber(Math.abs(im), t.dtype === 'complex64' ? 'float32' : 'float64');
-  return `${re}${im < 0 || Object.is(im, -0) ? '-' : '+'}${imText}j`;
+  const sign = im < 0 || Object.is(im, -0) ? '-' : '+';
+  return `${formatNumber(t.values[offset], part)}${sign}${formatNumber(Math.abs(im), part)}j`;
 }
 
-export function dimName(t, k) {
+function dimName(t, k) {
   return t.dims && t.dims[k] ? t.dims[k] : `dim ${k}`;
 }
 
-export function indexText(t, index) {
+function indexText(t, index) {
   if (t.dims) return `[${index.map((v, k) => `${t.dims[k] ?? k}=${v}`).join(', ')}]`;
   return `[${index.join(', ')}]`;
 }
 
-export function readoutText(t, index) {
+function readoutText(t, index) {
   return `${indexText(t, index)} = ${valueText(t, offsetOf(t.strides, index))}`;
 }
 
@@ -167,7 +167,7 @@ function rgba(r, g, b) { return (255 << 24 | b << 16 | g << 8 | r) >>> 0; }
   }
 })();
 
-export function colourOf(v, amp) {
+function colourOf(v, amp) {
   if (Number.isNaN(v)) return NAN_PX;
   if (v === Infinity) return POS_INF_PX;
   if (v === -Infinity) return NEG_INF_PX;
@@ -524,7 +524,22 @@ function mountPanel(root) {
     const Y = (v) => height - 4 - ((v - lo) / span) * (height - 8);
     g.strokeStyle = '#999'; g.beginPath(); g.moveTo(0, Y(0)); g.lineTo(width, Y(0)); g.stroke();
     const num = t.num;
-    if (mode.value === 'bar') {
+    if (n > 2 * width) {  // more elements than pixels: each pixel column spans its elements' min..max
+      const cols = Math.floor(width);
+      g.fillStyle = '#2166ac';
+      for (let px = 0; px < cols; px++) {
+        let a = Infinity, b = -Infinity;
+        const end = Math.floor(((px + 1) * n) / cols);
+        for (let i = Math.floor((px * n) / cols); i < end; i++) {
+          const v = num[i];
+          if (v < a) a = v;
+          if (v > b) b = v;  // NaN fails both; ±Inf are left out below
+        }
+        if (mode.value === 'bar') { a = Math.min(a, 0); b = Math.max(b, 0); }
+        if (!Number.isFinite(a) || !Number.isFinite(b)) continue;
+        g.fillRect(px, Y(b), 1, Math.max(Y(a) - Y(b), 1));
+      }
+    } else if (mode.value === 'bar') {
       const w = Math.max(width / n - 1, 0.5);
       for (let i = 0; i < n; i++) {
         const v = num[i];
