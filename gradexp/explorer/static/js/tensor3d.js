@@ -30,7 +30,7 @@ export class Viewer3D {
     sun.position.set(1, 3, 2);
     this.scene.add(sun);
     this.camera = new THREE.PerspectiveCamera(40, 1, 0.01, 100);
-    this.orbit = { theta: 0, phi: 0.6, radius: 2.6 };   // around the y axis, from the zenith
+    this.orbit = { theta: 0, phi: 0.6, radius: 3.0 };   // around the y axis, from the zenith
     this.target = new THREE.Vector3();                   // the middle of the drawn slice
     this.mesh = null;
     this.grid = null;
