@@ -25,7 +25,7 @@ import requests
 import zstandard
 
 import gradexp
-from services import HOST, _stop, clean_env, free_port, wait_for
+from services import HOST, GradexpServer, WebSession, _stop, clean_env, free_port, run_python, wait_for
 
 SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
 TOKEN = "tensor-views-test-token"
@@ -243,7 +243,7 @@ def page(ui: str, chromium: Any) -> Iterator[Any]:
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("dialog", lambda d: problems.append(f"dialog: {d.message}"))  # an XSS alert() would land here
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))  # an XSS alert()
     page.on("request", lambda r: problems.append(f"off-host request {r.url}")
             if not r.url.startswith(ui) and not r.url.startswith(("data:", "blob:")) else None)
     page.goto(f"{ui}/local/p/{RUN}?token={TOKEN}")
@@ -527,3 +527,78 @@ def test_live_run_gains_steps_and_follows_the_last(run_dir: Path, ui: str, chrom
         context.close()
         stop.touch()
         trainer.wait(60)
+
+
+# -- on gradexp server: the same views over the server's database and store -----------------------
+
+SERVER_RUN = """
+import numpy as np, gradexp
+idx = np.indices((3, 5))
+run = gradexp.init("vision", id="t1")
+for s in (0, 1):
+    run.log({"grad/w": (1000 * idx[0] + idx[1] + 100 * s).astype(np.float32),
+             "grad/b": np.arange(4, dtype=np.int64) - 2 ** 62}, step=s)
+run.finish()
+"""
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    work = tmp_path_factory.mktemp("tensor-server")
+    s = GradexpServer(work).start()
+    s.user_with_password("ada", PASSWORD)
+    s.create_user("bob")
+    s.ada_key = s.create_key("ada")
+    s.bob_key = s.create_key("bob")
+    r = run_python(SERVER_RUN, cwd=work, env=clean_env(GRADEXP_HOST=s.url, GRADEXP_API_KEY=s.ada_key))
+    assert r.returncode == 0, r.stderr
+    yield s
+    s.stop()
+
+
+def test_server_tensor_endpoints_and_access(server: Any) -> None:
+    base = f"{server.url}/_x/api/runs/ada/vision/t1"
+    ada = {"Authorization": f"Bearer {server.ada_key}"}
+    listed = requests.get(f"{base}/tensors", headers=ada, timeout=30).json()
+    assert listed == [{"key": "grad/b", "dtype": "int64", "shape": [4], "steps": 2, "dims": None},
+                      {"key": "grad/w", "dtype": "float32", "shape": [3, 5], "steps": 2, "dims": None}]
+    r = requests.get(f"{base}/tensor", params={"key": "grad/w", "step": 1}, headers=ada, timeout=30)
+    table = pa.ipc.open_stream(r.content).read_all()  # requests undoes gzip; zstd was not asked for
+    np.testing.assert_array_equal(table.column("values").to_numpy().reshape(3, 5),
+                                  1000 * np.indices((3, 5))[0] + np.indices((3, 5))[1] + 100)
+    r = requests.get(f"{base}/tensor", params={"key": "grad/b", "step": 0}, headers=ada, timeout=30)
+    assert pa.ipc.open_stream(r.content).read_all().column("values").to_pylist() == [-2**62, 1 - 2**62,
+                                                                                      2 - 2**62, 3 - 2**62]
+    assert requests.get(f"{base}/steps", params={"key": "grad/w"}, headers=ada, timeout=30).json() == {"steps": [0, 1]}
+    assert requests.get(f"{base}/tensor-range", params={"key": "grad/w"}, headers=ada,
+                        timeout=30).json() == {"min": 0.0, "max": 2104.0}
+    bob = {"Authorization": f"Bearer {server.bob_key}"}
+    for path in ("tensors", "tensor?key=grad/w&step=0", "steps?key=grad/w", "tensor-range?key=grad/w"):
+        assert requests.get(f"{base}/{path}", headers=bob, timeout=30).status_code == 404, path
+        assert requests.get(f"{base}/{path}", timeout=30).status_code == 401, path
+
+
+def test_server_tensor_view_in_the_browser(server: Any, chromium: Any) -> None:
+    session = WebSession(server.url)
+    session.sign_in("ada", PASSWORD)
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    context.add_cookies([{"name": c.name, "value": c.value or "", "url": server.url}
+                         for c in session.http.cookies])
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    try:
+        page.goto(f"{server.url}/ada/vision/t1#tensors")
+        page.click("a[data-tab=tensors]")
+        show(page, "grad/w")
+        canvas = page.locator("#panel-at-step canvas.gx-heatmap")
+        assert hover(page, canvas, 2, 3, 3, 5) == ([2, 3], "2103")
+        page.click("#step-scrubber .gx-step-label")
+        page.keyboard.press("ArrowLeft")
+        page.wait_for_function("() => document.getElementById('panel-at-step').dataset.step === '0'")
+        assert readout(page) == ([2, 3], "2003")
+        page.screenshot(path=str(SHOTS / "explorer-tensor-server.png"), full_page=True)
+        assert errors == []
+    finally:
+        context.close()
