@@ -189,7 +189,7 @@ def main() -> int:
                 live_dir = Path(tmp) / "live"
                 ui_live = UI(live_dir)
                 try:
-                    results["live_ui"] = _live_ui(browser, ui_live, live_dir, 20 if args.quick else 80)
+                    results["live_ui"] = _live_ui(browser, ui_live, live_dir, 40 if args.quick else 120)
                 finally:
                     ui_live.stop()
                 log(f"  {results['live_ui']}")
@@ -210,7 +210,7 @@ def main() -> int:
                         page.wait_for_url(srv.url + "/")
                     results["live_server"] = live(
                         browser, srv.url, "/bench/bench/live#charts", Path(tmp) / "srv-runs", "live",
-                        steps=20 if args.quick else 80, every=0.25, sign_in=sign_in,
+                        steps=40 if args.quick else 120, every=0.25, sign_in=sign_in,
                         trainer_env=clean_env(GRADEXP_HOST=srv.url, GRADEXP_API_KEY=key))
                     log(f"  {results['live_server']}")
                 finally:

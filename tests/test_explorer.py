@@ -200,6 +200,14 @@ def test_ui_needs_its_token(ui):
     assert r.status_code == 303 and r.headers["location"] == "/"  # the token leaves the address bar
     assert s.get(ui.base + "/_x/api/projects", timeout=10).json()["projects"][0]["name"] == "vision"
     assert s.patch(ui.base + "/_x/api/runs/local/vision/r1", json={"name": "x"}, timeout=10).status_code == 403
+    page = s.get(ui.base + "/local/vision/r1", timeout=10)
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "default-src 'none'" in csp and "unsafe" not in csp
+    data = s.get(ui.base + "/_x/api/runs/local/vision/r1/history?keys=loss&buckets=5000", timeout=10)
+    assert data.headers["content-type"] == "application/vnd.apache.arrow.stream"
+    assert data.headers["content-encoding"] == "gzip"  # columns move compressed
+    table = pa.ipc.open_stream(data.content).read_all()
+    assert table.num_rows == 3000 and table.column("loss")[1500].as_py() == 1e4
 
 
 def test_ui_pages_render_safely(ui, chromium, shots):
@@ -213,6 +221,7 @@ def test_ui_pages_render_safely(ui, chromium, shots):
     assert w.page.locator("#runs tbody tr").count() == 2
     assert w.page.inner_text("#runs tbody tr[data-run='r1'] td:nth-child(2)") == XSS
     assert w.page.inner_text("#runs tbody tr[data-run='r1'] .gx-badge") == "finished"
+    assert w.page.inner_text("tr[data-run='r1'] td:nth-child(6)") == "2999"  # last step
     w.page.fill("#run-search", "baseline")
     assert w.page.locator("#runs tbody tr").count() == 1
     w.page.fill("#run-search", "")
@@ -331,6 +340,7 @@ def test_server_pages_after_sign_in(server, chromium, shots):
     assert w.page.inner_text("#projects tbody tr td") == "vision"
     w.page.screenshot(path=str(shots / "explorer-server-projects.png"), full_page=True)
     w.open(server.url + "/ada/vision", wait="#runs tbody tr[data-run='r1']")
+    assert w.page.inner_text("tr[data-run='r1'] td:nth-child(6)") == "2999"  # last step
     w.page.screenshot(path=str(shots / "explorer-server-runs.png"), full_page=True)
     # the address `gradexp sync` and the sender print opens the run
     w.open(server.url + "/ada/vision/r1#charts")

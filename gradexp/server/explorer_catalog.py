@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.routing import BaseRoute
 
+from .. import _format
 from ..explorer.app import explorer_routes
 from ..explorer.catalog import ProjectInfo, RunInfo
 from ..explorer.context import AccessDenied, Explorer, Viewer
@@ -64,13 +65,18 @@ class ServerCatalog:
     def runs(self, viewer: Viewer, entity: str, project: str) -> list[RunInfo]:
         eid = self._entity_id(viewer, entity)
         with self.engine.connect() as conn:
-            if db.project_id(conn, eid, project, create=False) is None:
+            pid = db.project_id(conn, eid, project, create=False)
+            if pid is None:
                 raise LookupError(f"no project {entity}/{project}")
             rows = db.list_runs(conn, eid, project=project, limit=10_000)
+            frames, runs = db.frames, db.runs  # last steps from the frame index: no part is read
+            last = dict(conn.execute(
+                sa.select(runs.c.run_id, sa.func.max(frames.c.step_max)).join(frames, frames.c.run_pk == runs.c.id)
+                .where(runs.c.project_id == pid, frames.c.kind == _format.KIND_HISTORY).group_by(runs.c.run_id)).all())
         return [RunInfo(entity=entity, project=project, id=r["id"], name=r["name"], status=r["status"],
                         created_at=r["created_at"], finished_at=r["finished_at"], heartbeat_at=r["heartbeat_at"],
-                        last_step=None, tags=list(r["tags"] or []), notes=r["notes"], config=r["config"] or {},
-                        summary=r["summary"] or {}) for r in rows]
+                        last_step=last.get(r["id"]), tags=list(r["tags"] or []), notes=r["notes"],
+                        config=r["config"] or {}, summary=r["summary"] or {}) for r in rows]
 
     def open(self, viewer: Viewer, entity: str, project: str, run_id: str) -> RunReader:
         eid = self._entity_id(viewer, entity)
