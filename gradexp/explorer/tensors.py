@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .._values import is_ml_dtype
+from .responses import ARROW_STREAM, HEADERS, RUN_API, api, json_response
 
 if TYPE_CHECKING:
     from ..read.reader import RunReader
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["finite_range", "routes", "tensor_info", "tensor_ipc"]
 
-ARROW_STREAM = "application/vnd.apache.arrow.stream"
-_BASE = "/api/runs/{entity}/{project}/{run_id}"  # under the explorer's /_x mount
 
 
 class BadRequest(ValueError):
@@ -138,11 +137,9 @@ def _step(request: Request) -> int:
 def routes(explorer: Explorer) -> list[BaseRoute]:
     """The tensor endpoints, ``/api/runs/{entity}/{project}/{run_id}/...`` under ``/_x``.
 
-    Errors answer as every explorer endpoint does (``app.api``): an unknown run, key or step
+    Errors answer as every explorer endpoint does (``responses.api``): an unknown run, key or step
     404 with a message naming it, a malformed parameter 400.
     """
-    from .app import HEADERS, api, json_response  # (app imports this module: import at call time)
-
     async def reader_for(request: Request) -> tuple[RunReader, tuple[str, str, str]]:
         p = request.path_params
         ref = (p["entity"], p["project"], p["run_id"])
@@ -220,7 +217,7 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
 
         return json_response(await explorer.in_worker(work))
 
-    return [Route(f"{_BASE}/tensors", api(list_tensors)),
-            Route(f"{_BASE}/tensor", api(tensor_at)),
-            Route(f"{_BASE}/steps", api(steps_of)),
-            Route(f"{_BASE}/tensor-range", api(value_range))]
+    return [Route(f"{RUN_API}/tensors", api(list_tensors)),
+            Route(f"{RUN_API}/tensor", api(tensor_at)),
+            Route(f"{RUN_API}/steps", api(steps_of)),
+            Route(f"{RUN_API}/tensor-range", api(value_range))]
