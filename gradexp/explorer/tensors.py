@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["finite_range", "routes", "tensor_info", "tensor_ipc"]
 
 
-
 class BadRequest(ValueError):
     """A query parameter is missing or malformed (answered 400, naming it)."""
 
@@ -63,12 +62,13 @@ def dtype_name(dt: np.dtype) -> str:
     return dt.name
 
 
-def tensor_ipc(arr: np.ndarray, *, step: int, dims: list[str] | None = None) -> bytes:
-    """One tensor as an Arrow IPC stream: ``values`` (and ``imag`` for complex), row-major."""
+def tensor_ipc(arr: np.ndarray, *, step: int) -> bytes:
+    """One tensor as an Arrow IPC stream: ``values`` (and ``imag`` for complex), row-major.
+    ``dims`` is ``null``: the storage format records no dimension names."""
     values, imag = wire_values(arr)
     columns = {"values": values} if imag is None else {"values": values, "imag": imag}
     meta = {"shape": json.dumps(list(arr.shape)), "dtype": dtype_name(arr.dtype),
-            "step": str(step), "dims": json.dumps(dims)}
+            "step": str(step), "dims": "null"}
     table = pa.table(columns).replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
