@@ -71,6 +71,7 @@ def per_step(step: int) -> dict[str, Any]:
     data["step/x"] = np.full((2, 3), float(step), np.float32)
     data["step/scale"] = np.array([[-1.0, 1.0]], np.float32) * (step + 1)
     data[XSS] = np.zeros(3, np.float32)
+    data["odd/empty"] = np.zeros((0, 5), np.float32)
     return data
 
 
@@ -261,7 +262,7 @@ def show(page: Any, key: str) -> None:
     page.locator("#tensor-list .gx-tensor-item").filter(has_text=key).first.wait_for()
     page.locator(f"#tensor-list .gx-tensor-item[data-key={json.dumps(key)}] button").click()
     page.wait_for_function("(key) => document.getElementById('panel-at-step').dataset.key === key", arg=key)
-    page.wait_for_selector("#panel-at-step canvas, #panel-at-step .gx-scalar")
+    page.wait_for_selector("#panel-at-step canvas, #panel-at-step .gx-empty")
 
 
 def hover(page: Any, canvas: Any, row: int, col: int, rows: int, cols: int) -> tuple[list[int], str]:
@@ -455,6 +456,13 @@ def test_3d_mode_renders_and_reads_back(page: Any, mode: str) -> None:
     assert after != before
     page.screenshot(path=str(SHOTS / f"explorer-tensor-3d-{mode}.png"), full_page=True)
     page.select_option("#panel-at-step .gx-mode", "heatmap")
+
+
+def test_empty_tensor(page: Any) -> None:
+    page.fill(".gx-tensor-search", "")
+    page.locator("#tensor-list .gx-tensor-item[data-key='odd/empty'] button").click()
+    page.wait_for_selector("#panel-at-step .gx-empty")
+    assert page.text_content("#panel-at-step .gx-empty") == "no elements (shape [0, 5])"
 
 
 def test_list_search_chips_and_xss_key_as_text(page: Any) -> None:

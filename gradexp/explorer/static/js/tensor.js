@@ -377,8 +377,7 @@ function mountPanel(root) {
   const is3d = () => mode.value === 'surface' || mode.value === 'bars';
 
   function setModes(ndim) {
-    const opts = ndim === 0 ? [['value', 'value']]
-      : ndim === 1 ? [['line', 'line'], ['bar', 'bar']]
+    const opts = ndim === 1 ? [['line', 'line'], ['bar', 'bar']]
       : [['heatmap', 'heatmap'], ['surface', '3-D surface'], ['bars', '3-D bars']];
     if ([...mode.options].map((o) => o.value).join() === opts.map((o) => o[0]).join()) return;
     mode.replaceChildren(...opts.map(([v, text]) => el('option', { value: v, text })));
@@ -591,9 +590,8 @@ function mountPanel(root) {
     }
     const amp = amplitude();
     renderLegend(amp, n >= 2);
-    if (n === 0) {
-      figure.replaceChildren(el('div', { class: 'gx-scalar', text: valueText(t, 0) }));
-      point([]);
+    if (t.values.length === 0) {
+      figure.replaceChildren(el('p', { class: 'gx-empty', text: `no elements (shape [${t.shape.join(', ')}])` }));
     } else if (n === 1) drawLine(amp);
     else if (is3d()) await draw3d(amp);
     else drawHeatmaps(amp);
