@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .._arrow import from_numpy
 from .._values import is_ml_dtype
 from .responses import ARROW_STREAM, HEADERS, RUN_API, api, json_response
 
@@ -41,20 +42,21 @@ def wire_values(arr: np.ndarray) -> tuple[pa.Array, pa.Array | None]:
 
     float16 and the ml_dtypes floats (bfloat16, float8_*) widen to float32, which holds each
     of their values exactly; bool goes as uint8 0/1; complex as two float columns (real,
-    imaginary); every other dtype goes as is, in native byte order.
+    imaginary); every other dtype goes as is, in native byte order. (Arrow arrays over the
+    buffers: ``pa.array`` would import pandas, a second on a server's first tensor.)
     """
     flat = np.ascontiguousarray(arr).reshape(-1)
     dt = flat.dtype
     if is_ml_dtype(dt) or (dt.kind == "f" and dt.itemsize < 4):
-        return pa.array(flat.astype(np.float32)), None
+        return from_numpy(flat.astype(np.float32)), None
     if dt.kind == "b":
-        return pa.array(flat.view(np.uint8)), None
+        return from_numpy(flat.view(np.uint8)), None
     if dt.kind == "c":
         part = np.float32 if dt.itemsize <= 8 else np.float64
-        return pa.array(flat.real.astype(part)), pa.array(flat.imag.astype(part))
+        return from_numpy(flat.real.astype(part)), from_numpy(flat.imag.astype(part))
     if not dt.isnative:
         flat = flat.astype(dt.newbyteorder("="))
-    return pa.array(flat), None
+    return from_numpy(flat), None
 
 
 def dtype_name(dt: np.dtype) -> str:
