@@ -38,6 +38,11 @@ PACKAGES = {
         "files": {"dist/uPlot.esm.js": "uplot/uPlot.esm.js", "dist/uPlot.min.css": "uplot/uPlot.min.css",
                   "LICENSE": "uplot/LICENSE"},
     },
+    "three": {  # the tensor view's 3-D mode (tensor3d.js); three.module.js imports ./three.core.js
+        "version": "0.187.0",
+        "files": {"build/three.module.js": "three/three.module.js", "build/three.core.js": "three/three.core.js",
+                  "LICENSE": "three/LICENSE"},
+    },
     "apache-arrow": {
         "version": "21.2.0",
         "files": {"LICENSE.txt": "apache-arrow/LICENSE.txt", "NOTICE.txt": "apache-arrow/NOTICE.txt"},

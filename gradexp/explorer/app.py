@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gradexp.explorer import history
+from gradexp.explorer import history, tensors
 from gradexp.explorer.catalog import run_info
 from gradexp.explorer.context import AccessDenied, Explorer, Viewer
 from gradexp.explorer.responses import HEADERS, RUN_API, ApiError, api, arrow_response, json_response
@@ -63,6 +63,7 @@ def explorer_routes(explorer: Explorer) -> list[BaseRoute]:
         Route("/api/runs/{entity}/{project}", api(x.runs)),
         Route(run, api(x.run), methods=["GET", "PATCH"]),
         Route(run + "/history", api(x.history)),
+        *tensors.routes(explorer),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return [
