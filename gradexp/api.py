@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,11 +236,16 @@ class StoredRun:
                     return arrays[int(hits[-1])]
         raise KeyError(f"tensor {key!r} of run {self.id} has no step {step}")
 
-    def tensors(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
-        """``(step, array)`` for every logged step of ``key``, in step order."""
+    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, array)`` for the given steps of ``key`` (default: every logged step), in
+        step order (``KeyError`` naming a step that was not logged)."""
         where = self._rows(key)
+        wanted = sorted(where) if steps is None else sorted(set(steps))
+        for step in wanted:
+            if step not in where:
+                raise KeyError(f"tensor {key!r} of run {self.id} has no step {step}")
         cache: tuple[_format.FrameInfo | None, Any] = (None, None)
-        for step in sorted(where):
+        for step in wanted:
             path, info = where[step]
             if cache[0] is not info:
                 cache = (info, _arrow.tensor_rows(_format.read_frame(path, info)))
