@@ -185,3 +185,22 @@ def test_layer_stats_equal_numpy():
     assert all(math.isnan(layer_stat(col, s)[-1]) for s in ("l2", "maxabs", "nonfinite"))
     with pytest.raises(ValueError, match="stat"):
         layer_stat(col, "mean")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, ml_dtypes.bfloat16])
+def test_float64_edges_between_narrow_values(dtype):
+    """Edges a hair off a float32 value: counted as float64 compares, not as rounded edges."""
+    x = np.array([1.0, 1.0, 2.0, 3.0], dtype)
+    for edges, want in (([0.5, 1 + 1e-12, 3.0], [2, 2]), ([0.5, 1 - 1e-12, 3.0], [0, 4]),
+                        ([0.5, 2.0, 3 - 1e-12], [2, 1]), ([-1e300, 1.0, 1e300], [0, 4])):
+        h = step_histogram(x, np.array(edges))
+        assert h.counts.tolist() == want
+        assert h.counts.tolist() == np.histogram(x.astype(np.float64), edges)[0].tolist()
+
+
+@pytest.mark.parametrize("v", [np.finfo(np.float64).max, 5e-324, -np.finfo(np.float64).max])
+def test_symlog_edges_at_float64_extremes(v):
+    x = np.array([v, 0.0, -v / 2])
+    edges = make_edges(float(x.min()), float(x.max()), bins=16, scale="symlog")
+    assert np.isfinite(edges).all() and edges[0] == x.min() and edges[-1] == x.max()
+    _check(x, edges)

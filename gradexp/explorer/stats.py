@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ def values(arr: np.ndarray) -> np.ndarray:
 def default_linthresh(lo: float | None, hi: float | None) -> float:
     """The symlog axis's linear threshold for finite values spanning ``[lo, hi]``."""
     top = max(abs(lo or 0.0), abs(hi or 0.0))
-    return top / 10.0 ** SYMLOG_DECADES if top > 0 else 1.0
+    return max(top / 10.0 ** SYMLOG_DECADES, sys.float_info.min) if top > 0 else 1.0
 
 
 def make_edges(lo: float | None, hi: float | None, *, bins: int, scale: str = "linear",
@@ -97,7 +98,8 @@ def make_edges(lo: float | None, hi: float | None, *, bins: int, scale: str = "l
         if not math.isfinite(thi - tlo):
             raise ValueError(f"linthresh {c} is too small for values from {lo} to {hi}")
         t = np.linspace(tlo, thi, bins + 1)
-        edges = np.sign(t) * c * np.expm1(np.abs(t))
+        with np.errstate(over="ignore"):  # an end edge may round past float64's max: clipped below
+            edges = np.sign(t) * c * np.expm1(np.abs(t))
     edges[0], edges[-1] = lo, hi
     np.clip(edges, lo, hi, out=edges)
     return np.maximum.accumulate(edges)
@@ -140,10 +142,11 @@ def step_histogram(arr: np.ndarray, edges: np.ndarray) -> StepHistogram:
     """Histogram, strips and quantiles of one tensor: one sort, then binary searches."""
     s = np.sort(values(arr))
     n = s.size
+    dt = s.dtype.type
     if s.dtype.kind == "f":
-        first_nan = int(np.searchsorted(s, np.nan, side="left"))  # NaN sorts last
-        neginf = int(np.searchsorted(s, -np.inf, side="right"))
-        inf_at = int(np.searchsorted(s[:first_nan], np.inf, side="left"))
+        first_nan = int(np.searchsorted(s, dt(np.nan), side="left"))  # NaN sorts last
+        neginf = int(np.searchsorted(s, dt(-np.inf), side="right"))
+        inf_at = int(np.searchsorted(s[:first_nan], dt(np.inf), side="left"))
         nan, posinf = n - first_nan, first_nan - inf_at
         finite = s[neginf:inf_at]
     else:
@@ -151,13 +154,27 @@ def step_histogram(arr: np.ndarray, edges: np.ndarray) -> StepHistogram:
         finite = s
     # np.histogram's own counting for explicit edges (numpy/lib/_histograms_impl.py):
     # [e_i, e_i+1) for every bin but the last, which also holds its right edge.
-    cum = np.concatenate((np.searchsorted(finite, edges[:-1], side="left"),
-                          np.searchsorted(finite, edges[-1:], side="right")))
+    cum = np.concatenate((np.searchsorted(finite, _probe(edges[:-1], s.dtype, "left"), side="left"),
+                          np.searchsorted(finite, _probe(edges[-1:], s.dtype, "right"), side="right")))
     counts = np.diff(cum).astype(np.int64)
-    zero = int(np.searchsorted(finite, 0, side="right") - np.searchsorted(finite, 0, side="left"))
+    zero = int(np.searchsorted(finite, dt(0), side="right") - np.searchsorted(finite, dt(0), side="left"))
     return StepHistogram(counts=counts, nan=nan, posinf=posinf, neginf=neginf, zero=zero,
                          outside=int(finite.size - (cum[-1] - cum[0])),
                          quantiles=quantiles_of_sorted(finite, QUANTILES))
+
+
+def _probe(v: np.ndarray, dtype: np.dtype, side: str) -> np.ndarray:
+    """float64 search values as ``dtype`` values that ``searchsorted`` answers alike for
+    ``side`` on an array of that dtype: float64 ones would make it convert the whole array
+    (~5 ms a million elements). ``x < v`` iff ``x < ceil(v)`` and ``x <= v`` iff
+    ``x <= floor(v)``, rounding ``v`` to ``dtype`` up or down."""
+    if dtype == v.dtype:
+        return v
+    with np.errstate(over="ignore"):
+        w = v.astype(dtype)
+    off = w < v if side == "left" else w > v
+    w[off] = np.nextafter(w[off], np.asarray(np.inf if side == "left" else -np.inf, dtype))
+    return w
 
 
 def quantiles_of_sorted(s: np.ndarray, q: Sequence[float]) -> np.ndarray:
