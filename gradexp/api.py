@@ -188,6 +188,11 @@ class StoredRun:
             tables.append(pa.Table.from_batches([batch]))
         return select_keys(combine_history(tables), keys, self.id)
 
+    def last_step(self) -> int | None:
+        """The highest step in the history, from the part indexes (nothing is decompressed)."""
+        return max((info.step_max for _, info in _format.iter_frames(self._parts(HISTORY), _format.KIND_HISTORY)),
+                   default=None)
+
     def keys(self) -> list[str]:
         """Every logged key: scalars (history columns) and tensors."""
         names = dict.fromkeys(n for n in self.history().column_names if n not in _BASE_COLUMNS)

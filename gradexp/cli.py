@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 _DIR_OPTION = click.option("--dir", "base_dir", type=click.Path(file_okay=False, path_type=Path),
                            default=None, help="Folder of runs (default: $GRADEXP_DIR or ./gradexp-runs).")
 
-SERVER_MODULES = frozenset({"starlette", "uvicorn", "httptools", "uvloop", "sqlalchemy", "psycopg", "pymysql"})
+SERVER_MODULES = frozenset({"starlette", "uvicorn", "httptools", "uvloop", "sqlalchemy", "psycopg", "pymysql",
+                            "jinja2"})
 """Top-level modules of the ``[server]`` extra (pyproject.toml)."""
 
 SERVER_EXTRA = ("install the [server] extra: from a clone of gradexp, pip install -e '.[server]'; "
@@ -389,6 +390,42 @@ def revoke_key(paths: Paths, key_id: int) -> None:
     from .server import cli as server_cli
 
     server_cli.revoke_key(paths, key_id)
+
+
+@main.command()
+@_DIR_OPTION
+@click.option("--port", default=0, show_default="a free port", type=click.IntRange(0, 65535))
+@click.option("--host", "bind", default="127.0.0.1", show_default=True,
+              help="Address to bind (loopback: only this machine's browsers can connect).")
+@click.option("--token", default=None, envvar="GRADEXP_UI_TOKEN",
+              help="The token the URL carries (default: a new random one; also GRADEXP_UI_TOKEN).")
+def ui(base_dir: Path | None, port: int, bind: str, token: str | None) -> None:
+    """Browse local runs in the explorer (read-only): charts, tensors, distributions.
+
+    Serves the run folders under --dir (default $GRADEXP_DIR or ./gradexp-runs), running,
+    finished or crashed, with no server and no account. Prints a URL with a one-time token:
+    opening it signs this browser in; a request without it gets 403. Needs the [server] extra.
+    """
+    import socket
+
+    import uvicorn
+
+    from ._settings import resolve
+    from .explorer.ui import create_ui_app, new_token
+
+    folder = resolve({"dir": base_dir}).dir.absolute()
+    token = token or new_token()
+    sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind, port))
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {bind}:{port}: {e.strerror}") from None
+    host = f"[{bind}]" if ":" in bind else bind
+    click.echo(f"gradexp ui: runs under {folder}", err=True)
+    click.echo(f"Open http://{host}:{sock.getsockname()[1]}/?token={token}", err=True)
+    config = uvicorn.Config(create_ui_app(folder, token=token), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 @main.command()

@@ -20,10 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
-import numpy as np
 import sqlalchemy as sa
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -31,12 +30,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import _arrow, _format
-from .._errors import CorruptPartError
+from .._errors import CorruptPartError, RunNotFoundError
 from .._version import __version__
 from . import db, history, web
 from .openapi import (
@@ -44,6 +43,7 @@ from .openapi import (
     FinishBody,
     HistoryQuery,
     PartPath,
+    RowsQuery,
     RunPatch,
     RunPath,
     RunPut,
@@ -52,6 +52,7 @@ from .openapi import (
     TensorPath,
     openapi,
 )
+from .reader import FrameRef, ServerRun, rows_ipc
 from .store import Store
 
 JSON_BODY_MAX = 8 << 20
@@ -64,6 +65,7 @@ _SPOOL_BATCH = 4 << 20
 them: large enough that handing off costs little, small enough that the loop never holds
 more than a few of them."""
 _CHECK_CHUNK = 1 << 20
+T = TypeVar("T")
 
 
 class ExactJSONResponse(JSONResponse):
@@ -127,6 +129,14 @@ class Server:
         if pk is None or pid is None:
             raise HTTPError(404, f"no run {viewer.entity}/{project}/{run_id}")
         return pk, pid
+
+    def open_run(self, viewer: db.Viewer, project: str, run_id: str) -> ServerRun:
+        """The viewer's run, to read (in a worker thread); 404 if there is none."""
+        try:
+            return ServerRun(self.engine, self.store, entity_id=viewer.entity_id, entity=viewer.entity,
+                             project=project, run_id=run_id)
+        except RunNotFoundError as e:
+            raise HTTPError(404, str(e)) from None
 
     async def body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -203,11 +213,8 @@ class Server:
         project, run_id = self.address(request, v)
 
         def work() -> dict[str, Any]:
-            pk, _ = self.run_pk(v, project, run_id)
-            with self.engine.connect() as conn:
-                row = db.run_row(conn, pk)
-                row["parts"] = db.part_counts(conn, pk)
-            return row
+            run = self.open_run(v, project, run_id)
+            return {**run.meta, "parts": run.part_counts()}
         return ExactJSONResponse(await run_in_threadpool(work))
 
     async def patch_run(self, request: Request) -> Response:
@@ -336,16 +343,11 @@ class Server:
         fmt, keys = q.format, q.keys
 
         def work() -> Any:
-            pk, pid = self.run_pk(v, project, run_id)
-            table = history.read(self.engine, self.store, pk, address=(v.entity_id, pid, run_id))
-            if keys:
-                from ..api import select_keys
-
-                try:
-                    table = select_keys(table, keys.split(","), run_id)
-                except KeyError as e:
-                    raise HTTPError(404, str(e.args[0])) from None
-            return table
+            run = self.open_run(v, project, run_id)
+            try:
+                return run.history(keys.split(",") if keys else None)
+            except KeyError as e:
+                raise HTTPError(404, str(e.args[0])) from None
 
         table = await run_in_threadpool(work)
         if fmt == "arrow":
@@ -362,9 +364,7 @@ class Server:
         project, run_id = self.address(request, v)
 
         def work() -> list[str]:
-            pk, _ = self.run_pk(v, project, run_id)
-            with self.engine.connect() as conn:
-                return db.tensor_keys(conn, pk)
+            return self.open_run(v, project, run_id).tensor_keys()
         return JSONResponse({"keys": await run_in_threadpool(work)})
 
     async def tensor_steps(self, request: Request) -> Response:
@@ -376,29 +376,8 @@ class Server:
         key = TensorPath.model_validate(request.path_params).key
 
         def work() -> list[int]:
-            pk, _ = self.run_pk(v, project, run_id)
-            with self.engine.connect() as conn:
-                rows = db.tensor_frames(conn, pk, key)
-            if not rows:
-                raise HTTPError(404, f"no tensor {key!r} in run {run_id}")
-            steps: set[int] = set()
-            for r in rows:
-                if r["rows"] == 1:
-                    steps.add(r["step_min"])
-                else:
-                    got, _ = self._decode(r)
-                    steps.update(got.tolist())
-            return sorted(steps)
+            return _found(self.open_run(v, project, run_id).steps, key)
         return JSONResponse({"steps": await run_in_threadpool(work)})
-
-    def _decode(self, row: dict[str, Any]) -> tuple[np.ndarray, bytes]:
-        frame = self.store.get_range(row["object_key"], row["offset"], row["length"])
-        info = _format.parse_header(frame, 0, len(frame))
-        if info is None:
-            raise HTTPError(500, "stored frame is truncated")
-        raw = _format.decode_payload(info, memoryview(frame)[info.header_len:], row["object_key"])
-        steps, _ = _arrow.tensor_rows(raw)
-        return steps, frame
 
     async def get_tensor(self, request: Request) -> Response:
         """The frame holding tensor ``key`` at ``step``: header and payload, as in the part."""
@@ -408,17 +387,33 @@ class Server:
         step = StepQuery.model_validate(request.query_params).step
 
         def work() -> bytes:
-            pk, _ = self.run_pk(v, project, run_id)
-            with self.engine.connect() as conn:
-                rows = db.tensor_frames(conn, pk, key, step)
-            for r in rows:  # last write first
-                if r["rows"] == 1:
-                    return self.store.get_range(r["object_key"], r["offset"], r["length"])
-                steps, frame = self._decode(r)
-                if (steps == step).any():
-                    return frame
-            raise HTTPError(404, f"tensor {key!r} of run {run_id} has no step {step}")
+            return _found(self.open_run(v, project, run_id).frame, key, step)
         return Response(await run_in_threadpool(work), media_type=FRAME)
+
+    async def tensor_rows(self, request: Request) -> Response:
+        """Many steps of a tensor in one answer: an Arrow IPC stream of the stored frames
+        holding them (``reader.ROWS_SCHEMA``), streamed as they are read, one range read each."""
+        if "step" in request.query_params:  # GET .../tensors/<a key ending in "/rows">?step=N
+            request.path_params["key"] += "/rows"
+            return await self.get_tensor(request)
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        key = TensorPath.model_validate(request.path_params).key
+        steps = RowsQuery.model_validate({"steps": request.query_params.getlist("steps")}).steps
+
+        def work() -> tuple[ServerRun, list[tuple[list[int], FrameRef]]]:
+            run = self.open_run(v, project, run_id)
+            return run, _found(run.plan, key, steps or None)  # every check before the answer starts
+        run, plan = await run_in_threadpool(work)
+        return StreamingResponse(rows_ipc(run.read_plan(plan)), media_type=ARROW_STREAM)
+
+
+def _found(read: Callable[..., T], *args: Any) -> T:
+    """``read(*args)``, a KeyError (no such key or step) answered with 404."""
+    try:
+        return read(*args)
+    except KeyError as e:
+        raise HTTPError(404, str(e.args[0])) from None
 
 
 def _check_part(path: Path, size: int, label: str) -> _format.PartScan:
@@ -573,6 +568,7 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
         Route(run + "/history", _handler(s.get_history)),
         Route(run + "/tensors", _handler(s.list_tensor_keys)),
         Route(run + "/tensors/{key:path}/steps", _handler(s.tensor_steps)),
+        Route(run + "/tensors/{key:path}/rows", _handler(s.tensor_rows)),
         Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
     ]
     routes += web.routes(s.engine)

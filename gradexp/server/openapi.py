@@ -22,6 +22,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Entity, project and run ids: safe in URLs, object keys and file names."""
 RUN_NAME_MAX = 256
+ROWS_STEPS_MAX = 1000
+"""Steps one request for the rows of a tensor may name: its request line stays within what
+servers and proxies accept (nginx: 8 KiB by default; clients ask for fewer steps at a time)."""
 
 Text = Annotated[str, Field(pattern=r"^[^\x00]*$")]
 """A string stored in a column: any Unicode but NUL (PostgreSQL refuses it in text)."""
@@ -136,8 +139,14 @@ class StepQuery(_Params):
     step: Step
 
 
+class RowsQuery(_Params):
+    location = "query parameter"
+    steps: list[Step] = Field(default_factory=list, max_length=ROWS_STEPS_MAX,
+                              description="steps to read (repeat the parameter); every logged step if absent")
+
+
 MODELS: tuple[type[_Model], ...] = (RunPatch, RunPut, FinishBody, RunPath, PartPath, TensorPath, RunsQuery,
-                                    HistoryQuery, StepQuery)
+                                    HistoryQuery, StepQuery, RowsQuery)
 
 
 # -- responses (documented, not validated at run time) ------------------------------------------
@@ -324,6 +333,13 @@ def openapi() -> dict[str, Any]:
             run + "/tensors/{key}/steps": {"get": _op("Steps at which a tensor was logged",
                                                       params=at_run + _params(TensorPath, "path"),
                                                       ok=_json(TensorSteps))},
+            run + "/tensors/{key}/rows": {"get": _op(
+                "Many steps of a tensor in one answer, in step order: an Arrow IPC stream with one row "
+                "per stored frame, columns 'steps' (list<int64>: the steps asked for that the frame holds) "
+                "and 'frame' (large_binary: the frame as in the part, docs/format.md), in record batches "
+                "of about 8 MiB. 404 naming the first step asked for that was not logged",
+                params=at_run + _params(TensorPath, "path") + _params(RowsQuery, "query"),
+                ok={"description": "frames", "content": {"application/vnd.apache.arrow.stream": {}}})},
             run + "/tensors/{key}": {"get": _op(
                 "The frame (docs/format.md) holding a tensor at a step: one range read of its part",
                 params=at_run + _params(TensorPath, "path") + _params(StepQuery, "query"),

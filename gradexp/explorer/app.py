@@ -1,0 +1,284 @@
+"""The explorer's routes: pages, their JSON/Arrow data under ``/_x/api``, static files under
+``/_x/static``. One set for ``gradexp server`` and ``gradexp ui``; the host passes an
+:class:`~gradexp.explorer.context.Explorer` that knows its catalog and how to authenticate.
+
+Pages are Jinja2 templates (autoescaped) filled in by ES modules; every response forbids
+inline script and any other host (``CONTENT_SECURITY_POLICY``). Columns travel as Arrow IPC
+streams, gzip-compressed by HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pyarrow as pa
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import _arrow
+from ..read.reader import RunReader
+from . import history
+from .catalog import run_info
+from .context import AccessDenied, Explorer, Viewer
+
+__all__ = ["ARROW_STREAM", "CONTENT_SECURITY_POLICY", "ApiError", "arrow_response", "explorer_routes",
+           "json_response"]
+
+HERE = Path(__file__).parent
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                           "connect-src 'self'; font-src 'self'; worker-src 'self' blob:; base-uri 'none'; "
+                           "form-action 'self'; frame-ancestors 'none'")
+HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_PAGE_HEADERS = {**HEADERS, "Cache-Control": "no-store"}
+_RESERVED = {"_x", "api", "login", "logout", "keys", "account", "authorize", "healthz", "favicon.ico"}
+"""First path segments that are never an entity: the host's own routes answer them."""
+VIEW_MODULES = ("tensor.js", "distribution.js", "flow.js")
+"""The run page's tensor views (their own modules): each is loaded where it is installed."""
+_MAX_BUCKETS = 20_000
+_MAX_PATCH = 64 << 10
+
+_templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                                undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+class ApiError(Exception):
+    """Ends an API request with a JSON ``{"error": message}`` and ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with non-finite floats as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
+    (JSON has no token for them; a loss that went NaN must still show)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {str(k): finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def json_response(content: Any, status: int = 200) -> JSONResponse:
+    """JSON for the pages: non-finite floats as strings (see :func:`finite_json`)."""
+    return JSONResponse(finite_json(content), status_code=status, headers={**HEADERS, "Cache-Control": "no-store"})
+
+
+def arrow_response(table: pa.Table) -> Response:
+    return Response(_arrow.table_ipc(table).to_pybytes(), media_type=ARROW_STREAM,
+                    headers={**HEADERS, "Cache-Control": "no-store"})
+
+
+def render(request: Request, template: str, *, status: int = 200, **context: Any) -> HTMLResponse:
+    html = _templates.get_template(template).render(request=request, **context)
+    return HTMLResponse(html, status_code=status, headers=_PAGE_HEADERS)
+
+
+def api(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """An API endpoint: errors as JSON with their status (a run the viewer may not see is a
+    404, exactly as one that does not exist)."""
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except AccessDenied as e:
+            return json_response({"error": e.message}, e.status)
+        except ApiError as e:
+            return json_response({"error": e.message}, e.status)
+        except LookupError as e:
+            return json_response({"error": str(e.args[0]) if e.args else "not found"}, 404)
+        except PermissionError as e:
+            return json_response({"error": str(e)}, 403)
+        except ValueError as e:
+            return json_response({"error": str(e)}, 400)
+    return wrapped
+
+
+def explorer_routes(explorer: Explorer) -> list[BaseRoute]:
+    """Every explorer route, to append AFTER the host's own routes (the page routes match any
+    ``/<entity>/<project>[/<run>]``)."""
+    x = _Handlers(explorer)
+    run = "/api/runs/{entity}/{project}/{run_id}"
+    data: list[BaseRoute] = [
+        Route("/api/projects", api(x.projects)),
+        Route("/api/runs/{entity}/{project}", api(x.runs)),
+        Route(run, api(x.run), methods=["GET", "PATCH"]),
+        Route(run + "/history", api(x.history)),
+        Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    return [
+        Mount("/_x", routes=data, middleware=[Middleware(GZipMiddleware, minimum_size=2048)]),
+        Route("/", x.page(x.projects_page)),
+        Route("/{entity}/{project}", x.page(x.runs_page)),
+        Route("/{entity}/{project}/{run_id}", x.page(x.run_page)),
+    ]
+
+
+class _Handlers:
+    def __init__(self, explorer: Explorer) -> None:
+        self.x = explorer
+
+    # -- pages ---------------------------------------------------------------------------------
+
+    def page(self, fn: Callable[[Request, Viewer], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            if request.path_params.get("entity") in _RESERVED:
+                raise HTTPException(404)
+            try:
+                viewer = await self.x.viewer(request)
+            except AccessDenied as e:
+                if e.sign_in:
+                    return RedirectResponse(e.sign_in, status_code=303, headers=_PAGE_HEADERS)
+                return render(request, "error.html", status=e.status, message=e.message, **self.common(None))
+            try:
+                return await fn(request, viewer)
+            except LookupError as e:
+                return render(request, "error.html", status=404, message=str(e.args[0]) if e.args else "not found",
+                              **self.common(viewer))
+        return wrapped
+
+    def common(self, viewer: Viewer | None) -> dict[str, Any]:
+        return {"title": self.x.title, "viewer": viewer, "nav": self.x.nav, "read_only": self.x.catalog.read_only}
+
+    async def projects_page(self, request: Request, viewer: Viewer) -> Response:
+        return render(request, "projects.html", **self.common(viewer))
+
+    async def runs_page(self, request: Request, viewer: Viewer) -> Response:
+        e, p = request.path_params["entity"], request.path_params["project"]
+        await self.x.in_worker(self.x.catalog.runs, viewer, e, p)  # 404 before drawing a page
+        return render(request, "runs.html", entity=e, project=p, **self.common(viewer))
+
+    async def run_page(self, request: Request, viewer: Viewer) -> Response:
+        e, p, r = (request.path_params[k] for k in ("entity", "project", "run_id"))
+        reader = await self.x.in_worker(self.x.catalog.open, viewer, e, p, r)
+        modules = [m for m in VIEW_MODULES if (HERE / "static" / "js" / m).is_file()]
+        return render(request, "run.html", entity=e, project=p, run=r, run_name=reader.name or r,
+                      view_modules=modules, **self.common(viewer))
+
+    # -- data ----------------------------------------------------------------------------------
+
+    async def projects(self, request: Request) -> Response:
+        viewer = await self.x.viewer(request)
+        found = await self.x.in_worker(self.x.catalog.projects, viewer)
+        return json_response({"projects": [p.to_json() for p in found]})
+
+    async def runs(self, request: Request) -> Response:
+        """Rows of the runs table; config and summary values may be ``"NaN"``/``"Infinity"``."""
+        viewer = await self.x.viewer(request)
+        e, p = request.path_params["entity"], request.path_params["project"]
+        found = await self.x.in_worker(self.x.catalog.runs, viewer, e, p)
+        return json_response({"runs": [r.to_json() for r in found], "read_only": self.x.catalog.read_only})
+
+    async def _reader(self, request: Request) -> RunReader:
+        e, p, r = (request.path_params[k] for k in ("entity", "project", "run_id"))
+        return await self.x.run(request, e, p, r)
+
+    async def run(self, request: Request) -> Response:
+        """The run: metadata, config, summary (numbers may be ``"NaN"``/``"Infinity"``), status,
+        chartable history keys, tensor keys, count of damaged byte ranges. PATCH sets name,
+        notes and tags (a browser session must echo its CSRF token in ``X-CSRF-Token``)."""
+        if request.method == "PATCH":
+            return await self.patch(request)
+        reader = await self._reader(request)
+        e = request.path_params["entity"]
+
+        def work() -> dict[str, Any]:
+            table = history_table(self.x, e, reader)
+            info = run_info(reader, entity=e).to_json()
+            steps = table.column("step")
+            info.update(meta=reader.meta, history_keys=history.chart_keys(table),
+                        tensor_keys=reader.tensor_keys(), damage=len(reader.damage),
+                        last_step=int(steps[-1].as_py()) if len(steps) else None, read_only=self.x.catalog.read_only)
+            return info
+        return json_response(await self.x.in_worker(work))
+
+    async def patch(self, request: Request) -> Response:
+        viewer = await self.x.viewer(request)
+        if viewer.csrf is not None and request.headers.get("x-csrf-token") != viewer.csrf:
+            raise ApiError(403, "missing or wrong X-CSRF-Token header (reload the page)")
+        raw = await request.body()
+        if len(raw) > _MAX_PATCH:
+            raise ApiError(413, f"body over {_MAX_PATCH} bytes")
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise ApiError(400, "body is not JSON") from None
+        if not isinstance(body, dict) or set(body) - {"name", "notes", "tags"}:
+            raise ApiError(400, "send a JSON object with only name, notes and tags")
+        name, notes, tags = body.get("name"), body.get("notes"), body.get("tags")
+        if name is not None and (not isinstance(name, str) or len(name) > 256):
+            raise ApiError(400, "name must be a string of at most 256 characters")
+        if notes is not None and (not isinstance(notes, str) or len(notes) > 16_000):
+            raise ApiError(400, "notes must be a string of at most 16000 characters")
+        if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 64
+                                                                          for t in tags)):
+            raise ApiError(400, "tags must be a list of strings of 1 to 64 characters")
+        e, p, r = (request.path_params[k] for k in ("entity", "project", "run_id"))
+
+        def work() -> None:
+            self.x.catalog.update(viewer, e, p, r, name=name, notes=notes, tags=tags)
+        await self.x.in_worker(work)
+        return json_response({"ok": True})
+
+    async def history(self, request: Request) -> Response:
+        """``?keys=a,b&x=step|_runtime|_timestamp&buckets=N&lo=&hi=`` -> Arrow: exact rows when at
+        most ``buckets`` fall in ``[lo, hi]``, else per bucket ``<key>`` (last), ``<key>:min``,
+        ``<key>:max`` (see :func:`gradexp.explorer.history.reduce_history`). ``?since=STEP``: the
+        exact rows after STEP. Without ``keys``, every chartable key."""
+        reader = await self._reader(request)
+        q = request.query_params
+        keys = [k for k in q.get("keys", "").split(",") if k] or None
+        x = q.get("x", "step")
+        try:
+            buckets = int(q.get("buckets", "1000"))
+            lo = float(q["lo"]) if q.get("lo") else None
+            hi = float(q["hi"]) if q.get("hi") else None
+            after = int(q["since"]) if q.get("since") else None
+        except ValueError:
+            raise ApiError(400, "buckets and since must be integers, lo and hi numbers") from None
+        if not 1 <= buckets <= _MAX_BUCKETS:
+            raise ApiError(400, f"buckets must be 1 to {_MAX_BUCKETS}; got {buckets}")
+        e = request.path_params["entity"]
+
+        def work() -> pa.Table:
+            table = history_table(self.x, e, reader)
+            chosen = keys if keys is not None else history.chart_keys(table)
+            try:
+                if after is not None:
+                    return history.since(table, chosen, after)
+                return history.reduce_history(table, chosen, x=x, buckets=buckets, lo=lo, hi=hi)
+            except KeyError as exc:
+                raise LookupError(exc.args[0]) from None
+        return arrow_response(await self.x.in_worker(work))
+
+
+def history_table(explorer: Explorer, entity: str, reader: RunReader) -> pa.Table:
+    """The run's whole history; kept in the explorer's cache once the run has ended (a live
+    run's history is read anew: its reader reads only what changed where it can)."""
+    key = ("history", entity, reader.project, reader.id)
+    cached = explorer.cache.get(key)
+    if cached is not None:
+        return cached
+    done = reader.status != "running"
+    table = reader.history()
+    if done:
+        explorer.cache.put(key, table, table.nbytes)
+    return table

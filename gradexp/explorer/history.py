@@ -1,0 +1,105 @@
+"""Scalar history for charts: exact rows when they fit the chart, else min, max and last
+value per pixel bucket. Never a sample: a one-step spike stays in its bucket's max.
+
+Everything here is vectorised NumPy over whole columns, and runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import _arrow
+
+__all__ = ["X_AXES", "chart_keys", "reduce_history", "since"]
+
+X_AXES = ("step", "_runtime", "_timestamp")
+_BASE = set(X_AXES)
+
+
+def chart_keys(table: pa.Table) -> list[str]:
+    """History columns a line chart can draw: numbers and booleans (not tensor summaries)."""
+    return [f.name for f in table.schema if f.name not in _BASE
+            and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type))]
+
+
+def as_float(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A numeric column as float64, nulls as NaN (a copy only where the type needs one)."""
+    if col.type != pa.float64():
+        col = pc.cast(col, pa.float64())
+    if col.null_count:
+        col = pc.fill_null(col, np.nan)
+    return _arrow.to_numpy(col)
+
+
+def _select(table: pa.Table, keys: Sequence[str]) -> pa.Table:
+    missing = [k for k in keys if k not in table.column_names]
+    if missing:
+        raise KeyError(f"no history key {missing[0]!r}; chartable keys: {', '.join(chart_keys(table)) or '(none)'}")
+    return table.select(list(X_AXES) + [k for k in dict.fromkeys(keys) if k not in _BASE])
+
+
+def since(table: pa.Table, keys: Sequence[str], step: int) -> pa.Table:
+    """Exact rows after ``step``: the live tail a chart appends."""
+    table = _select(table, keys)
+    steps = _arrow.to_numpy(table.column("step"))
+    first = int(np.searchsorted(steps, step, side="right"))  # history is in step order
+    return table.slice(first)
+
+
+def reduce_history(table: pa.Table, keys: Sequence[str], *, x: str = "step", buckets: int = 1000,
+                   lo: float | None = None, hi: float | None = None) -> pa.Table:
+    """The rows of ``table`` whose ``x`` lies in ``[lo, hi]``, for a chart ``buckets`` pixels wide.
+
+    At most ``buckets`` rows: returned exactly (all columns, their own types). More: the range
+    is cut into ``buckets`` equal intervals of ``x`` and each non-empty one gives one row, with
+    ``x`` and the other axes of its last row, ``<key>`` the last value logged in it, and
+    ``<key>:min`` / ``<key>:max`` the extremes of its values (float64; NaN where the bucket has
+    none of that key). Schema metadata ``reduced`` says which (``"0"`` / ``"1"``).
+    """
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {', '.join(X_AXES)}; got {x!r}")
+    if buckets < 1:
+        raise ValueError(f"buckets must be at least 1; got {buckets}")
+    table = _select(table, keys)
+    xs = as_float(table.column(x))
+    order = None
+    if xs.size > 1 and not bool(np.all(xs[1:] >= xs[:-1])):  # time can step back (a resumed run)
+        order = np.argsort(xs, kind="stable")
+        xs = xs[order]
+    first = 0 if lo is None else int(np.searchsorted(xs, lo, side="left"))
+    end = xs.size if hi is None else int(np.searchsorted(xs, hi, side="right"))
+    rows = np.arange(first, end) if order is None else order[first:end]
+    if end - first <= buckets:
+        exact = table.take(pa.array(rows)) if order is not None else table.slice(first, end - first)
+        return exact.replace_schema_metadata({"reduced": "0"})
+    xin = xs[first:end]
+    span_lo = float(xin[0]) if lo is None else float(lo)
+    span_hi = float(xin[-1]) if hi is None else float(hi)
+    width = (span_hi - span_lo) / buckets or 1.0
+    bucket = np.minimum(((xin - span_lo) / width).astype(np.int64), buckets - 1)
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    lasts = np.r_[starts[1:], bucket.size] - 1
+    pick = rows[lasts]
+    arrays: list[pa.Array] = [table.column(a).take(pa.array(pick)) for a in X_AXES]
+    names = list(X_AXES)
+    index = np.arange(bucket.size)
+    for key in table.column_names[len(X_AXES):]:
+        v = as_float(table.column(key))
+        v = v[first:end] if order is None else v[rows]
+        valid = ~np.isnan(v)
+        counts = np.add.reduceat(valid, starts)
+        with np.errstate(invalid="ignore"):
+            vmin = np.minimum.reduceat(np.where(valid, v, np.inf), starts)
+            vmax = np.maximum.reduceat(np.where(valid, v, -np.inf), starts)
+        last_at = np.maximum.reduceat(np.where(valid, index, -1), starts)
+        empty = counts == 0
+        vmin[empty] = np.nan
+        vmax[empty] = np.nan
+        last = np.where(last_at >= 0, v[np.maximum(last_at, 0)], np.nan)
+        arrays += [_arrow.from_numpy(last), _arrow.from_numpy(vmin), _arrow.from_numpy(vmax)]
+        names += [key, f"{key}:min", f"{key}:max"]
+    return pa.table(arrays, names=names).replace_schema_metadata({"reduced": "1"})
