@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import _arrow
 from ..read.reader import RunReader
-from . import history
+from . import distributions, history
 from .catalog import run_info
 from .context import AccessDenied, Explorer, Viewer
 
@@ -122,6 +122,7 @@ def explorer_routes(explorer: Explorer) -> list[BaseRoute]:
         Route("/api/runs/{entity}/{project}", api(x.runs)),
         Route(run, api(x.run), methods=["GET", "PATCH"]),
         Route(run + "/history", api(x.history)),
+        *distributions.routes(explorer),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return [
