@@ -84,6 +84,16 @@ def _open_tensor(page, base: str, run_id: str) -> None:
     page.wait_for_selector("canvas.gx-dist-heatmap[data-drawn]")
 
 
+HEAT_SIZE = "() => { const c = document.querySelector('canvas.gx-dist-heatmap'); return [c.width, c.height]; }"
+COLOURED = """() => { const c = document.querySelector('canvas.gx-dist-heatmap');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+    for (let i = 0; i < d.length; i += 4) if (d[i] !== 246 || d[i + 1] !== 246) n++; return n; }"""
+BIN_ROWS = """() => Array.from(document.querySelectorAll('.gx-hist-counts tbody tr:not([data-strip])'),
+    r => Array.from(r.cells, c => Number(c.textContent)))"""
+STRIP_ROWS = """() => Object.fromEntries(Array.from(document.querySelectorAll('.gx-hist-counts tr[data-strip]'),
+    r => [r.dataset.strip, Number(r.cells[1].textContent)]))"""
+
+
 def test_distribution_heatmap_and_step_histogram(page, ui):
     url, ids, logged = ui
     base = url.split("/?")[0]
@@ -91,43 +101,37 @@ def test_distribution_heatmap_and_step_histogram(page, ui):
     _open_tensor(page, base, ids[0])
     heat = page.locator("canvas.gx-dist-heatmap")
     assert heat.get_attribute("data-drawn") == str(STEPS)
-    size = page.evaluate("() => { const c = document.querySelector('canvas.gx-dist-heatmap'); return [c.width, c.height]; }")
-    assert size == [STEPS, 64]
-    # the canvas is not blank: some pixels differ from the empty colour
-    coloured = page.evaluate("""() => { const c = document.querySelector('canvas.gx-dist-heatmap');
-        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
-        for (let i = 0; i < d.length; i += 4) if (d[i] !== 246 || d[i + 1] !== 246) n++; return n; }""")
-    assert coloured > STEPS
+    assert page.evaluate(HEAT_SIZE) == [STEPS, 64]
+    assert page.evaluate(COLOURED) > STEPS  # not blank
     page.screenshot(path=str(SHOTS / "explorer-dist-1-heatmap.png"), full_page=True)
-    # click the column of step 13 (an off-centre step with zeros, no NaN)
-    for step in (13, 18):
-        box = heat.bounding_box()
-        assert box is not None
-        heat.click(position={"x": (step + 0.5) / STEPS * box["width"], "y": box["height"] / 2})
-        page.wait_for_selector(f"canvas.gx-hist-bars[data-step='{step}']")
-        rows = page.evaluate("""() => Array.from(document.querySelectorAll('.gx-hist-counts tbody tr:not([data-strip])'),
-                                r => Array.from(r.cells, c => Number(c.textContent)))""")
-        edges = [rows[0][0]] + [r[1] for r in rows]
-        assert [r[0] for r in rows[1:]] == edges[1:-1]
-        counts = [r[2] for r in rows]
-        strips = page.evaluate("""() => Object.fromEntries(Array.from(document.querySelectorAll('.gx-hist-counts tr[data-strip]'),
-                                  r => [r.dataset.strip, Number(r.cells[1].textContent)]))""")
-        a = logged[step]
-        f = a[np.isfinite(a)]
-        assert counts == np.histogram(f, np.array(edges))[0].tolist()
-        assert sum(counts) == f.size
-        assert strips == {"nan": int(np.isnan(a).sum()), "posinf": int(np.isposinf(a).sum()),
-                          "neginf": int(np.isneginf(a).sum()), "zero": int((a == 0).sum())}
-        # the edges are the distribution's own: the global finite min and max over every step
-        finite_all = np.concatenate([x[np.isfinite(x)] for x in logged.values()])
-        assert edges[0] == float(finite_all.min()) and edges[-1] == float(finite_all.max())
-    page.locator(".gx-hist-counts").evaluate("t => t.closest('details').open = true")
-    heat.hover(position={"x": 3, "y": 100})
-    assert re.match(r"step \d+ · \[.*\) · count \d+", page.locator("#panel-distribution .gx-readout").first.inner_text())
-    page.screenshot(path=str(SHOTS / "explorer-dist-2-step-histogram.png"), full_page=True)
-    # symmetric log axis: drawn again on new edges
-    page.select_option("#panel-distribution select[aria-label='value axis']", "symlog")
-    page.wait_for_function("() => document.querySelector('#panel-distribution [role=status]').textContent.includes('every element')")
+    finite_all = np.concatenate([x[np.isfinite(x)] for x in logged.values()])
+    for scale in ("linear", "symlog"):
+        page.select_option("#panel-distribution select[aria-label='value axis']", scale)
+        page.wait_for_selector(f"canvas.gx-dist-heatmap[data-scale={scale}]")
+        for step in (13, 18):  # a click on the column of the step shows its histogram
+            box = heat.bounding_box()
+            assert box is not None
+            heat.click(position={"x": (step + 0.5) / STEPS * box["width"], "y": box["height"] / 2})
+            page.wait_for_selector(f"canvas.gx-hist-bars[data-step='{step}']")
+            rows = page.evaluate(BIN_ROWS)
+            edges = [rows[0][0]] + [r[1] for r in rows]
+            assert [r[0] for r in rows[1:]] == edges[1:-1]
+            counts = [r[2] for r in rows]
+            a = logged[step]
+            f = a[np.isfinite(a)]
+            assert counts == np.histogram(f, np.array(edges))[0].tolist()
+            assert sum(counts) == f.size
+            assert page.evaluate(STRIP_ROWS) == {
+                "nan": int(np.isnan(a).sum()), "posinf": int(np.isposinf(a).sum()),
+                "neginf": int(np.isneginf(a).sum()), "zero": int((a == 0).sum())}
+            # the edges are the distribution's own: from the finite min to the finite max of all steps
+            assert edges[0] == float(finite_all.min()) and edges[-1] == float(finite_all.max())
+        if scale == "linear":
+            page.locator(".gx-hist-counts").evaluate("t => t.closest('details').open = true")
+            heat.hover(position={"x": 3, "y": 100})
+            readout = page.locator("#panel-distribution .gx-readout").first.inner_text()
+            assert re.match(r"step \d+ · \[.*\) · count \d+", readout)
+            page.screenshot(path=str(SHOTS / "explorer-dist-2-step-histogram.png"), full_page=True)
     page.screenshot(path=str(SHOTS / "explorer-dist-3-symlog.png"), full_page=True)
 
 
@@ -181,5 +185,54 @@ def test_flow_heatmap_opens_the_clicked_tensor(page, ui):
     page.goto(f"{base}/local/proj/{ids[0]}#flow")
     page.wait_for_selector("canvas.gx-flow-heatmap[data-drawn]")
     page.select_option("#panel-layers select[aria-label='statistic']", "nonfinite")
-    page.wait_for_function("() => document.querySelector('#panel-layers .gx-legend span').textContent.startsWith('0 …')")
+    page.wait_for_function("() => document.querySelector('#panel-layers .gx-legend span')"
+                           ".textContent.startsWith('0 …')")
     page.screenshot(path=str(SHOTS / "explorer-flow-2-nonfinite.png"), full_page=True)
+
+
+def test_more_steps_than_pixel_columns(chromium, tmp_path):
+    """5,000 steps: 4,096 columns, each a run of consecutive steps summed (none dropped)."""
+    with gradexp.init("long", dir=tmp_path) as run:
+        for step in range(5000):
+            run.log({"grad/w": np.arange(8, dtype=np.float32) * (step % 10)}, step=step)
+    proc = subprocess.Popen([sys.executable, "-m", "gradexp", "ui", "--dir", str(tmp_path)], env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        m = wait_for(lambda: re.search(r"(http://127\.0\.0\.1:\d+/\?token=\S+)", "".join(out)),
+                     "gradexp ui to print its URL", proc=proc)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(m.group(1))
+        base = m.group(1).split("/?")[0]
+        page.goto(f"{base}/local/long/{run.id}#tensors")
+        page.wait_for_function("() => document.body.dataset.run !== undefined")
+        page.evaluate("k => document.dispatchEvent(new CustomEvent('gx:tensor', {detail: {key: k}}))", "grad/w")
+        page.wait_for_selector("canvas.gx-dist-heatmap[data-drawn]")
+        assert page.evaluate("() => document.querySelector('canvas.gx-dist-heatmap').width") == 4096
+        heat = page.locator("canvas.gx-dist-heatmap")
+        box = heat.bounding_box()
+        assert box is not None
+        summed = 0
+        for x in np.linspace(1, box["width"] - 1, 40):
+            heat.hover(position={"x": float(x), "y": box["height"] - 1})
+            readout = page.locator("#panel-distribution .gx-readout").first.inner_text()
+            m = re.fullmatch(r"(?:step (\d+)|steps (\d+)–(\d+) \(summed\)) · \[0, \S+\) · count (\d+)", readout)
+            assert m, readout
+            first, last = (int(m[1]), int(m[1])) if m[1] else (int(m[2]), int(m[3]))
+            assert last - first <= 1
+            summed += last > first
+            # the lowest bin holds each step's zeros: all 8 elements at steps 0, 10, ..., else one
+            assert int(m[4]) == sum(8 if s % 10 == 0 else 1 for s in range(first, last + 1))
+        assert summed  # some columns are two steps (5,000 over 4,096 columns)
+        page.goto(f"{base}/local/long/{run.id}#flow")
+        page.wait_for_selector("canvas.gx-flow-heatmap[data-drawn]")
+        assert page.evaluate("() => document.querySelector('canvas.gx-flow-heatmap').width") == 4096
+        assert not errors, errors
+    finally:
+        context.close()
+        proc.terminate()
+        proc.wait(10)

@@ -79,3 +79,16 @@ export function numbers(vector) {
   const a = vector.toArray();
   return a instanceof BigInt64Array || a instanceof BigUint64Array ? Array.from(a, Number) : Array.from(a);
 }
+
+const MAX_COLUMNS = 4096;
+/** Pixel columns for n steps: one per step up to 4,096 (a canvas has at most 32,767), else
+ * runs of consecutive steps that the views sum (counts) or take the maximum of (statistics),
+ * never sample. start[c] is the first step index of column c; col[i] the column of step i. */
+export function columns(n) {
+  const cols = Math.max(1, Math.min(n, MAX_COLUMNS));
+  const start = new Int32Array(cols + 1);
+  const col = new Int32Array(n);
+  for (let c = 0; c <= cols; c++) start[c] = Math.floor((c * n) / cols);
+  for (let c = 0; c < cols; c++) col.fill(c, start[c], start[c + 1]);
+  return { cols, start, col };
+}

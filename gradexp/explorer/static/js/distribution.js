@@ -6,7 +6,7 @@
 import uPlot from "/_x/static/vendor/uplot/uPlot.esm.js";
 import { api, arrow, el, onStep, onTensor, runContext, seg, setStep, showError } from "./common.js";
 import {
-  EMPTY, MISSING, alarm, cellAt, compact, diverging, drawLegend, ensureCss, exact, numbers, sequential,
+  EMPTY, MISSING, alarm, cellAt, columns, compact, diverging, drawLegend, ensureCss, exact, numbers, sequential,
 } from "./colormap.js";
 
 ensureCss();
@@ -64,7 +64,7 @@ function build() {
     c.addEventListener("mouseleave", () => { ui.readout.textContent = ""; });
     c.addEventListener("click", (e) => {
       const cell = cellAt(c, e);
-      if (cell && state.d) setStep(state.key, state.d.steps[cell.x]);
+      if (cell && state.d) setStep(state.key, state.d.steps[state.d.start[cell.x]]);
     });
   }
   ui.bars.addEventListener("mousemove", hoverBars);
@@ -101,8 +101,9 @@ function parse(t) {
   const q = {};
   for (const name of QUANTS) q[name] = Array.from(t.getChild(name).toArray());
   return { steps, n, edges, bins, counts, strips, q, scale: t.schema.metadata.get("scale"),
-           linthresh: JSON.parse(t.schema.metadata.get("linthresh") || "null") };
+           linthresh: JSON.parse(t.schema.metadata.get("linthresh") || "null"), ...columns(n) };
 }
+
 
 function draw() {
   const d = state.d;
@@ -114,21 +115,40 @@ function draw() {
   ui.axis.replaceChildren(el("span", {}, `step ${d.steps[0] ?? ""}`), el("span", {}, `step ${d.steps[d.n - 1] ?? ""}`));
   drawQuantiles(d);
   showStep();
+  ui.heat.dataset.scale = d.scale;
   ui.heat.dataset.drawn = String(d.n);
 }
 
+/** Counts per (column, bin): a column's steps summed. */
+function columnCounts(d) {
+  if (d.cols === d.n) return d.counts;
+  const out = new Float64Array(d.cols * d.bins);
+  for (let i = 0; i < d.n; i++) {
+    const o = d.col[i] * d.bins;
+    for (let b = 0; b < d.bins; b++) out[o + b] += d.counts[i * d.bins + b];
+  }
+  return out;
+}
+
+function columnSums(d, v) {
+  const out = new Float64Array(d.cols);
+  for (let i = 0; i < d.n; i++) out[d.col[i]] += v[i];
+  return out;
+}
+
 function drawHeat(d) {
-  const w = Math.max(1, d.n), h = d.bins;
+  const w = d.cols, h = d.bins;
+  d.colCounts = columnCounts(d);
   ui.heat.width = w;
   ui.heat.height = h;
   const g = ui.heat.getContext("2d");
   const img = g.createImageData(w, h);
   let max = 0;
-  for (let i = 0; i < d.counts.length; i++) if (d.counts[i] > max) max = d.counts[i];
+  for (let i = 0; i < d.colCounts.length; i++) if (d.colCounts[i] > max) max = d.colCounts[i];
   const lmax = Math.log1p(max) || 1;
-  for (let s = 0; s < d.n; s++) {
+  for (let s = 0; s < w; s++) {
     for (let b = 0; b < h; b++) {
-      const c = d.counts[s * h + b];
+      const c = d.colCounts[s * h + b];
       const rgb = c > 0 ? sequential(Math.log1p(c) / lmax) : EMPTY;
       img.data.set([rgb[0], rgb[1], rgb[2], 255], ((h - 1 - b) * w + s) * 4);
     }
@@ -137,15 +157,18 @@ function drawHeat(d) {
 }
 
 function drawStrips(d) {
-  const w = Math.max(1, d.n);
+  const w = d.cols;
   ui.strips.width = w;
   ui.strips.height = STRIPS.length;
   const g = ui.strips.getContext("2d");
   const img = g.createImageData(w, STRIPS.length);
+  d.colStrips = {};
   STRIPS.forEach(([name], r) => {
-    const v = d.strips[name];
-    const lmax = Math.log1p(Math.max(0, ...v)) || 1;
-    for (let s = 0; s < d.n; s++) {
+    const v = d.colStrips[name] = columnSums(d, d.strips[name]);
+    let max = 0;
+    for (const x of v) if (x > max) max = x;
+    const lmax = Math.log1p(max) || 1;
+    for (let s = 0; s < w; s++) {
       const rgb = v[s] > 0 ? (name === "zero" ? sequential(0.15 + 0.85 * Math.log1p(v[s]) / lmax)
                                               : alarm(Math.log1p(v[s]) / lmax)) : EMPTY;
       img.data.set([rgb[0], rgb[1], rgb[2], 255], (r * w + s) * 4);
@@ -158,15 +181,16 @@ function hover(canvas, e) {
   const d = state.d;
   const cell = d && cellAt(canvas, e);
   if (!cell) return;
-  const step = d.steps[cell.x];
+  const first = d.start[cell.x], last = d.start[cell.x + 1] - 1;
+  const where = first === last ? `step ${d.steps[first]}` : `steps ${d.steps[first]}–${d.steps[last]} (summed)`;
   if (canvas === ui.strips) {
     const [name, label] = STRIPS[cell.y];
-    ui.readout.textContent = `step ${step} · ${label}: ${d.strips[name][cell.x]}`;
+    ui.readout.textContent = `${where} · ${label}: ${d.colStrips[name][cell.x]}`;
     return;
   }
   const b = d.bins - 1 - cell.y;
   const close = b === d.bins - 1 ? "]" : ")";
-  ui.readout.textContent = `step ${step} · [${exact(d.edges[b])}, ${exact(d.edges[b + 1])}${close} · count ${d.counts[cell.x * d.bins + b]}`;
+  ui.readout.textContent = `${where} · [${exact(d.edges[b])}, ${exact(d.edges[b + 1])}${close} · count ${d.colCounts[cell.x * d.bins + b]}`;
 }
 
 let plot = null;
@@ -224,7 +248,7 @@ function showStep() {
   if (!d || !d.n) return;
   const i = stepIndex(d);
   ui.marker.hidden = false;
-  ui.marker.style.left = `${((i + 0.5) / d.n) * 100}%`;
+  ui.marker.style.left = `${((d.col[i] + 0.5) / d.cols) * 100}%`;
   if (plot) plot.redraw(false, false);
   drawBars(d, i);
 }
@@ -239,7 +263,7 @@ function drawBars(d, i) {
   ui.bars.height = h * 2;
   const g = ui.bars.getContext("2d");
   g.clearRect(0, 0, ui.bars.width, ui.bars.height);
-  const max = Math.max(1, ...counts);
+  const max = counts.reduce((m, c) => Math.max(m, c), 1);
   const bw = (ui.bars.width * 0.86) / d.bins;
   g.fillStyle = "#4c6ef5";
   counts.forEach((c, b) => {

@@ -3,7 +3,9 @@
 // tensor keys in logging order, columns the steps. A click opens that tensor at that step in
 // the Tensors tab (selectTensor + setStep).
 import { api, arrow, el, runContext, selectTensor, setStep, showError } from "./common.js";
-import { EMPTY, MISSING, alarm, cellAt, compact, drawLegend, ensureCss, exact, numbers, sequential } from "./colormap.js";
+import {
+  EMPTY, MISSING, alarm, cellAt, columns, compact, drawLegend, ensureCss, exact, numbers, sequential,
+} from "./colormap.js";
 
 ensureCss();
 const ctx = runContext();
@@ -80,8 +82,9 @@ async function load(quiet = false) {
   if (ticket !== state.ticket) return;
   const steps = numbers(t.getChild("step"));
   const keys = t.schema.fields.map((f) => f.name).filter((n) => n !== "step");
-  const cols = keys.map((k) => Array.from(t.getChild(k).toArray()));
-  state.data = { steps, keys, cols };
+  const values = keys.map((k) => Array.from(t.getChild(k).toArray()));
+  state.data = { steps, keys, ...columns(steps.length) };
+  state.data.shown = values.map((v) => columnMax(state.data, v));
   ui.status.textContent = `${keys.length} tensors × ${steps.length} steps`;
   draw();
 }
@@ -97,12 +100,23 @@ function colourOf(stat, lo, hi) {
   return (v) => (v > 0 ? sequential(b > a ? (Math.log10(v) - a) / (b - a) : 1) : sequential(0));
 }
 
+/** A row's value per pixel column: the step's, or the largest of the column's steps (NaN if none). */
+function columnMax(d, v) {
+  if (d.cols === v.length) return v;
+  const out = new Float64Array(d.cols).fill(NaN);
+  for (let i = 0; i < v.length; i++) {
+    const c = d.col[i];
+    if (!Number.isNaN(v[i]) && !(out[c] >= v[i])) out[c] = v[i];
+  }
+  return out;
+}
+
 function draw() {
-  const { steps, keys, cols } = state.data;
-  const w = Math.max(1, steps.length), h = Math.max(1, keys.length);
+  const { steps, keys, shown } = state.data;
+  const w = state.data.cols, h = Math.max(1, keys.length);
   let lo = Infinity, hi = -Infinity;
-  for (const c of cols) {
-    for (const v of c) {
+  for (const row of shown) {
+    for (const v of row) {
       if (!Number.isFinite(v)) continue;
       if (v > 0 && v < lo) lo = v;
       if (v > hi) hi = v;
@@ -116,9 +130,9 @@ function draw() {
   ui.keys.style.gridTemplateRows = `repeat(${h}, 1fr)`;
   const g = ui.heat.getContext("2d");
   const img = g.createImageData(w, h);
-  cols.forEach((c, r) => {
-    for (let s = 0; s < steps.length; s++) {
-      const v = c[s];
+  shown.forEach((row, r) => {
+    for (let s = 0; s < w; s++) {
+      const v = row[s];
       const rgb = Number.isNaN(v) ? MISSING : colour(v);
       img.data.set([rgb[0], rgb[1], rgb[2], 255], (r * w + s) * 4);
     }
@@ -137,15 +151,17 @@ function hover(e) {
   const cell = d && cellAt(ui.heat, e);
   if (!cell) return;
   const label = STATS.find(([v]) => v === state.stat)[1];
-  const v = d.cols[cell.y][cell.x];
-  ui.readout.textContent = `${d.keys[cell.y]} · step ${d.steps[cell.x]} · ${label} ${Number.isNaN(v) ? "— (not logged or no finite value)" : exact(v)}`;
+  const v = d.shown[cell.y][cell.x];
+  const first = d.start[cell.x], last = d.start[cell.x + 1] - 1;
+  const where = first === last ? `step ${d.steps[first]}` : `steps ${d.steps[first]}–${d.steps[last]} (max)`;
+  ui.readout.textContent = `${d.keys[cell.y]} · ${where} · ${label} ${Number.isNaN(v) ? "— (not logged or no finite value)" : exact(v)}`;
 }
 
 function click(e) {
   const d = state.data;
   const cell = d && cellAt(ui.heat, e);
   if (!cell) return;
-  const key = d.keys[cell.y], step = d.steps[cell.x];
+  const key = d.keys[cell.y], step = d.steps[d.start[cell.x]];
   location.hash = "#tensors";
   selectTensor(key);
   setStep(key, step);
