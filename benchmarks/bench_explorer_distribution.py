@@ -14,7 +14,9 @@ scaled differently so the per-step ranges differ), then measures:
 
 Targets (issue #11): first draw <= 30 s cold, <= 1 s cached. ``--steps 200`` for a quick run
 (the cold figure then scales with the steps: the work is per step). The run is deleted
-afterwards unless ``--keep``.
+afterwards unless ``--keep``; ``--reuse RUN_DIR`` measures a kept run again. The CPU seconds
+of the computation are reported beside its wall time: on a machine other processes load, they
+tell what the same work takes on idle cores.
 """
 
 from __future__ import annotations
@@ -73,10 +75,12 @@ def compute(run_dir: Path, *, single: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"workers": WORKERS}
     for workers in sorted({WORKERS, 1} if single else {WORKERS}, reverse=True):
         evict(run_dir)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         dist = build_distribution(gradexp.Api().run(run_dir), KEY, bins=64, workers=workers)
         out[f"cold_s_{workers}"] = time.perf_counter() - t
-        C.log(f"compute cold, {workers} thread(s): {out[f'cold_s_{workers}']:.2f} s")
+        out[f"cpu_s_{workers}"] = time.process_time() - cpu  # all threads: what a loaded machine hides
+        C.log(f"compute cold, {workers} thread(s): {out[f'cold_s_{workers}']:.2f} s, "
+              f"{out[f'cpu_s_{workers}']:.1f} CPU s")
     out["steps"] = int(dist.steps.size)
     r = gradexp.Api().run(run_dir)
     sample = r.steps(KEY)[:: max(1, dist.steps.size // 20)][:20]
@@ -144,13 +148,22 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, help="where to write the run (default: a temporary folder)")
     ap.add_argument("--browser", action="store_true", help="also time the page in headless Chromium")
     ap.add_argument("--keep", action="store_true", help="keep the run folder")
+    ap.add_argument("--reuse", type=Path, metavar="RUN_DIR", help="measure a run written before (with --keep)")
     ap.add_argument("--single", action="store_true", help="also time the computation on one thread")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     args = ap.parse_args()
     import tempfile
 
-    root = Path(args.dir or tempfile.mkdtemp(prefix="gxbench-dist-"))
-    run_dir = write_run(root, args.steps)
+    if args.reuse:
+        run_dir = args.reuse.absolute()
+        root = run_dir.parent.parent
+        args.keep = True
+        import gradexp
+
+        args.steps = len(gradexp.Api().run(run_dir).steps(KEY))
+    else:
+        root = Path(args.dir or tempfile.mkdtemp(prefix="gxbench-dist-"))
+        run_dir = write_run(root, args.steps)
     try:
         res: dict[str, Any] = {"steps": args.steps, "raw_gb": args.steps * ELEMENTS * 4 / 1e9,
                                "disk_gb": C.dir_bytes(run_dir / "parts") / 1e9, "cpus": os.cpu_count()}
@@ -166,9 +179,11 @@ def main() -> None:
     lines = [f"### Explorer distribution view: 1M float32 x {res['steps']:,} steps "
              f"({res['raw_gb']:.1f} GB raw, {res['disk_gb']:.1f} GB on disk), {res['cpus']} CPUs", "",
              "| measure | time |", "| --- | --- |",
-             f"| compute, page cache evicted, {w} threads | {C.fmt(res[f'cold_s_{w}'])} s |"]
+             f"| compute, page cache evicted, {w} threads | {C.fmt(res[f'cold_s_{w}'])} s "
+             f"({C.fmt(res[f'cpu_s_{w}'])} CPU s) |"]
     if "cold_s_1" in res and w != 1:
-        lines.append(f"| compute, page cache evicted, 1 thread | {C.fmt(res['cold_s_1'])} s |")
+        lines.append(f"| compute, page cache evicted, 1 thread | {C.fmt(res['cold_s_1'])} s "
+                     f"({C.fmt(res['cpu_s_1'])} CPU s) |")
     lines += [f"| per step: read + decode (median of 20) | {C.fmt(res['read_ms'])} ms |",
               f"| per step: sort + histogram + quantiles (median of 20) | {C.fmt(res['histogram_ms'])} ms |"]
     if "browser" in res:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 import requests
 import uvicorn
+import zstandard
 from starlette.applications import Starlette
 
 import gradexp
@@ -131,6 +132,14 @@ def test_distribution_and_histogram_equal_numpy(server, tmp_path):
             assert h.status_code == 200, h.text
             assert h.json()["edges"] == edges.tolist() and h.json()["counts"] == counts.tolist()
             assert h.json()["nan"] == np.isnan(a).sum()
+    # zstd for a client that takes it (gzip at level 9 is seconds for a big distribution), else as is
+    plain = requests.get(f"{api}/distribution", params={"key": "grad/fc1/w"}, headers={"Accept-Encoding": "gzip"})
+    assert plain.headers["content-encoding"] == "identity"
+    packed = requests.get(f"{api}/distribution", params={"key": "grad/fc1/w"}, headers={"Accept-Encoding": "zstd"},
+                          stream=True)
+    assert packed.headers["content-encoding"] == "zstd"
+    raw = zstandard.ZstdDecompressor().stream_reader(packed.raw).read()
+    assert pa.ipc.open_stream(raw).read_all().equals(_table(plain))
     for params, status in (({"key": "grad/fc1/w", "bins": "x"}, 400), ({"key": "grad/fc1/w", "scale": "log"}, 400),
                            ({"key": "grad/fc1/w", "bins": 0}, 400), ({}, 400), ({"key": "nope"}, 404)):
         r = requests.get(f"{api}/distribution", params=params)

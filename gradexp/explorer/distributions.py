@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import zstandard
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .. import _arrow
 from .._arrow import from_numpy, summaries_array
 from .._summary import summarize
 from .stats import (
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_BINS", "WORKERS", "build_distribution", "first_differing_step", "layers_table",
            "routes"]
 
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
 MAX_BINS = 4096
 WORKERS = min(4, os.cpu_count() or 1)
 """Threads that decode and sort steps at once for one distribution."""
@@ -239,7 +242,17 @@ _RUN = "/api/runs/{entity}/{project}/{run_id}"
 def routes(explorer: Explorer) -> list[BaseRoute]:
     """``distribution``, ``histogram``, ``diff`` and ``layers`` under ``/api/runs/{e}/{p}/{run}/``
     and ``/api/compare``, relative to the explorer's ``/_x`` mount."""
-    from .app import ApiError, api, arrow_response, finite_json, history_table, json_response  # (app imports us)
+    from .app import HEADERS, ApiError, api, finite_json, history_table, json_response  # (app imports us)
+
+    def arrow_response(request: Request, table: pa.Table) -> Response:
+        """Arrow IPC, zstd-compressed when the client takes it, else as is: the mount's gzip
+        (level 9) took 7 s for the 1.3 MB of a 2,000-step distribution here, zstd 5 ms."""
+        body = _arrow.table_ipc(table).to_pybytes()
+        encoding = "identity"  # keeps the GZip middleware away
+        if "zstd" in request.headers.get("accept-encoding", ""):
+            body, encoding = zstandard.ZstdCompressor(level=3).compress(body), "zstd"
+        return Response(body, media_type=ARROW_STREAM, headers={
+            **HEADERS, "Cache-Control": "no-store", "Content-Encoding": encoding, "Vary": "Accept-Encoding"})
 
     async def reader(request: Request) -> tuple[RunReader, tuple[str, str, str]]:
         ref = (request.path_params["entity"], request.path_params["project"], request.path_params["run_id"])
@@ -271,7 +284,7 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
         key = _key(request)
         run, ref = await reader(request)
         dist = await explorer.in_worker(distribution_of, request, run, ref, key)
-        return arrow_response(dist.to_arrow())
+        return arrow_response(request, dist.to_arrow())
 
     async def histogram(request: Request) -> Response:
         """``?key=K&step=S&bins=&scale=&linthresh=`` -> JSON ``{step, edges, counts, nan, posinf,
@@ -303,7 +316,7 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
             meta = {"shape": json.dumps(list(x.shape)), "a": str(a), "b": str(b),
                     "stats": json.dumps(finite_json(stats))}
             return pa.table({"values": from_numpy(d)}).replace_schema_metadata(meta)
-        return arrow_response(await explorer.in_worker(work))
+        return arrow_response(request, await explorer.in_worker(work))
 
     async def compare(request: Request) -> Response:
         """``?key=K&step=S&a=e/p/run&b=e/p/run`` -> JSON ``{bit_equal, differing, max_abs, cosine,
@@ -342,7 +355,7 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
 
         def work() -> pa.Table:
             return layers_table(run, prefix, stat, history=history_table(explorer, ref[0], run))
-        return arrow_response(await explorer.in_worker(work))
+        return arrow_response(request, await explorer.in_worker(work))
 
     return [Route(_RUN + "/distribution", api(distribution)),
             Route(_RUN + "/histogram", api(histogram)),

@@ -349,6 +349,7 @@ function followStep() {
 
 let diffData = null;
 async function diff() {
+  if (!state.key) return;
   const q = new URLSearchParams({ key: state.key, a: cmp.a.value, b: cmp.b.value });
   const t = await arrow(`${ctx.apiBase}/diff?${q}`);
   const meta = t.schema.metadata;
@@ -414,6 +415,7 @@ function hoverDiff(e) {
 
 async function compareRuns() {
   const other = cmp.run.value;
+  if (!state.d || !state.d.n || !other) return;
   const step = state.d.steps[stepIndex(state.d)];
   const q = new URLSearchParams({ key: state.key, step: String(step), a: `${ctx.entity}/${ctx.project}/${ctx.run}`,
                                   b: `${ctx.entity}/${ctx.project}/${other}` });
