@@ -419,6 +419,7 @@ def ui(base_dir: Path | None, port: int, bind: str, token: str | None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((bind, port))
+        sock.listen(128)  # connections wait in the backlog from now on, while uvicorn starts
     except OSError as e:
         raise click.ClickException(f"cannot listen on {bind}:{port}: {e.strerror}") from None
     host = f"[{bind}]" if ":" in bind else bind

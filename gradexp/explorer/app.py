@@ -10,7 +10,6 @@ streams, gzip-compressed by HTTP.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,30 +20,19 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import _arrow
 from ..read.reader import RunReader
 from . import distributions, history
 from .catalog import run_info
 from .context import AccessDenied, Explorer, Viewer
+from .responses import HEADERS, RUN_API, ApiError, api, arrow_response, json_response
 
-__all__ = ["ARROW_STREAM", "CONTENT_SECURITY_POLICY", "ApiError", "arrow_response", "explorer_routes",
-           "json_response"]
+__all__ = ["explorer_routes", "history_table"]
 
 HERE = Path(__file__).parent
-ARROW_STREAM = "application/vnd.apache.arrow.stream"
-CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                           "connect-src 'self'; font-src 'self'; worker-src 'self' blob:; base-uri 'none'; "
-                           "form-action 'self'; frame-ancestors 'none'")
-HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 _PAGE_HEADERS = {**HEADERS, "Cache-Control": "no-store"}
 _RESERVED = {"_x", "api", "login", "logout", "keys", "account", "authorize", "healthz", "favicon.ico"}
 """First path segments that are never an entity: the host's own routes answer them."""
@@ -57,66 +45,18 @@ _templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates
                                 undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
-class ApiError(Exception):
-    """Ends an API request with a JSON ``{"error": message}`` and ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def finite_json(value: Any) -> Any:
-    """``value`` with non-finite floats as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
-    (JSON has no token for them; a loss that went NaN must still show)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {str(k): finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
-
-
-def json_response(content: Any, status: int = 200) -> JSONResponse:
-    """JSON for the pages: non-finite floats as strings (see :func:`finite_json`)."""
-    return JSONResponse(finite_json(content), status_code=status, headers={**HEADERS, "Cache-Control": "no-store"})
-
-
-def arrow_response(table: pa.Table) -> Response:
-    return Response(_arrow.table_ipc(table).to_pybytes(), media_type=ARROW_STREAM,
-                    headers={**HEADERS, "Cache-Control": "no-store"})
-
-
 def render(request: Request, template: str, *, status: int = 200, **context: Any) -> HTMLResponse:
     html = _templates.get_template(template).render(request=request, **context)
     return HTMLResponse(html, status_code=status, headers=_PAGE_HEADERS)
 
 
-def api(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """An API endpoint: errors as JSON with their status (a run the viewer may not see is a
-    404, exactly as one that does not exist)."""
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except AccessDenied as e:
-            return json_response({"error": e.message}, e.status)
-        except ApiError as e:
-            return json_response({"error": e.message}, e.status)
-        except LookupError as e:
-            return json_response({"error": str(e.args[0]) if e.args else "not found"}, 404)
-        except PermissionError as e:
-            return json_response({"error": str(e)}, 403)
-        except ValueError as e:
-            return json_response({"error": str(e)}, 400)
-    return wrapped
-
-
 def explorer_routes(explorer: Explorer) -> list[BaseRoute]:
     """Every explorer route, to append AFTER the host's own routes (the page routes match any
-    ``/<entity>/<project>[/<run>]``)."""
+    ``/<entity>/<project>[/<run>]``). The data routes, the view modules' among them (their
+    ``routes(explorer)``, paths relative to ``/_x``: see :mod:`.responses`), are mounted at
+    ``/_x`` behind gzip."""
     x = _Handlers(explorer)
-    run = "/api/runs/{entity}/{project}/{run_id}"
+    run = RUN_API
     data: list[BaseRoute] = [
         Route("/api/projects", api(x.projects)),
         Route("/api/runs/{entity}/{project}", api(x.runs)),
@@ -202,7 +142,7 @@ class _Handlers:
         e = request.path_params["entity"]
 
         def work() -> dict[str, Any]:
-            table = history_table(self.x, e, reader)
+            _, table = history_table(self.x, e, reader)
             info = run_info(reader, entity=e).to_json()
             steps = table.column("step")
             info.update(meta=reader.meta, history_keys=history.chart_keys(table),
@@ -260,26 +200,53 @@ class _Handlers:
         e = request.path_params["entity"]
 
         def work() -> pa.Table:
-            table = history_table(self.x, e, reader)
+            stamp, table = history_table(self.x, e, reader)
             chosen = keys if keys is not None else history.chart_keys(table)
             try:
                 if after is not None:
                     return history.since(table, chosen, after)
-                return history.reduce_history(table, chosen, x=x, buckets=buckets, lo=lo, hi=hi)
+                return reduced(self.x, e, reader, stamp, table, chosen, x=x, buckets=buckets, lo=lo, hi=hi)
             except KeyError as exc:
                 raise LookupError(exc.args[0]) from None
         return arrow_response(await self.x.in_worker(work))
 
 
-def history_table(explorer: Explorer, entity: str, reader: RunReader) -> pa.Table:
-    """The run's whole history; kept in the explorer's cache once the run has ended (a live
-    run's history is read anew: its reader reads only what changed where it can)."""
+def history_table(explorer: Explorer, entity: str, reader: RunReader) -> tuple[Any, pa.Table]:
+    """The run's whole history and its stamp, kept in the explorer's cache until the run
+    changes: a live run's chart polls often, and most polls find nothing new (the stamp is the
+    reader's part counts or last step, cheap index reads; see :func:`_stamp`)."""
     key = ("history", entity, reader.project, reader.id)
+    stamp = _stamp(reader)
     cached = explorer.cache.get(key)
-    if cached is not None:
+    if cached is not None and stamp is not None and cached[0] == stamp:
         return cached
-    done = reader.status != "running"
-    table = reader.history()
-    if done:
-        explorer.cache.put(key, table, table.nbytes)
-    return table
+    table = reader.history().combine_chunks()  # one chunk per column: columns read as NumPy without copies
+    if stamp is not None:
+        explorer.cache.put(key, (stamp, table), table.nbytes)
+    return stamp, table
+
+
+def _stamp(reader: RunReader) -> Any:
+    """What changes whenever the run's history may have: its status and, from readers that
+    offer them, its stored part counts (the server's) or its last step (a run folder's).
+    ``None`` for a running run whose reader offers neither (read anew each time)."""
+    status = reader.status
+    for name in ("part_counts", "last_step"):
+        fn = getattr(reader, name, None)
+        if callable(fn):
+            return status, name, fn()
+    return None if status == "running" else (status,)
+
+
+def reduced(explorer: Explorer, entity: str, reader: RunReader, stamp: Any, table: pa.Table, keys: list[str], *,
+            x: str, buckets: int, lo: float | None, hi: float | None) -> pa.Table:
+    """:func:`history.reduce_history`, remembered per history stamp (a page reload or a second
+    viewer of a big run costs a cache lookup)."""
+    key = ("reduced", entity, reader.project, reader.id, tuple(keys), x, buckets, lo, hi)
+    cached = explorer.cache.get(key)
+    if cached is not None and stamp is not None and cached[0] == stamp:
+        return cached[1]
+    out = history.reduce_history(table, keys, x=x, buckets=buckets, lo=lo, hi=hi)
+    if stamp is not None:
+        explorer.cache.put(key, (stamp, out), out.nbytes)
+    return out

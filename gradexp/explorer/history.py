@@ -74,7 +74,7 @@ def reduce_history(table: pa.Table, keys: Sequence[str], *, x: str = "step", buc
     end = xs.size if hi is None else int(np.searchsorted(xs, hi, side="right"))
     rows = np.arange(first, end) if order is None else order[first:end]
     if end - first <= buckets:
-        exact = table.take(pa.array(rows)) if order is not None else table.slice(first, end - first)
+        exact = table.take(_arrow.from_numpy(rows)) if order is not None else table.slice(first, end - first)
         return exact.replace_schema_metadata({"reduced": "0"})
     xin = xs[first:end]
     span_lo = float(xin[0]) if lo is None else float(lo)
@@ -84,22 +84,24 @@ def reduce_history(table: pa.Table, keys: Sequence[str], *, x: str = "step", buc
     starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
     lasts = np.r_[starts[1:], bucket.size] - 1
     pick = rows[lasts]
-    arrays: list[pa.Array] = [table.column(a).take(pa.array(pick)) for a in X_AXES]
+    arrays: list[pa.Array] = [table.column(a).take(_arrow.from_numpy(pick)) for a in X_AXES]
     names = list(X_AXES)
     index = np.arange(bucket.size)
     for key in table.column_names[len(X_AXES):]:
         v = as_float(table.column(key))
         v = v[first:end] if order is None else v[rows]
-        valid = ~np.isnan(v)
-        counts = np.add.reduceat(valid, starts)
-        with np.errstate(invalid="ignore"):
+        missing = np.isnan(v)
+        if not missing.any():  # the common case: a value at every step, no NaN
+            vmin, vmax, last = np.minimum.reduceat(v, starts), np.maximum.reduceat(v, starts), v[lasts]
+        else:
+            valid = ~missing
             vmin = np.minimum.reduceat(np.where(valid, v, np.inf), starts)
             vmax = np.maximum.reduceat(np.where(valid, v, -np.inf), starts)
-        last_at = np.maximum.reduceat(np.where(valid, index, -1), starts)
-        empty = counts == 0
-        vmin[empty] = np.nan
-        vmax[empty] = np.nan
-        last = np.where(last_at >= 0, v[np.maximum(last_at, 0)], np.nan)
+            last_at = np.maximum.reduceat(np.where(valid, index, -1), starts)
+            empty = last_at < 0
+            vmin[empty] = np.nan
+            vmax[empty] = np.nan
+            last = np.where(empty, np.nan, v[np.maximum(last_at, 0)])
         arrays += [_arrow.from_numpy(last), _arrow.from_numpy(vmin), _arrow.from_numpy(vmax)]
         names += [key, f"{key}:min", f"{key}:max"]
     return pa.table(arrays, names=names).replace_schema_metadata({"reduced": "1"})

@@ -20,9 +20,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .app import HEADERS, explorer_routes
+from .app import explorer_routes
 from .catalog import LOCAL_ENTITY, LocalCatalog
 from .context import AccessDenied, Explorer, Viewer
+from .responses import HEADERS
 
 __all__ = ["create_ui_app", "new_token"]
 

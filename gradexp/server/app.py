@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import _arrow, _format
 from .._errors import CorruptPartError, RunNotFoundError
 from .._version import __version__
-from . import db, history, web
+from . import db, explorer_catalog, history, web
 from .openapi import (
     MODELS,
     FinishBody,
@@ -572,7 +572,9 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
         Route(run + "/tensors/{key:path}", _handler(s.get_tensor)),
     ]
     routes += web.routes(s.engine)
-    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)] if access_log else [],
+    # last: the explorer's pages match any /<entity>/<project>[/<run id>]
+    everything = [*routes, *explorer_catalog.routes(s.engine, s.store)]
+    app = Starlette(routes=everything, middleware=[Middleware(AccessLog)] if access_log else [],
                     exception_handlers={ValidationError: _invalid, HTTPException: _unrouted})
     app.state.server = s
     return app

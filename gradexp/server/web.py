@@ -182,10 +182,6 @@ class Web:
 
     # -- sign in and out ---------------------------------------------------------------------------
 
-    async def home(self, request: Request) -> Response:
-        s = await self.session(request)
-        return RedirectResponse("/keys" if s else "/login", status_code=303)
-
     def login_page(self, request: Request, csrf: str, *, next_: str, name: str = "", error: str = "",
                    status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
         why = ""
@@ -522,7 +518,6 @@ def _page_handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
 def routes(engine: Any) -> list[Route]:
     w = Web(engine)
     return [
-        Route("/", _page_handler(w.home)),
         Route("/login", _page_handler(w.get_login), methods=["GET"]),
         Route("/login", _page_handler(w.post_login), methods=["POST"]),
         Route("/login/link", _page_handler(w.get_signin_link), methods=["GET"]),

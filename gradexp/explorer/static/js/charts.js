@@ -9,7 +9,7 @@ import { api, arrow, el, runContext, seg, showError } from "./common.js";
 const ctx = runContext();
 const COLORS = ["#2a5db0", "#d9480f", "#2b8a3e", "#862e9c", "#c2255c", "#1098ad", "#e67700", "#5c940d"];
 const HEIGHT = 200;
-const LIVE_MS = 1000;
+const LIVE_MS = 500;
 
 const params = new URLSearchParams(location.search);
 const compared = (params.get("compare") || "").split(",").filter((r) => r && r !== ctx.run);
@@ -131,6 +131,10 @@ function makePlot(key, chart) {
   };
   if (chart.plot) chart.plot.destroy();
   chart.plot = new uPlot(opts, plotData(key, chart), chart.canvas);
+  // The legend names each run once: its min/max band series have no row of their own.
+  chart.plot.root.querySelectorAll(".u-legend .u-series").forEach((row, i) => {
+    if (i > 0 && (i - 1) % 3 !== 0) row.hidden = true;
+  });
   chart.plot.over.addEventListener("dblclick", () => {
     chart.zoom = null;
     redraw(key);

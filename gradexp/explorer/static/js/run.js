@@ -87,8 +87,8 @@ document.getElementById("edit-save").addEventListener("click", async () => {
     if (ctx.csrf) headers["X-CSRF-Token"] = ctx.csrf;
     await api(ctx.apiBase, { method: "PATCH", headers, body: JSON.stringify(body) });
     editing = false;
-    state.textContent = "saved";
     await refresh();
+    state.textContent = "saved";
   } catch (err) {
     state.textContent = "not saved";
     showError(err);
