@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 from .. import _arrow
 from .._arrow import from_numpy, summaries_array
 from .._summary import summarize
+from .responses import ARROW_STREAM, HEADERS, RUN_API, ApiError, api, finite_json, json_response
 from .stats import (
     LAYER_STATS,
     SCALES,
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 __all__ = ["MAX_BINS", "WORKERS", "build_distribution", "first_differing_step", "layers_table",
            "routes"]
 
-ARROW_STREAM = "application/vnd.apache.arrow.stream"
 MAX_BINS = 4096
 WORKERS = min(4, os.cpu_count() or 1)
 """Threads that decode and sort steps at once for one distribution."""
@@ -236,13 +236,10 @@ def _stat_from_tensors(reader: RunReader, key: str, steps: np.ndarray, stat: str
 
 # -- routes ------------------------------------------------------------------------------------
 
-_RUN = "/api/runs/{entity}/{project}/{run_id}"
-
-
 def routes(explorer: Explorer) -> list[BaseRoute]:
     """``distribution``, ``histogram``, ``diff`` and ``layers`` under ``/api/runs/{e}/{p}/{run}/``
     and ``/api/compare``, relative to the explorer's ``/_x`` mount."""
-    from .app import HEADERS, ApiError, api, finite_json, history_table, json_response  # (app imports us)
+    from .app import history_table  # (app imports this module)
 
     def arrow_response(request: Request, table: pa.Table) -> Response:
         """Arrow IPC, zstd-compressed when the client takes it, else as is: the mount's gzip
@@ -354,13 +351,14 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
         run, ref = await reader(request)
 
         def work() -> pa.Table:
-            return layers_table(run, prefix, stat, history=history_table(explorer, ref[0], run))
+            _, table = history_table(explorer, ref[0], run)
+            return layers_table(run, prefix, stat, history=table)
         return arrow_response(request, await explorer.in_worker(work))
 
-    return [Route(_RUN + "/distribution", api(distribution)),
-            Route(_RUN + "/histogram", api(histogram)),
-            Route(_RUN + "/diff", api(diff)),
-            Route(_RUN + "/layers", api(layers)),
+    return [Route(RUN_API + "/distribution", api(distribution)),
+            Route(RUN_API + "/histogram", api(histogram)),
+            Route(RUN_API + "/diff", api(diff)),
+            Route(RUN_API + "/layers", api(layers)),
             Route("/api/compare", api(compare))]
 
 
