@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import numpy as np
 import pyarrow as pa
 import requests
+import urllib3
 
 from . import _arrow, _format
 from ._client import TRANSPORT_ERRORS, Client
@@ -20,6 +21,11 @@ READ_ATTEMPTS = 4
 then the read fails. A reader is a person or a script waiting, not a sender outliving an outage."""
 READ_DEADLINE = 60.0
 """Seconds a read may spend retrying (``Retry-After`` included)."""
+ROWS_QUERY_CHARS = 6000
+"""Longest query string of one request for many steps of a tensor (a request line must stay
+within what servers and proxies accept: 8 KiB for nginx); more steps take more requests."""
+ROWS_STEPS_MAX = 1000
+"""Steps one such request names at most (the server's limit)."""
 
 
 def _quote_key(key: str) -> str:
@@ -28,15 +34,56 @@ def _quote_key(key: str) -> str:
     return quote(key, safe="/").replace(".", "%2E")
 
 
-class RemoteRun:
-    """A run on a server (``entity/project/run_id``); reads only, live runs included."""
+def _decode(frame: bytes | memoryview, what: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A frame as the server stores it (header and payload) as ``(steps, arrays)``."""
+    info = _format.parse_header(frame, 0, len(frame))
+    if info is None:
+        raise ValueError(f"short frame from the server for {what}")
+    return _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:], what))
 
-    def __init__(self, client: Client, ref: str) -> None:
+
+def _rows(batch: pa.RecordBatch) -> Iterator[tuple[list[int], memoryview]]:
+    """The rows of a record batch of a rows stream: (steps asked for, the frame holding them),
+    read from the buffers (``to_numpy``/``as_py`` would import pandas, or copy each frame)."""
+    steps, frames = batch.column(0), batch.column(1)
+    step_offsets = np.frombuffer(steps.buffers()[1], np.int32, len(steps) + 1, steps.offset * 4)
+    values = _arrow.to_numpy(steps.values).tolist()
+    frame_offsets = np.frombuffer(frames.buffers()[1], np.int64, len(frames) + 1, frames.offset * 8).tolist()
+    data = memoryview(frames.buffers()[2])
+    for i in range(len(batch)):
+        yield (values[step_offsets[i]:step_offsets[i + 1]],
+               data[frame_offsets[i]:frame_offsets[i + 1]])
+
+
+def _step_chunks(steps: list[int]) -> Iterator[list[int]]:
+    """``steps`` in pieces that each fit one request's query string."""
+    chunk: list[int] = []
+    chars = 0
+    for s in steps:
+        n = len("&steps=") + len(str(s))
+        if chunk and (chars + n > ROWS_QUERY_CHARS or len(chunk) >= ROWS_STEPS_MAX):
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append(s)
+        chars += n
+    if chunk:
+        yield chunk
+
+
+class RemoteRun:
+    """A run on a server (``entity/project/run_id``); reads only, live runs included.
+
+    ``meta`` is the run's record as the server lists it, if known (one request fewer)."""
+
+    def __init__(self, client: Client, ref: str, *, meta: dict[str, Any] | None = None) -> None:
         self.client = client
         self.entity, self.project, self.id = ref.split("/")
         self.path = f"/runs/{self.entity}/{self.project}/{self.id}"
+        if meta is not None:
+            self.meta: dict[str, Any] = meta
+            return
         try:
-            self.meta: dict[str, Any] = client.json("GET", self.path, retry=False)
+            self.meta = client.json("GET", self.path, retry=False)
         except ApiError as e:
             if e.status == 404:
                 raise RunNotFoundError(f"no run {ref!r} on {client.host}") from None
@@ -58,9 +105,22 @@ class RemoteRun:
                 f"reading {what} of run {self.entity}/{self.project}/{self.id}: {self.client.host} "
                 f"could not be reached: {e}") from None
 
-    name = property(lambda self: self.meta.get("name"))
-    tags = property(lambda self: self.meta.get("tags", []))
-    notes = property(lambda self: self.meta.get("notes"))
+    @property
+    def name(self) -> str | None:
+        return self.meta.get("name")
+
+    @property
+    def tags(self) -> list[str]:
+        return self.meta.get("tags") or []
+
+    @property
+    def notes(self) -> str | None:
+        return self.meta.get("notes")
+
+    @property
+    def damage(self) -> list[_format.Damage]:
+        """Always empty: a server stores no part without checking every frame of it."""
+        return []
 
     def _refresh(self) -> dict[str, Any]:
         self.meta = self._get("", "the run's metadata").json()
@@ -118,13 +178,50 @@ class RemoteRun:
             if e.status == 404:
                 raise KeyError(e.message) from None
             raise
-        frame = r.content
-        info = _format.parse_header(frame, 0, len(frame))
-        if info is None:
-            raise ValueError(f"short frame from {self.client.host} for {key!r} at step {step}")
-        steps, arrays = _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:]))
+        steps, arrays = _decode(r.content, f"tensor {key!r} at step {step}")
         return arrays[int(np.flatnonzero(steps == step)[-1])]
 
-    def tensors(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
-        for step in self.steps(key):
-            yield step, self.tensor(key, step)
+    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, array)`` for the given steps (default: every logged step), in step order.
+
+        Many steps per request: the server streams the stored frames holding them (Arrow
+        IPC, one range read each), decoded here as they arrive. A step not logged raises
+        ``KeyError`` before anything is yielded from its request. A connection that breaks
+        mid-stream is asked again for the steps not yet yielded."""
+        if steps is None:
+            yield from self._rows(key, None)
+            return
+        for chunk in _step_chunks(sorted(set(steps))):
+            yield from self._rows(key, chunk)
+
+    def _rows(self, key: str, steps: list[int] | None) -> Iterator[tuple[int, np.ndarray]]:
+        what = f"tensor {key!r}"
+        last: int | None = None
+        for attempt in range(READ_ATTEMPTS):
+            if last is not None:  # resuming after a broken stream: only what is left
+                rest = [s for s in (self.steps(key) if steps is None else steps) if s > last]
+                if not rest:
+                    return
+                steps = rest
+            query = "" if steps is None else "?" + urlencode([("steps", s) for s in steps])
+            try:
+                r = self._get(f"/tensors/{_quote_key(key)}/rows{query}", f"the steps of {what}", stream=True)
+            except ApiError as e:
+                if e.status == 404:
+                    raise KeyError(e.message) from None
+                raise
+            r.raw.decode_content = True  # whatever Content-Encoding the server chose
+            try:
+                with r:
+                    for batch in pa.ipc.open_stream(r.raw):
+                        for asked, frame in _rows(batch):
+                            got, arrays = _decode(frame, what)
+                            for s in asked:
+                                yield s, arrays[int(np.flatnonzero(got == s)[-1])]
+                                last = s
+                return
+            except (*TRANSPORT_ERRORS, urllib3.exceptions.HTTPError, pa.ArrowInvalid, OSError) as e:
+                if attempt + 1 >= READ_ATTEMPTS:
+                    raise requests.ConnectionError(
+                        f"reading the steps of {what} of run {self.entity}/{self.project}/{self.id}: the answer "
+                        f"from {self.client.host} broke off {READ_ATTEMPTS} times: {e}") from None

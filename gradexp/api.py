@@ -17,11 +17,12 @@ import numpy as np
 import pyarrow as pa
 
 from . import _arrow, _format
-from ._errors import CorruptPartError, CorruptPartWarning, RunNotFoundError
+from ._errors import CorruptPartError, CorruptPartWarning, RunNotFoundError, UsageError
 from ._files import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, read_json
 from ._run import is_locked
 from ._settings import resolve
 from ._writer import HISTORY, TENSORS
+from .read.reader import RunReader
 
 __all__ = ["Api", "StoredRun"]
 
@@ -73,11 +74,47 @@ class Api:
         raise RunNotFoundError(f"no run {str(ref)!r}: not a run folder, and not found under {self.dir} "
                                "(refer to a run as a folder path, 'project/run_id' or a run id)")
 
-    def runs(self, project: str | None = None) -> list[StoredRun]:
-        """Every run under :attr:`dir` (of one project if given), newest first."""
+    def runs(self, project: str | None = None, *, status: str | None = None,
+             tags: Iterable[str] = ()) -> list[RunReader]:
+        """Runs, newest first, with ``status`` and all of ``tags`` if given.
+
+        ``"entity/project"`` lists that project's runs on :attr:`host`, and no project with a
+        host set every run of the viewer there (:class:`gradexp._remote.RemoteRun`, the
+        newest 1,000 at most); a user sees their own entity's runs only, so another
+        entity's project lists none. A bare
+        ``"project"``, or no project and no host, lists the run folders under :attr:`dir`
+        (:class:`StoredRun`)."""
+        if project is None and self.host:
+            return self._server_runs(None, None, status=status, tags=tags)
+        if project is not None and "/" in project:
+            entity, _, name = project.partition("/")
+            if not entity or not name or "/" in name:
+                raise ValueError(f"a project on a server is 'entity/project', not {project!r}")
+            return self._server_runs(entity, name, status=status, tags=tags)
+        return self._local_runs(project, status=status, tags=tags)
+
+    def _local_runs(self, project: str | None, *, status: str | None = None,
+                    tags: Iterable[str] = ()) -> list[RunReader]:
+        wanted = set(tags)
         pattern = f"{project}/*/{RUN_JSON}" if project else f"*/*/{RUN_JSON}"
         runs = [StoredRun(p.parent) for p in self.dir.glob(pattern)]
+        runs = [r for r in runs if (status is None or r.status == status) and wanted.issubset(r.tags)]
         return sorted(runs, key=lambda r: r.meta.get("created_at", 0), reverse=True)
+
+    def _server_runs(self, entity: str | None, project: str | None, *, status: str | None = None,
+                     tags: Iterable[str] = ()) -> list[RunReader]:
+        """Runs on :attr:`host` (of the viewer's entity: another's has none to show)."""
+        from ._remote import RemoteRun
+
+        if not self.host:
+            raise UsageError(f"runs of {entity}/{project} are on a server, and no host is set: pass host= "
+                             "(or set GRADEXP_HOST, or run `gradexp login`)")
+        params: list[tuple[str, str]] = [("project", project)] if project else []
+        params += [("status", status)] if status else []
+        params += [("tag", t) for t in dict.fromkeys(tags)]
+        rows = self.client.json("GET", "/runs", params=params)["runs"]
+        return [RemoteRun(self.client, f"{r['entity']}/{r['project']}/{r['id']}", meta=r)
+                for r in rows if entity is None or r["entity"] == entity]
 
 
 class StoredRun:
@@ -200,7 +237,8 @@ class StoredRun:
         return list(names)
 
     def tensor_keys(self) -> list[str]:
-        return list(dict.fromkeys(f.key for _, f in self._tensor_frames()))
+        """Tensor keys, sorted (as a server lists them)."""
+        return sorted({f.key for _, f in self._tensor_frames()})
 
     # -- tensors -------------------------------------------------------------------------------
 
@@ -242,13 +280,14 @@ class StoredRun:
         raise KeyError(f"tensor {key!r} of run {self.id} has no step {step}")
 
     def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """``(step, array)`` for the given steps of ``key`` (default: every logged step), in
-        step order (``KeyError`` naming a step that was not logged)."""
+        """``(step, array)`` for the given steps of ``key`` (default: every logged step), each
+        once, in step order; ``KeyError`` naming a step that was not logged, before any is read."""
         where = self._rows(key)
         wanted = sorted(where) if steps is None else sorted(set(steps))
-        for step in wanted:
-            if step not in where:
-                raise KeyError(f"tensor {key!r} of run {self.id} has no step {step}")
+        missing = [s for s in wanted if s not in where]
+        if missing:
+            raise KeyError(f"tensor {key!r} of run {self.id} has no step {missing[0]}"
+                           + (f" (nor {len(missing) - 1} more of the steps asked for)" if len(missing) > 1 else ""))
         cache: tuple[_format.FrameInfo | None, Any] = (None, None)
         for step in wanted:
             path, info = where[step]

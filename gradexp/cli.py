@@ -192,22 +192,50 @@ def _client(api: Api) -> Client:
 @main.command("runs")
 @click.argument("project", required=False)
 @_DIR_OPTION
-def runs_(project: str | None, base_dir: Path | None) -> None:
-    """List runs (of PROJECT, if given), newest first."""
+@click.option("--host", default=None, help="List the runs on this server (default for an entity/project "
+                                           "PROJECT: $GRADEXP_HOST, else the last `gradexp login`'s).")
+@click.option("--api-key", default=None, help="API key (default: $GRADEXP_API_KEY, else the one `gradexp login` "
+                                              "stored).")
+@click.option("--status", type=click.Choice(["running", "finished", "failed", "crashed"]), default=None,
+              help="Only runs with this status.")
+@click.option("--tag", "tags", multiple=True, help="Only runs with this tag (repeat: all of them).")
+def runs_(project: str | None, base_dir: Path | None, host: str | None, api_key: str | None,
+          status: str | None, tags: tuple[str, ...]) -> None:
+    """List runs (of PROJECT, if given), newest first: the run folders under --dir, or with
+    --host or an entity/project PROJECT the runs on the server."""
     from .api import Api
 
-    api = Api(dir=base_dir)
-    found = api.runs(project)
-    if not found and project:
+    api = Api(dir=base_dir, host=host, api_key=api_key)
+    remote = host is not None or (project is not None and "/" in project)
+    filters: dict[str, Any] = {k: v for k, v in (("status", status), ("tags", tags)) if v}
+    if remote:
+        client = _client(api)
+        if project is not None and (project.count("/") > 1 or "" in project.split("/")):
+            raise click.ClickException(f"a project on a server is entity/project (or a project of yours), "
+                                       f"not {project!r}")
+        if project is not None and "/" not in project:  # a project of the viewer's
+            project = f"{client.json('GET', '/viewer')['entity']}/{project}"
+        found = api.runs(project, **filters)
+        where = f"on {api.host}"
+    else:
+        api.host = ""  # the run folders, whatever server is set up
+        found = api.runs(project, **filters)
+        where = f"under {api.dir}"
+    described = "".join([f" with status {status}" if status else ""] + [f" tagged {t!r}" for t in tags])
+    if not found and project and not remote and not filters:
         projects = sorted({r.project for r in api.runs()})
         there = f"projects there: {', '.join(projects)}" if projects else "there are no runs there"
         raise click.ClickException(f"no runs of project {project!r} under {api.dir}; {there}")
     if not found:
-        click.echo(f"no runs under {api.dir}", err=True)
+        click.echo(f"no runs{f' of project {project}' if project else ''}{described} {where}", err=True)
         return
     for r in found:
         created = datetime.datetime.fromtimestamp(r.meta.get("created_at", 0)).strftime("%Y-%m-%d %H:%M")
-        click.echo(f"{r.project}/{r.id}\t{r.status:<9}\t{created}\t{r.name}")
+        if remote:  # the listing's own record: no request per run
+            ref, state = f"{r.meta['entity']}/{r.project}/{r.id}", r.meta["status"]
+        else:
+            ref, state = f"{r.project}/{r.id}", r.status
+        click.echo(f"{ref}\t{state:<9}\t{created}\t{r.name}")
 
 
 _HOST_OPTION = click.option("--host", default=None,

@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import pyarrow as pa
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -111,8 +112,11 @@ class _Handlers:
         e, p, r = (request.path_params[k] for k in ("entity", "project", "run_id"))
         reader = await self.x.in_worker(self.x.catalog.open, viewer, e, p, r)
         modules = [m for m in VIEW_MODULES if (HERE / "static" / "js" / m).is_file()]
-        return render(request, "run.html", entity=e, project=p, run=r, run_name=reader.name or r,
+        page = render(request, "run.html", entity=e, project=p, run=r, run_name=reader.name or r,
                       view_modules=modules, **self.common(viewer))
+        # Read the history while the browser loads the page's scripts: its charts ask for it next.
+        page.background = BackgroundTask(history_table, self.x, e, reader)
+        return page
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -216,14 +220,15 @@ def history_table(explorer: Explorer, entity: str, reader: RunReader) -> tuple[A
     changes: a live run's chart polls often, and most polls find nothing new (the stamp is the
     reader's part counts or last step, cheap index reads; see :func:`_stamp`)."""
     key = ("history", entity, reader.project, reader.id)
-    stamp = _stamp(reader)
-    cached = explorer.cache.get(key)
-    if cached is not None and stamp is not None and cached[0] == stamp:
-        return cached
-    table = reader.history().combine_chunks()  # one chunk per column: columns read as NumPy without copies
-    if stamp is not None:
-        explorer.cache.put(key, (stamp, table), table.nbytes)
-    return stamp, table
+    with explorer.cache.computing(key):
+        stamp = _stamp(reader)
+        cached = explorer.cache.get(key)
+        if cached is not None and stamp is not None and cached[0] == stamp:
+            return cached
+        table = reader.history().combine_chunks()  # one chunk per column: columns read as NumPy without copies
+        if stamp is not None:
+            explorer.cache.put(key, (stamp, table), table.nbytes)
+        return stamp, table
 
 
 def _stamp(reader: RunReader) -> Any:

@@ -57,6 +57,13 @@ class ResultCache:
         self.nbytes = 0
         self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(64)]
+
+    def computing(self, key: Hashable) -> threading.Lock:
+        """A lock to hold while computing the value of ``key``, so that concurrent requests
+        for it (a page's first requests, two viewers) compute it once: the others wait, then
+        find it cached. Striped: unrelated keys rarely share one."""
+        return self._stripes[hash(key) % len(self._stripes)]
 
     def get(self, key: Hashable) -> Any | None:
         with self._lock:

@@ -199,9 +199,10 @@ class ServerRun:
             steps, _ = decode_frame(data, ref["object_key"])
             if (steps == step).any():
                 return data
+        missing = f"tensor {key!r} of run {self.id} has no step {step}"
         if not self._frames(key):
-            raise self._no_key(key)
-        raise KeyError(f"tensor {key!r} of run {self.id} has no step {step}")
+            raise KeyError(f"{missing}: {self._no_key(key).args[0]}")
+        raise KeyError(missing)
 
     def tensor(self, key: str, step: int) -> np.ndarray:
         """Tensor ``key`` at ``step``: bit-exact, in the dtype and shape it was logged with."""
@@ -261,5 +262,15 @@ def rows_ipc(frames: Iterable[tuple[list[int], bytes]], *,
 
 
 def _rows_batch(steps: list[list[int]], data: list[bytes]) -> bytes:
-    return pa.record_batch([pa.array(steps, ROWS_SCHEMA.field("steps").type),
-                            pa.array(data, pa.large_binary())], schema=ROWS_SCHEMA).serialize().to_pybytes()
+    """One record batch, built from buffers (``pa.array`` would import pandas: a second, once)."""
+    counts = np.fromiter((len(s) for s in steps), np.int32, len(steps))
+    step_offsets = np.zeros(len(steps) + 1, np.int32)
+    np.cumsum(counts, out=step_offsets[1:])
+    flat = np.fromiter((x for s in steps for x in s), np.int64, int(step_offsets[-1]))
+    frame_offsets = np.zeros(len(data) + 1, np.int64)
+    np.cumsum(np.fromiter((len(d) for d in data), np.int64, len(data)), out=frame_offsets[1:])
+    columns = [pa.Array.from_buffers(ROWS_SCHEMA.field("steps").type, len(steps), [None, pa.py_buffer(step_offsets)],
+                                     children=[_arrow.from_numpy(flat)]),
+               pa.Array.from_buffers(pa.large_binary(), len(data),
+                                     [None, pa.py_buffer(frame_offsets), pa.py_buffer(b"".join(data))])]
+    return pa.record_batch(columns, schema=ROWS_SCHEMA).serialize().to_pybytes()
