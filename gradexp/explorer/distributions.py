@@ -199,8 +199,8 @@ def first_differing_step(a: RunReader, b: RunReader, key: str) -> int | None:
 # -- gradient flow -----------------------------------------------------------------------------
 
 def layers_table(reader: RunReader, prefix: str, stat: str, *, history: pa.Table | None = None) -> pa.Table:
-    """``step`` and one float64 column per tensor key under ``prefix`` (in logging order) of
-    ``stat`` (see :func:`gradexp.explorer.stats.layer_stat`); NaN where a key was not logged
+    """``step`` and one float64 column per tensor key under ``prefix`` (in key order, as readers
+    list them) of ``stat`` (see :func:`gradexp.explorer.stats.layer_stat`); NaN where a key was not logged
     at a step or the statistic has no value (no finite element). Rows: the steps at which any
     of the keys was logged. From the history's summaries; a key without them is summarised
     from its tensors. ``history``: the run's history if the caller has it already."""
@@ -344,7 +344,7 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
 
     async def layers(request: Request) -> Response:
         """``?prefix=grad/&stat=l2|rms|maxabs|zero_frac|nonfinite`` -> Arrow: ``step`` and a float64
-        column per tensor key under the prefix, in logging order (NaN: not logged at that step,
+        column per tensor key under the prefix, in key order (NaN: not logged at that step,
         or no finite value); from the history's per-tensor summaries."""
         q = request.query_params
         prefix, stat = q.get("prefix", ""), q.get("stat") or "l2"

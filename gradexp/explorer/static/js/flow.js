@@ -1,6 +1,6 @@
 // The Gradient flow tab (#panel-layers): for every tensor under a prefix (e.g. "grad/"), one
 // statistic per (layer, step) as a heatmap, one glance for the whole model. Rows are the
-// tensor keys in logging order, columns the steps. A click opens that tensor at that step in
+// tensor keys in key order, columns the steps. A click opens that tensor at that step in
 // the Tensors tab (selectTensor + setStep).
 import { api, arrow, el, runContext, selectTensor, setStep, showError } from "./common.js";
 import {
