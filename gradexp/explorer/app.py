@@ -25,13 +25,13 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gradexp.explorer import history, tensors
+from gradexp.explorer import distributions, history, tensors
 from gradexp.explorer.catalog import run_info
 from gradexp.explorer.context import AccessDenied, Explorer, Viewer
 from gradexp.explorer.responses import HEADERS, RUN_API, ApiError, api, arrow_response, json_response
 from gradexp.read.reader import RunReader
 
-__all__ = ["explorer_routes", "history_table"]
+__all__ = ["explorer_routes"]
 
 HERE = Path(__file__).parent
 _PAGE_HEADERS = {**HEADERS, "Cache-Control": "no-store"}
@@ -64,6 +64,7 @@ def explorer_routes(explorer: Explorer) -> list[BaseRoute]:
         Route(run, api(x.run), methods=["GET", "PATCH"]),
         Route(run + "/history", api(x.history)),
         *tensors.routes(explorer),
+        *distributions.routes(explorer),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return [
@@ -115,7 +116,7 @@ class _Handlers:
         page = render(request, "run.html", entity=e, project=p, run=r, run_name=reader.name or r,
                       view_modules=modules, **self.common(viewer))
         # Read the history while the browser loads the page's scripts: its charts ask for it next.
-        page.background = BackgroundTask(history_table, self.x, e, reader)
+        page.background = BackgroundTask(history.history_table, self.x, e, reader)
         return page
 
     # -- data ----------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class _Handlers:
         e = request.path_params["entity"]
 
         def work() -> dict[str, Any]:
-            _, table = history_table(self.x, e, reader)
+            _, table = history.history_table(self.x, e, reader)
             info = run_info(reader, entity=e).to_json()
             steps = table.column("step")
             info.update(meta=reader.meta, history_keys=history.chart_keys(table),
@@ -204,7 +205,7 @@ class _Handlers:
         e = request.path_params["entity"]
 
         def work() -> pa.Table:
-            stamp, table = history_table(self.x, e, reader)
+            stamp, table = history.history_table(self.x, e, reader)
             chosen = keys if keys is not None else history.chart_keys(table)
             try:
                 if after is not None:
@@ -213,34 +214,6 @@ class _Handlers:
             except KeyError as exc:
                 raise LookupError(exc.args[0]) from None
         return arrow_response(await self.x.in_worker(work))
-
-
-def history_table(explorer: Explorer, entity: str, reader: RunReader) -> tuple[Any, pa.Table]:
-    """The run's whole history and its stamp, kept in the explorer's cache until the run
-    changes: a live run's chart polls often, and most polls find nothing new (the stamp is the
-    reader's part counts or last step, cheap index reads; see :func:`_stamp`)."""
-    key = ("history", entity, reader.project, reader.id)
-    with explorer.cache.computing(key):
-        stamp = _stamp(reader)
-        cached = explorer.cache.get(key)
-        if cached is not None and stamp is not None and cached[0] == stamp:
-            return cached
-        table = reader.history().combine_chunks()  # one chunk per column: columns read as NumPy without copies
-        if stamp is not None:
-            explorer.cache.put(key, (stamp, table), table.nbytes)
-        return stamp, table
-
-
-def _stamp(reader: RunReader) -> Any:
-    """What changes whenever the run's history may have: its status and, from readers that
-    offer them, its stored part counts (the server's) or its last step (a run folder's).
-    ``None`` for a running run whose reader offers neither (read anew each time)."""
-    status = reader.status
-    for name in ("part_counts", "last_step"):
-        fn = getattr(reader, name, None)
-        if callable(fn):
-            return status, name, fn()
-    return None if status == "running" else (status,)
 
 
 def reduced(explorer: Explorer, entity: str, reader: RunReader, stamp: Any, table: pa.Table, keys: list[str], *,

@@ -7,6 +7,7 @@ Everything here is vectorised NumPy over whole columns, and runs in a worker thr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,11 @@ import pyarrow.compute as pc
 
 from gradexp.core import arrow as _arrow
 
-__all__ = ["X_AXES", "chart_keys", "reduce_history", "since"]
+if TYPE_CHECKING:
+    from gradexp.explorer.context import Explorer
+    from gradexp.read.reader import RunReader
+
+__all__ = ["X_AXES", "chart_keys", "history_table", "reduce_history", "since"]
 
 X_AXES = ("step", "_runtime", "_timestamp")
 _BASE = set(X_AXES)
@@ -105,3 +110,31 @@ def reduce_history(table: pa.Table, keys: Sequence[str], *, x: str = "step", buc
         arrays += [_arrow.from_numpy(last), _arrow.from_numpy(vmin), _arrow.from_numpy(vmax)]
         names += [key, f"{key}:min", f"{key}:max"]
     return pa.table(arrays, names=names).replace_schema_metadata({"reduced": "1"})
+
+
+def history_table(explorer: Explorer, entity: str, reader: RunReader) -> tuple[Any, pa.Table]:
+    """The run's whole history and its stamp, kept in the explorer's cache until the run
+    changes: a live run's chart polls often, and most polls find nothing new (the stamp is the
+    reader's part counts or last step, cheap index reads; see :func:`_stamp`)."""
+    key = ("history", entity, reader.project, reader.id)
+    with explorer.cache.computing(key):
+        stamp = _stamp(reader)
+        cached = explorer.cache.get(key)
+        if cached is not None and stamp is not None and cached[0] == stamp:
+            return cached
+        table = reader.history().combine_chunks()  # one chunk per column: columns read as NumPy without copies
+        if stamp is not None:
+            explorer.cache.put(key, (stamp, table), table.nbytes)
+        return stamp, table
+
+
+def _stamp(reader: RunReader) -> Any:
+    """What changes whenever the run's history may have: its status and, from readers that
+    offer them, its stored part counts (the server's) or its last step (a run folder's).
+    ``None`` for a running run whose reader offers neither (read anew each time)."""
+    status = reader.status
+    for name in ("part_counts", "last_step"):
+        fn = getattr(reader, name, None)
+        if callable(fn):
+            return status, name, fn()
+    return None if status == "running" else (status,)

@@ -272,6 +272,7 @@ function mountScrubber(root, drawnOn) {
   const label = el('span', { class: 'gx-step-label' });
   root.replaceChildren(prev, play, next, range, label);
   let key = null, steps = [], pos = 0, timer = null;
+  let loading = false, wanted = null;  // a step asked for (e.g. a click in another panel) while the steps load
 
   function show() {
     range.max = String(Math.max(steps.length - 1, 0));
@@ -319,6 +320,7 @@ function mountScrubber(root, drawnOn) {
   onStep((d) => {  // another panel moved the step: follow it
     const { key: k, step } = d;
     if (k !== key) return;
+    if (loading) { wanted = step; return; }
     const i = steps.indexOf(step);
     if (i >= 0 && i !== pos) { pos = i; show(); }
   });
@@ -327,8 +329,16 @@ function mountScrubber(root, drawnOn) {
     async load(k) {
       stop();
       key = k;
-      steps = (await api(`${ctx.apiBase}/steps?key=${enc(k)}`)).steps;
-      pos = steps.length - 1;
+      loading = true;
+      wanted = null;
+      try {
+        steps = (await api(`${ctx.apiBase}/steps?key=${enc(k)}`)).steps;
+      } finally {
+        if (key === k) loading = false;
+      }
+      if (k !== key) return;  // another tensor was selected meanwhile
+      const asked = wanted === null ? -1 : steps.indexOf(wanted);
+      pos = asked >= 0 ? asked : steps.length - 1;  // the step asked for, else the last
       show();
       setStep(key, steps[pos]);
     },
