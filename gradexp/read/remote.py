@@ -13,6 +13,7 @@ import requests
 
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
+from gradexp.core import media as _media
 from gradexp.core.client import TRANSPORT_ERRORS, Client
 from gradexp.core.errors import ApiError, InvalidValueError, KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import BASE_COLUMNS
@@ -63,6 +64,8 @@ class RemoteRun:
     name = property(lambda self: self.meta.get("name"))
     tags = property(lambda self: self.meta.get("tags", []))
     notes = property(lambda self: self.meta.get("notes"))
+    group = property(lambda self: self.meta.get("group"))
+    job_type = property(lambda self: self.meta.get("job_type"))
 
     def _refresh(self) -> dict[str, Any]:
         self.meta = self._get("", "the run's metadata").json()
@@ -114,6 +117,19 @@ class RemoteRun:
 
     def tensor(self, key: str, step: int) -> np.ndarray:
         """One request; the server answers with one range read of the part holding it."""
+        return self._frame(key, step)[0]
+
+    def dims(self, key: str, step: int | None = None) -> tuple[str, ...] | None:
+        """The dimension labels tensor ``key`` was logged with (at ``step``, default its last
+        step), or None if it has none."""
+        return _media.labels(self._frame(key, self.steps(key)[-1] if step is None else step)[1])
+
+    def media(self, key: str, step: int) -> Any:
+        """What was logged under ``key`` at ``step``: a :class:`gradexp.Histogram`,
+        :class:`gradexp.Image` or :class:`gradexp.Table` as logged, else the tensor."""
+        return _media.from_frame(*self._frame(key, step))
+
+    def _frame(self, key: str, step: int) -> tuple[np.ndarray, dict[bytes, bytes]]:
         try:
             r = self._get(f"/tensors/{_quote_key(key)}", f"tensor {key!r} at step {step}", params={"step": step})
         except ApiError as e:
@@ -124,8 +140,8 @@ class RemoteRun:
         info = _format.parse_header(frame, 0, len(frame))
         if info is None:
             raise InvalidValueError(f"short frame from {self.client.host} for {key!r} at step {step}")
-        steps, arrays = _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:]))
-        return arrays[int(np.flatnonzero(steps == step)[-1])]
+        steps, arrays, meta = _arrow.tensor_frame(_format.decode_payload(info, memoryview(frame)[info.header_len:]))
+        return arrays[int(np.flatnonzero(steps == step)[-1])], meta
 
     def tensors(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
         for step in self.steps(key):

@@ -95,6 +95,8 @@ def _define(md: sa.MetaData, version: int) -> None:
         sa.Column("exit_code", sa.Integer, nullable=True),
         sa.Column("history_object", sa.String(512), nullable=True),
         *since(2, sa.Column("heartbeat_at", _TIME, nullable=True)),
+        *since(7, sa.Column("run_group", sa.String(256), nullable=True),
+               sa.Column("job_type", sa.String(256), nullable=True)),
         sa.UniqueConstraint("project_id", "run_id", name="uq_runs_project_run"),
         *since(2, sa.Index("ix_runs_status", "status")),
     )
@@ -246,8 +248,17 @@ def _v6(conn: Connection) -> None:
         for name in ("tags", "notes", "config", "summary"))))
 
 
+def _v7(conn: Connection) -> None:
+    """A run's group and job type (wandb's ``group=`` and ``job_type=``)."""
+    md = sa.MetaData()
+    _define(md, 7)
+    for column in ("run_group", "job_type"):
+        type_sql = md.tables["runs"].c[column].type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE runs ADD COLUMN {column} {type_sql}"))
+
+
 meta = sa.MetaData()
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _define(meta, SCHEMA_VERSION)
 schema_version = meta.tables["gradexp_schema"]
 users = meta.tables["users"]
@@ -264,7 +275,7 @@ auth_codes = meta.tables["auth_codes"]
 login_failures = meta.tables["login_failures"]
 signin_links = meta.tables["signin_links"]
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -515,15 +526,19 @@ def upsert_run(conn: Connection, entity: int, project: str, run_id: str, fields:
         if pk is None:
             raise RuntimeError(f"could not create run {project}/{run_id}")
     else:
+        if values.get("status") == "running":  # reopened (resumed): finished again later, history too
+            values.update(finished_at=None, exit_code=None, history_object=None)
         conn.execute(sa.update(runs).where(runs.c.id == pk).values(updated_at=now, heartbeat_at=now, **values))
     return pk
 
 
 def _run_values(fields: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in ("name", "notes", "status"):
+    for name in ("name", "notes", "status", "job_type"):
         if name in fields:
             out[name] = fields[name]
+    if "group" in fields:
+        out["run_group"] = fields["group"]
     for name in ("tags", "config", "summary"):
         if name in fields:
             out[name] = json.dumps(fields[name])
@@ -555,6 +570,7 @@ def _run_dict(row: Any) -> dict[str, Any]:
     return {
         "entity": row["entity"], "project": row["project"], "id": row["run_id"], "name": row["name"],
         "status": status, "tags": json.loads(row["tags"] or "[]"), "notes": row["notes"],
+        "group": row["run_group"], "job_type": row["job_type"],
         "config": json.loads(row["config"] or "{}"), "summary": json.loads(row["summary"] or "{}"),
         "created_at": row["created_at"], "updated_at": row["updated_at"],
         "finished_at": row["finished_at"], "exit_code": row["exit_code"],
