@@ -28,7 +28,8 @@ EDGES = b"gradexp.edges"
 """Frame metadata: a histogram's bin edges, float64 little-endian bytes (exact, no text)."""
 CAPTION = b"gradexp.caption"
 COUNTS = b"gradexp.histogram"
-"""Frame metadata of a histogram given as counts (``np_histogram=``): ``counts``."""
+"""Frame metadata of a histogram given as counts (``np_histogram=``): ``counts``; of one
+given its values: the counts, int64 little-endian bytes (as computed, never recomputed)."""
 _SEP = "\x1f"  # ASCII unit separator: never in a sensible label
 
 
@@ -69,6 +70,7 @@ class Histogram:
         if self.values is None:
             meta[COUNTS] = b"counts"
             return self.histogram, meta
+        meta[COUNTS] = self.histogram.astype("<i8").tobytes()
         return self.values, meta
 
     def __repr__(self) -> str:
@@ -248,12 +250,11 @@ def from_frame(array: np.ndarray, meta: dict[bytes, bytes]) -> Any:
         edges = np.frombuffer(meta[EDGES], dtype="<f8").astype(np.float64)
         h = Histogram.__new__(Histogram)
         h.bins = edges
-        if meta.get(COUNTS) == b"counts":
+        counts = meta[COUNTS]
+        if counts == b"counts":
             h.values, h.histogram = None, array
         else:
-            h.values = array
-            finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
-            h.histogram = np.histogram(finite, bins=edges)[0]
+            h.values, h.histogram = array, np.frombuffer(counts, dtype="<i8").astype(np.int64)
         return h
     if kind == b"image":
         img = Image.__new__(Image)

@@ -195,7 +195,7 @@ def prepare(data: Mapping[str, Any], keys: Keys, pool: BufferPool | None = None)
             out.scalars = data.copy()
             return out
     elif not isinstance(data, Mapping):
-        raise InvalidTypeError(f"log() takes a dict of values; got {type(data).__name__}")
+        raise InvalidTypeError(f"log() takes a dict of values (or one value with name=...); got {type(data).__name__}")
     new_kinds: dict[str, str] = {}
     _walk(data, "", keys.kinds, new_kinds, out, pool)
     if new_kinds:

@@ -488,14 +488,16 @@ class Writer:
 
     def _cast(self, t: Tensor) -> Tensor:
         """``t`` in the storage dtype (``precision``): NumPy's and ml_dtypes' casts round to
-        nearest, ties to even. The copy goes into a pool buffer, and the snapshot's goes back."""
+        nearest, ties to even (beyond the target's range: +-inf). The copy goes into a pool
+        buffer, and the snapshot's goes back."""
         src = t.array
         target = self._precision
         assert target is not None
         n = src.size * target.itemsize
         buf = self.pool.take(n) if n else np.empty(0, np.uint8)
         out = buf.view(target).reshape(src.shape) if n else np.empty(src.shape, target)
-        out[...] = src
+        with np.errstate(over="ignore"):  # beyond the target's range is +-inf: the rounded value
+            out[...] = src
         self.pool.give(t.buffer)
         self._release(src.nbytes - out.nbytes)  # the rest is released once written, as for any tensor
         return Tensor(out, target, t.meta)
