@@ -534,9 +534,11 @@ def upsert_run(conn: Connection, entity: int, project: str, run_id: str, fields:
 
 def _run_values(fields: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in ("name", "notes", "status", "job_type"):
+    for name in ("name", "notes", "job_type"):
         if name in fields:
             out[name] = fields[name]
+    if fields.get("status") is not None:  # null: as if not given
+        out["status"] = fields["status"]
     if "group" in fields:
         out["run_group"] = fields["group"]
     for name in ("tags", "config", "summary"):
