@@ -74,7 +74,10 @@ def log(data: Mapping[str, Any] | Any, step: int | None = None, commit: bool = T
         ) -> None:
     """Log ``data`` to the most recent run (see :meth:`Run.log`); ``log(tensor, name=...,
     dimension_labels=...)`` as in the original gradexp package."""
-    current().log(data, step, commit, name=name, dimension_labels=dimension_labels)
+    if name is None and dimension_labels is None:
+        current().log(data, step, commit)
+    else:
+        current().log(data, step, commit, name=name, dimension_labels=dimension_labels)
 
 
 def finish(exit_code: int = 0, quiet: bool | None = None) -> None:

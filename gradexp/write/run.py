@@ -150,10 +150,31 @@ class Summary(MutableMapping):
 
     def __init__(self, data: Mapping[str, Any] | None = None) -> None:
         object.__setattr__(self, "_data", dict(data or {}))
-        object.__setattr__(self, "dirty", False)
+        # Changed since the last snapshot; a list, so log() sets it without a __setattr__ call.
+        object.__setattr__(self, "_dirty", [False])
         object.__setattr__(self, "_rules", [])  # (name or glob, summaries), newest first
         object.__setattr__(self, "_resolved", {})  # key -> summaries (None: the last value)
         object.__setattr__(self, "_means", {})  # key -> (sum, count) of this process
+        data, dirty, rules, aggregate = self._data, self._dirty, self._rules, self._aggregate
+
+        def logged(scalars: Mapping[str, Any]) -> None:
+            # log()'s path: a closure, as a class with __getattr__ is slow at every attribute
+            dirty[0] = True
+            if rules:
+                aggregate(scalars)
+            else:
+                data.update(scalars)
+
+        object.__setattr__(self, "logged", logged)
+        """Take a logged row's scalars (``log()`` calls this)."""
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty[0]
+
+    def touch(self) -> None:
+        """Mark the summary changed: saved at the next flush."""
+        self._dirty[0] = True
 
     def _define(self, name: str, how: tuple[str, ...]) -> None:
         self._rules.insert(0, (name, how))
@@ -167,11 +188,7 @@ class Summary(MutableMapping):
             self._resolved[key] = how
             return how
 
-    def _logged(self, scalars: Mapping[str, Any]) -> None:
-        object.__setattr__(self, "dirty", True)
-        if not self._rules:
-            self._data.update(scalars)
-            return
+    def _aggregate(self, scalars: Mapping[str, Any]) -> None:
         for key, value in scalars.items():
             how = self._how(key)
             if how is None:
@@ -213,11 +230,11 @@ class Summary(MutableMapping):
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._data[key] = value
-        object.__setattr__(self, "dirty", True)
+        self._dirty[0] = True
 
     def __delitem__(self, key: str) -> None:
         del self._data[key]
-        object.__setattr__(self, "dirty", True)
+        self._dirty[0] = True
 
     def __iter__(self) -> Iterator[str]:
         return iter(dict(self._data))
@@ -226,7 +243,7 @@ class Summary(MutableMapping):
         return len(self._data)
 
     def snapshot(self) -> dict[str, Any]:
-        object.__setattr__(self, "dirty", False)
+        self._dirty[0] = False
         return {k: dict(v) if isinstance(v, dict) else v for k, v in self._data.items()}
 
     def __repr__(self) -> str:
@@ -247,7 +264,7 @@ _RUN_UNSUPPORTED = {
                        "gradexp.init(id=..., resume='allow')",
     "sweep_id": "gradexp has no sweeps: put the parameters in init(config=...)",
     "status": "read a run's status with gradexp.Api().run(ref).status",
-    "plot_table": "gradexp draws no custom charts: log a gradexp.Table and read it with Api().run(ref).media(key, step)",
+    "plot_table": "gradexp draws no custom charts: log a gradexp.Table, read it with Api().run(ref).media()",
     "upsert_artifact": "gradexp has no artifacts: log tensors with run.log()",
     "project_name": "use run.project",
 }
@@ -281,6 +298,7 @@ class Run:
         # or None, and log() merges it into the row it records.
         self._row_sources: list[Callable[[Keys], Prepared | None]] = []
         self.summary = Summary()
+        self._summary_logged = self.summary.logged
         if isinstance(config, argparse.Namespace):
             config = vars(config)
         if config is not None and not isinstance(config, Mapping):
@@ -368,6 +386,7 @@ class Run:
         self._keys.add({k: NUMBER if isinstance(v, (int, float)) else TEXT
                         for k, v in summary.items() if isinstance(v, (int, float, str)) and k not in self._keys.kinds})
         self.summary = Summary(summary)
+        self._summary_logged = self.summary.logged
         self.config = Config(self.dir / CONFIG_JSON, {**read_json(self.dir / CONFIG_JSON, {}), **config})
         for k in ("finished_at", "exit_code", "runtime", "error"):
             old.pop(k, None)
@@ -494,11 +513,6 @@ class Run:
         metrics[name] = entry
         self._set_meta(metrics=metrics)
 
-    def __getattr__(self, name: str) -> Any:
-        closest = _RUN_UNSUPPORTED.get(name)
-        if closest is None:
-            raise AttributeError(f"'Run' object has no attribute {name!r}")
-        raise AttributeError(f"gradexp does not support wandb's run.{name}; {closest}")
 
 
     # -- logging ---------------------------------------------------------------------------
@@ -569,7 +583,7 @@ class Run:
         if step > self._max_step:
             self._max_step = step
         if p.scalars:
-            self.summary._logged(p.scalars)
+            self._summary_logged(p.scalars)
         assert self._writer is not None  # rows reach _emit only from a run that writes
         self._writer.put_row(step, time.time(), p)
 
@@ -627,7 +641,7 @@ class Run:
             errors.append(f"the background writer failed: {self._writer.error!r}")
         warned = len(errors)
         try:
-            object.__setattr__(self.summary, "dirty", True)
+            self.summary.touch()
             self._save_summary()
         except Exception as e:  # a full disk, or a summary value assigned that JSON cannot hold
             errors.append(f"could not save {SUMMARY_JSON}: {e!r}")
@@ -682,6 +696,27 @@ def _named(data: Any, name: str | None,
     if missing:
         raise KeyNotFoundError(f"dimension_labels names {missing[0]!r}, which this log() call does not hold")
     return {k: Labelled(v, labels[k]) if k in labels else v for k, v in data.items()}
+
+
+class _Unsupported:
+    """A wandb Run attribute gradexp does not have: reading it raises AttributeError naming
+    the closest gradexp call. (A descriptor, not ``Run.__getattr__``: a class with
+    ``__getattr__`` pays for it at every attribute access, log()'s included.)"""
+
+    def __init__(self, closest: str) -> None:
+        self.closest = closest
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        raise AttributeError(f"gradexp does not support wandb's run.{self.name}; {self.closest}")
+
+
+for _name, _closest in _RUN_UNSUPPORTED.items():
+    _attr = _Unsupported(_closest)
+    _attr.__set_name__(Run, _name)
+    setattr(Run, _name, _attr)
 
 
 def _check_step(step: Any) -> int:
