@@ -155,7 +155,8 @@ class Summary(MutableMapping):
         object.__setattr__(self, "_rules", [])  # (name or glob, summaries), newest first
         object.__setattr__(self, "_resolved", {})  # key -> summaries (None: the last value)
         object.__setattr__(self, "_means", {})  # key -> (sum, count) of this process
-        data, dirty, rules, aggregate = self._data, self._dirty, self._rules, self._aggregate
+        values: dict[str, Any] = self._data
+        dirty, rules, aggregate = self._dirty, self._rules, self._aggregate
 
         def logged(scalars: Mapping[str, Any]) -> None:
             # log()'s path: a closure, as a class with __getattr__ is slow at every attribute
@@ -163,7 +164,7 @@ class Summary(MutableMapping):
             if rules:
                 aggregate(scalars)
             else:
-                data.update(scalars)
+                values.update(scalars)
 
         object.__setattr__(self, "logged", logged)
         """Take a logged row's scalars (``log()`` calls this)."""
