@@ -178,7 +178,8 @@ def test_flow_heatmap_opens_the_clicked_tensor(page, ui):
     heat.hover(position={"x": (21 + 0.5) / STEPS * box["width"], "y": (2 + 0.5) / 3 * box["height"]})
     assert page.locator("#panel-layers .gx-readout").inner_text().startswith("grad/fc2/weight · step 21 · L2 norm ")
     heat.click(position={"x": (21 + 0.5) / STEPS * box["width"], "y": (2 + 0.5) / 3 * box["height"]})
-    assert page.evaluate("() => window.__picked")[:2] == [["tensor", "grad/fc2/weight"], ["step", "grad/fc2/weight", 21]]
+    picked = page.evaluate("() => window.__picked")
+    assert picked[:2] == [["tensor", "grad/fc2/weight"], ["step", "grad/fc2/weight", 21]]
     # the scrubber loads the tensor's steps after the click: it must keep the clicked step, not jump to the last
     page.wait_for_function("() => window.__picked.length >= 3")
     assert {tuple(e) for e in page.evaluate("() => window.__picked")[1:]} == {("step", "grad/fc2/weight", 21)}

@@ -117,10 +117,12 @@ def shuffle_width(arr: np.ndarray) -> int:
 
 
 def tensor_ipc(key: str, steps: Sequence[int], stacked: np.ndarray, logical: np.dtype,
-               shape: tuple[int, ...], *, reuse: bool = False) -> pa.Buffer:
+               shape: tuple[int, ...], *, reuse: bool = False,
+               meta: dict[bytes, bytes] | None = None) -> pa.Buffer:
     """An IPC stream of one batch: ``step`` and ``key`` (fixed_shape_tensor), one row a step.
 
-    ``stacked`` holds the rows' snapshots, shape ``(len(steps), *shape)``.
+    ``stacked`` holds the rows' snapshots, shape ``(len(steps), *shape)``. ``meta`` (dimension
+    labels, a media kind: the same for every row) joins the field's metadata.
     """
     store = storage_view(stacked)
     phys_shape = store.shape[1:] or (1,)
@@ -130,7 +132,7 @@ def tensor_ipc(key: str, steps: Sequence[int], stacked: np.ndarray, logical: np.
     storage = pa.Array.from_buffers(pa.list_(value_type, size), len(steps), [None],
                                     children=[from_numpy(store.reshape(-1))])
     field = pa.field(key, ttype, nullable=False, metadata={
-        META_DTYPE: dtype_token(logical), META_SHAPE: json.dumps(list(shape))})
+        **(meta or {}), META_DTYPE: dtype_token(logical).encode(), META_SHAPE: json.dumps(list(shape)).encode()})
     schema = pa.schema([pa.field("step", pa.int64(), nullable=False), field])
     batch = pa.record_batch([from_numpy(np.asarray(steps, np.int64)),
                              pa.ExtensionArray.from_storage(ttype, storage)], schema=schema)
@@ -139,6 +141,13 @@ def tensor_ipc(key: str, steps: Sequence[int], stacked: np.ndarray, logical: np.
 
 def tensor_rows(raw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Decode a tensor frame: (steps, arrays), each array a writable view into ``raw``."""
+    steps, arrays, _ = tensor_frame(raw)
+    return steps, arrays
+
+
+def tensor_frame(raw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], dict[bytes, bytes]]:
+    """Decode a tensor frame: (steps, arrays, the field's metadata) -- the metadata holds
+    the logged dtype and shape, and dimension labels and a media kind where given."""
     batch = _read_batch(raw)
     field = batch.schema.field(1)
     meta = field.metadata or {}
@@ -158,7 +167,7 @@ def tensor_rows(raw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         if not logical.isnative and not is_ml_dtype(logical):
             a = a.astype(logical)
         arrays.append(a)
-    return steps, arrays
+    return steps, arrays, dict(meta)
 
 
 def history_ipc(batch: pa.RecordBatch) -> pa.Buffer:

@@ -11,6 +11,7 @@ from typing import Any
 from gradexp.core.errors import InvalidTypeError, InvalidValueError
 
 MODES = ("online", "offline", "disabled")
+PRECISIONS = ("", "fp32", "fp16", "bf16")
 MiB = 1 << 20
 
 
@@ -43,10 +44,17 @@ class Settings:
     """Threads that summarise and compress large tensors (NumPy and zstd release the GIL)."""
     small_tensor_bytes: int = 256 * 1024
     """Tensors below this size are batched, several steps to a frame."""
+    precision: str = ""
+    """Storage dtype of float tensors: ``""`` keeps the logged dtype (bit-exact); ``fp32``,
+    ``fp16`` or ``bf16`` store wider floats in that type, rounded to nearest (ties to even)
+    on the writer thread: lossy, and ``log()`` costs the same."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            raise InvalidValueError(f"precision must be one of fp32, fp16, bf16 (or '' for the logged "
+                                    f"dtype); got {self.precision!r}")
         for name in ("flush_interval", "part_max_age", "live_interval", "finish_timeout"):
             if not getattr(self, name) > 0:
                 raise InvalidValueError(f"{name} must be > 0; got {getattr(self, name)!r}")

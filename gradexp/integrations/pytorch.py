@@ -22,7 +22,7 @@ from gradexp.core.errors import UsageError
 from gradexp.write.run import Run, _merge, current
 from gradexp.write.values import TENSOR, TEXT, Keys, Prepared, Tensor, check_key
 
-__all__ = ["log_gradient_stats", "unwatch", "watch"]
+__all__ = ["log_gradient_stats", "log_model_tensors", "unwatch", "watch"]
 
 KINDS = {
     "gradients": ("grad",),
@@ -59,6 +59,7 @@ class _Captured(Tensor):
         self._array = array
         self._ready = ready
         self.logical = array.dtype
+        self.meta = None
 
     @property
     def array(self) -> np.ndarray:  # type: ignore[override]  # Tensor's field, read-only here: waits first
@@ -469,6 +470,19 @@ def log_gradient_stats(model: nn.Module, step: int | None = None, level: str = "
     data = {f"grad_stats/{name}/{s}": row[col[s]] for (name, _, _), row in zip(named, rows) for s in stats}
     current().log(data, step=step, commit=False)
     return data
+
+
+def log_model_tensors(model: nn.Module, step: int | None = None, *, gradients: bool = True) -> None:
+    """Log every parameter of ``model`` in full as ``param/<name>`` and, with ``gradients``,
+    each gradient that is set as ``grad/<name>`` (the keys of :func:`watch`), in the row of
+    the next ``log()`` (or at ``step``): the original gradexp package's call, once, where
+    :func:`watch` keeps them every step."""
+    data: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        data[f"param/{name}"] = _local(p.detach())
+        if gradients and p.grad is not None:
+            data[f"grad/{name}"] = _local(p.grad)
+    current().log(data, step=step, commit=False)
 
 
 _COLUMNS = ("grad_l2", "grad_max", "grad_std", "avg_abs_grad", "param_l2", "param_std",

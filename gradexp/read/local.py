@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
+from gradexp.core import media as _media
 from gradexp.core.errors import CorruptPartError, CorruptPartWarning, KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import BASE_COLUMNS, combine_history, select_keys
 from gradexp.core.layout import CONFIG_JSON, HISTORY, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, TENSORS, is_locked, read_json
@@ -46,6 +47,8 @@ class StoredRun:
     project = property(lambda self: self.meta.get("project"))
     tags = property(lambda self: self.meta.get("tags", []))
     notes = property(lambda self: self.meta.get("notes"))
+    group = property(lambda self: self.meta.get("group"))
+    job_type = property(lambda self: self.meta.get("job_type"))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -177,16 +180,30 @@ class StoredRun:
 
     def tensor(self, key: str, step: int) -> np.ndarray:
         """Tensor ``key`` at ``step``: bit-exact, in the dtype and shape it was logged with."""
+        return self._frame(key, step)[0]
+
+    def _frame(self, key: str, step: int) -> tuple[np.ndarray, dict[bytes, bytes]]:
+        """Tensor ``key`` at ``step`` and its frame's metadata (last write wins)."""
         frames = self._tensor_frames(key)
         if not frames:
             self._rows(key)  # raises the KeyError that names the keys
-        for path, info in reversed(frames):  # last write wins
+        for path, info in reversed(frames):
             if info.step_min <= step <= info.step_max:
-                steps, arrays = _arrow.tensor_rows(_format.read_frame(path, info))
+                steps, arrays, meta = _arrow.tensor_frame(_format.read_frame(path, info))
                 hits = np.flatnonzero(steps == step)
                 if hits.size:
-                    return arrays[int(hits[-1])]
+                    return arrays[int(hits[-1])], meta
         raise KeyNotFoundError(f"tensor {key!r} of run {self.id} has no step {step}")
+
+    def dims(self, key: str, step: int | None = None) -> tuple[str, ...] | None:
+        """The dimension labels tensor ``key`` was logged with (at ``step``, default its last
+        step), or None if it has none."""
+        return _media.labels(self._frame(key, self.steps(key)[-1] if step is None else step)[1])
+
+    def media(self, key: str, step: int) -> Any:
+        """What was logged under ``key`` at ``step``: a :class:`gradexp.Histogram`,
+        :class:`gradexp.Image` or :class:`gradexp.Table` as logged, else the tensor."""
+        return _media.from_frame(*self._frame(key, step))
 
     def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """``(step, array)`` for the given steps of ``key`` (default: every logged step), each
@@ -209,8 +226,6 @@ class StoredRun:
 
 # Sealed parts never change: their indexes are shared by every reader in the process.
 _SEALED: dict[Path, tuple[tuple[int, int], _format.PartScan]] = {}
-
-
 _SEALED_MAX = 100_000
 
 

@@ -14,6 +14,7 @@ import urllib3
 
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
+from gradexp.core import media as _media
 from gradexp.core.client import TRANSPORT_ERRORS, Client
 from gradexp.core.errors import ApiError, InvalidValueError, KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import BASE_COLUMNS
@@ -36,12 +37,12 @@ def _quote_key(key: str) -> str:
     return quote(key, safe="/").replace(".", "%2E")
 
 
-def _decode(frame: bytes | memoryview, what: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A frame as the server stores it (header and payload) as ``(steps, arrays)``."""
+def _decode(frame: bytes | memoryview, what: str) -> tuple[np.ndarray, list[np.ndarray], dict[bytes, bytes]]:
+    """A frame as the server stores it (header and payload) as ``(steps, arrays, metadata)``."""
     info = _format.parse_header(frame, 0, len(frame))
     if info is None:
         raise InvalidValueError(f"short frame from the server for {what}")
-    return _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:], what))
+    return _arrow.tensor_frame(_format.decode_payload(info, memoryview(frame)[info.header_len:], what))
 
 
 def _rows(batch: pa.RecordBatch) -> Iterator[tuple[list[int], memoryview]]:
@@ -124,6 +125,9 @@ class RemoteRun:
         """Always empty: a server stores no part without checking every frame of it."""
         return []
 
+    group = property(lambda self: self.meta.get("group"))
+    job_type = property(lambda self: self.meta.get("job_type"))
+
     def _refresh(self) -> dict[str, Any]:
         self.meta = self._get("", "the run's metadata").json()
         return self.meta
@@ -174,14 +178,27 @@ class RemoteRun:
 
     def tensor(self, key: str, step: int) -> np.ndarray:
         """One request; the server answers with one range read of the part holding it."""
+        return self._frame(key, step)[0]
+
+    def dims(self, key: str, step: int | None = None) -> tuple[str, ...] | None:
+        """The dimension labels tensor ``key`` was logged with (at ``step``, default its last
+        step), or None if it has none."""
+        return _media.labels(self._frame(key, self.steps(key)[-1] if step is None else step)[1])
+
+    def media(self, key: str, step: int) -> Any:
+        """What was logged under ``key`` at ``step``: a :class:`gradexp.Histogram`,
+        :class:`gradexp.Image` or :class:`gradexp.Table` as logged, else the tensor."""
+        return _media.from_frame(*self._frame(key, step))
+
+    def _frame(self, key: str, step: int) -> tuple[np.ndarray, dict[bytes, bytes]]:
         try:
             r = self._get(f"/tensors/{_quote_key(key)}", f"tensor {key!r} at step {step}", params={"step": step})
         except ApiError as e:
             if e.status == 404:
                 raise KeyNotFoundError(e.message) from None
             raise
-        steps, arrays = _decode(r.content, f"tensor {key!r} at step {step}")
-        return arrays[int(np.flatnonzero(steps == step)[-1])]
+        steps, arrays, meta = _decode(r.content, f"tensor {key!r} at step {step}")
+        return arrays[int(np.flatnonzero(steps == step)[-1])], meta
 
     def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """``(step, array)`` for the given steps (default: every logged step), in step order.
@@ -217,7 +234,7 @@ class RemoteRun:
                 with r:
                     for batch in pa.ipc.open_stream(r.raw):
                         for asked, frame in _rows(batch):
-                            got, arrays = _decode(frame, what)
+                            got, arrays, _ = _decode(frame, what)
                             for s in asked:
                                 yield s, arrays[int(np.flatnonzero(got == s)[-1])]
                                 last = s

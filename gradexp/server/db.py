@@ -101,6 +101,8 @@ def define_tables(md: sa.MetaData, version: int) -> None:
         sa.Column("exit_code", sa.Integer, nullable=True),
         sa.Column("history_object", sa.String(512), nullable=True),
         *since(2, sa.Column("heartbeat_at", _TIME, nullable=True)),
+        *since(7, sa.Column("run_group", sa.String(256), nullable=True),
+               sa.Column("job_type", sa.String(256), nullable=True)),
         sa.UniqueConstraint("project_id", "run_id", name="uq_runs_project_run"),
         *since(2, sa.Index("ix_runs_status", "status")),
     )
@@ -181,8 +183,8 @@ def define_tables(md: sa.MetaData, version: int) -> None:
 
 
 meta = sa.MetaData()
-SCHEMA_VERSION = 6
-"""The newest schema: Alembic revision ``0006`` in ``migrations/versions``."""
+SCHEMA_VERSION = 7
+"""The newest schema: Alembic revision ``0007`` in ``migrations/versions``."""
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 define_tables(meta, SCHEMA_VERSION)
 schema_version = meta.tables["gradexp_schema"]
@@ -462,15 +464,21 @@ def upsert_run(conn: Connection, entity: int, project: str, run_id: str, fields:
         if pk is None:
             raise RuntimeError(f"could not create run {project}/{run_id}")
     else:
+        if values.get("status") == "running":  # reopened (resumed): finished again later, history too
+            values.update(finished_at=None, exit_code=None, history_object=None)
         conn.execute(sa.update(runs).where(runs.c.id == pk).values(updated_at=now, heartbeat_at=now, **values))
     return pk
 
 
 def _run_values(fields: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in ("name", "notes", "status"):
+    for name in ("name", "notes", "job_type"):
         if name in fields:
             out[name] = fields[name]
+    if fields.get("status") is not None:  # null: as if not given
+        out["status"] = fields["status"]
+    if "group" in fields:
+        out["run_group"] = fields["group"]
     for name in ("tags", "config", "summary"):
         if name in fields:
             out[name] = json.dumps(fields[name])
@@ -502,6 +510,7 @@ def _run_dict(row: Any) -> dict[str, Any]:
     return {
         "entity": row["entity"], "project": row["project"], "id": row["run_id"], "name": row["name"],
         "status": status, "tags": json.loads(row["tags"] or "[]"), "notes": row["notes"],
+        "group": row["run_group"], "job_type": row["job_type"],
         "config": json.loads(row["config"] or "{}"), "summary": json.loads(row["summary"] or "{}"),
         "created_at": row["created_at"], "updated_at": row["updated_at"],
         "finished_at": row["finished_at"], "exit_code": row["exit_code"],

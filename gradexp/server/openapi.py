@@ -86,6 +86,8 @@ class RunPatch(_Body):
     name: RunName | None = None
     tags: list[Text] = Field(default_factory=list)
     notes: Text | None = None
+    group: RunName | None = Field(default=None, description="runs of one experiment (wandb's group)")
+    job_type: RunName | None = None
     config: JSONObject = Field(default_factory=dict)
     summary: JSONObject = Field(default_factory=dict)
 
@@ -94,6 +96,8 @@ class RunPut(RunPatch):
     """``PUT`` a run: create it, or replace the fields given."""
 
     created_at: FiniteNumber | None = Field(default=None, description="Unix seconds; now if not given")
+    status: Literal["running"] | None = Field(
+        default=None, description="running: reopen a finished run (a resumed run appends parts to it)")
 
 
 class FinishBody(_Body):

@@ -206,3 +206,36 @@ def browser_login(host: str, *, timeout: float = 300.0, open_browser: Callable[[
     finally:
         listener.shutdown()
         listener.server_close()
+
+
+def login(*, key: str | None = None, host: str | None = None, relogin: bool = False,
+          timeout: float = 300.0) -> bool:
+    """``gradexp.login()``: store an API key for ``host`` (default: ``$GRADEXP_HOST``, the
+    last login's, else the local default), checked against the server first. Without
+    ``key``, a key already stored is kept (unless ``relogin``), else the browser flow runs.
+    True once a key is stored; LoginError if the server refuses it or cannot be reached."""
+    import os
+
+    from gradexp.core import credentials as _auth
+    from gradexp.core.client import Client
+    from gradexp.core.errors import ApiError
+
+    host = _auth.normalize_host(host or os.environ.get("GRADEXP_HOST") or _auth.default_host()
+                                or _auth.DEFAULT_HOST)
+    if key is None:
+        if not relogin and _auth.stored(host):
+            return True
+        grant = browser_login(host, timeout=timeout)
+        if grant is None:
+            raise LoginError(f"no browser could be opened to sign in to {host}; pass the key: "
+                             f"gradexp.login(key=...) (keys are shown at {manual_url(host)})")
+        _auth.store(host, grant.api_key, user=grant.user, entity=grant.entity)
+        return True
+    try:
+        viewer = Client(host, key, timeout=15).json("GET", "/viewer", retry=False)
+    except ApiError as e:
+        raise LoginError(f"{host} does not accept that API key ({e.message})") from None
+    except Exception as e:
+        raise LoginError(f"cannot reach a gradexp server at {host}: {e}") from None
+    _auth.store(host, key, user=viewer["user"], entity=viewer["entity"])
+    return True

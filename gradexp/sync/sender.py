@@ -68,7 +68,7 @@ class Uploader:
         self.report = report
         self._log = self.dir / UPLOADED_LOG
         self.uploaded, self.finished = self._read_log()
-        self._meta_stamp: tuple[float, float] | None = None
+        self._meta_stamp: tuple[int, int, int] | None = None
         self._last_beat = 0.0
         self.sent_bytes = 0
         self._lock = threading.Lock()
@@ -112,27 +112,29 @@ class Uploader:
 
     def put_run(self, *, deadline: float | None = None) -> None:
         m = self.meta
+        # status "running" reopens a run finished on the server: a resumed run appends to it.
         self.client.request("PUT", self.path, deadline=deadline, json={
-            "name": m.get("name"), "tags": m.get("tags", []), "notes": m.get("notes"),
-            "created_at": m.get("created_at"), "config": read_json(self.dir / CONFIG_JSON, {}),
-            "summary": read_json(self.dir / SUMMARY_JSON, {})})
+            **_described(m), "created_at": m.get("created_at"), "status": "running",
+            "config": read_json(self.dir / CONFIG_JSON, {}), "summary": read_json(self.dir / SUMMARY_JSON, {})})
         self._meta_stamp = self._stamp()
 
-    def _stamp(self) -> tuple[float, float]:
-        def mtime(name: str) -> float:
+    def _stamp(self) -> tuple[int, int, int]:
+        def mtime(name: str) -> int:
             try:
-                return (self.dir / name).stat().st_mtime
+                return (self.dir / name).stat().st_mtime_ns
             except FileNotFoundError:
-                return 0.0
-        return mtime(CONFIG_JSON), mtime(SUMMARY_JSON)
+                return 0
+        return mtime(CONFIG_JSON), mtime(SUMMARY_JSON), mtime(RUN_JSON)
 
     def sync_meta(self, *, deadline: float | None = None) -> None:
-        """Send config and summary if they changed; otherwise a heartbeat every 30 s."""
+        """Send config, summary, name, tags and notes if they changed; otherwise a heartbeat
+        every 30 s."""
         stamp = self._stamp()
         now = time.monotonic()
         if stamp != self._meta_stamp:
+            meta = read_json(self.dir / RUN_JSON, self.meta)
             self.client.request("PATCH", self.path, deadline=deadline, json={
-                "config": read_json(self.dir / CONFIG_JSON, {}),
+                **_described(meta), "config": read_json(self.dir / CONFIG_JSON, {}),
                 "summary": read_json(self.dir / SUMMARY_JSON, {})})
             self._meta_stamp = stamp
             self._last_beat = now
@@ -235,6 +237,12 @@ class Uploader:
             raise RuntimeError(f"run {self.dir} is still running")
         return [_format.recover_part(p, report=lambda r: self.report(str(r)))
                 for p in _format.list_parts(self.dir / PARTS) if p.name.endswith(_format.OPEN_SUFFIX)]
+
+
+def _described(meta: dict[str, Any]) -> dict[str, Any]:
+    """What run.json says of a run that the server keeps: name, tags, notes, group, job type."""
+    return {"name": meta.get("name"), "tags": meta.get("tags", []), "notes": meta.get("notes"),
+            "group": meta.get("group"), "job_type": meta.get("job_type")}
 
 
 def final_status(meta: dict[str, Any]) -> tuple[str, int | None]:
@@ -342,7 +350,7 @@ def _serve(hello: dict[str, Any], run_dir: Path) -> None:
         if not registered:
             up.put_run()
             registered = True
-            _emit("registered", url=up.url)
+            _emit("registered", url=up.url, entity=entity)
         up.upload_pending()
         up.sync_meta()
         if commands:

@@ -6,6 +6,7 @@ import argparse
 import atexit
 import dataclasses
 import errno
+import fnmatch
 import json
 import os
 import platform
@@ -16,16 +17,34 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from gradexp._version import __version__
-from gradexp.core.errors import GradexpWarning, InvalidTypeError, InvalidValueError, UsageError
-from gradexp.core.layout import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, check_name, to_jsonable, write_json
+from gradexp.core.errors import (
+    GradexpWarning,
+    InvalidTypeError,
+    InvalidValueError,
+    KeyNotFoundError,
+    RunNotFoundError,
+    UsageError,
+)
+from gradexp.core.layout import (
+    CONFIG_JSON,
+    HISTORY,
+    LOCK,
+    PARTS,
+    RUN_JSON,
+    SUMMARY_JSON,
+    TENSORS,
+    check_name,
+    to_jsonable,
+    write_json,
+)
 from gradexp.core.limits import INT_MAX, exit_code_for_record
 from gradexp.core.settings import Settings, resolve
-from gradexp.write.values import Keys, Prepared, prepare
+from gradexp.write.values import NUMBER, TENSOR, TEXT, Keys, Prepared, prepare
 
 try:
     import fcntl
@@ -41,11 +60,12 @@ def new_run_id() -> str:
 
 
 class Config(MutableMapping):
-    """The run's configuration; every change is saved to ``config.json`` at once."""
+    """The run's configuration; every change is saved to ``config.json`` at once (and, online,
+    sent to the server). Keys read and set as items or attributes: ``config.lr = 0.1``."""
 
     def __init__(self, path: Path | None, data: Mapping[str, Any]) -> None:
-        self._path = path
-        self._data = dict(data)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_data", dict(data))
         self._check(self._data)
         self._save()
 
@@ -73,12 +93,34 @@ class Config(MutableMapping):
         del self._data[key]
         self._save()
 
-    def update(self, other: Any = (), /, **kw: Any) -> None:
-        """Merge and save once (not once per key)."""
+    def update(self, other: Any = (), /, allow_val_change: bool = True, **kw: Any) -> None:
+        """Merge and save once (not once per key). Values may always change
+        (``allow_val_change`` is accepted for wandb scripts)."""
+        if isinstance(other, argparse.Namespace):
+            other = vars(other)
         new = dict(other, **kw)
         self._check(new)
         self._data.update(new)
         self._save()
+
+    def setdefaults(self, other: Mapping[str, Any]) -> None:
+        """Set the keys of ``other`` that are not set yet (wandb's ``config.setdefaults``)."""
+        self.update({k: v for k, v in other.items() if k not in self._data})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._data)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key.startswith("_"):
+            raise AttributeError(f"config keys starting with '_' are not settable as attributes "
+                                 f"({key!r}); use config[{key!r}] = ...")
+        self.update({key: value})
+
+    def __delattr__(self, key: str) -> None:
+        try:
+            del self[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._data)
@@ -96,27 +138,104 @@ class Config(MutableMapping):
         return f"Config({self._data!r})"
 
 
+SUMMARIES = ("min", "max", "mean", "last", "first", "none")
+"""What ``define_metric(summary=...)`` keeps of a metric (several: ``"min,max"``)."""
+_NUMBER = (int, float)
+
+
 class Summary(MutableMapping):
-    """Last value of each logged scalar, unless assigned; saved at each flush and at finish."""
+    """Last value of each logged scalar (or what :meth:`Run.define_metric` asks for: the
+    ``{"min": ...}`` of a metric), unless assigned; saved at each flush and at finish.
+    Keys read and set as items or attributes: ``summary.best = 0.1``."""
 
-    def __init__(self) -> None:
-        self._data: dict[str, Any] = {}
-        self.dirty = False
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_data", dict(data or {}))
+        # Changed since the last snapshot; a list, so log() sets it without a __setattr__ call.
+        object.__setattr__(self, "_dirty", [False])
+        object.__setattr__(self, "_rules", [])  # (name or glob, summaries), newest first
+        object.__setattr__(self, "_resolved", {})  # key -> summaries (None: the last value)
+        object.__setattr__(self, "_means", {})  # key -> (sum, count) of this process
+        values: dict[str, Any] = self._data
+        dirty, rules, aggregate = self._dirty, self._rules, self._aggregate
 
-    def _logged(self, scalars: Mapping[str, Any]) -> None:
-        self._data.update(scalars)
-        self.dirty = True
+        def logged(scalars: Mapping[str, Any]) -> None:
+            # log()'s path: a closure, as a class with __getattr__ is slow at every attribute
+            dirty[0] = True
+            if rules:
+                aggregate(scalars)
+            else:
+                values.update(scalars)
+
+        object.__setattr__(self, "logged", logged)
+        """Take a logged row's scalars (``log()`` calls this)."""
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty[0]
+
+    def touch(self) -> None:
+        """Mark the summary changed: saved at the next flush."""
+        self._dirty[0] = True
+
+    def _define(self, name: str, how: tuple[str, ...]) -> None:
+        self._rules.insert(0, (name, how))
+        self._resolved.clear()
+
+    def _how(self, key: str) -> tuple[str, ...] | None:
+        try:
+            return self._resolved[key]
+        except KeyError:
+            how = next((h for pattern, h in self._rules if fnmatch.fnmatchcase(key, pattern)), None)
+            self._resolved[key] = how
+            return how
+
+    def _aggregate(self, scalars: Mapping[str, Any]) -> None:
+        for key, value in scalars.items():
+            how = self._how(key)
+            if how is None:
+                self._data[key] = value
+                continue
+            if not how or not isinstance(value, _NUMBER) and not hasattr(value, "dtype"):
+                if how:  # a string under a numeric summary: its last value
+                    self._data[key] = value
+                continue
+            entry = self._data.get(key)
+            if not isinstance(entry, dict):
+                entry = self._data[key] = {}
+            v = value.item() if hasattr(value, "item") else value
+            for agg in how:
+                old = entry.get(agg)
+                if agg == "last" or old is None and agg != "mean":
+                    if agg != "first" or "first" not in entry:
+                        entry[agg] = v
+                elif agg == "min" and v < old or agg == "max" and v > old:
+                    entry[agg] = v
+                elif agg == "mean":
+                    total, n = self._means.get(key, (0.0, 0))
+                    self._means[key] = (total + v, n + 1)
+                    entry["mean"] = (total + v) / (n + 1)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["_data"][key]
+        except KeyError:
+            raise AttributeError(f"the summary has no key {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key.startswith("_"):
+            raise AttributeError(f"summary keys starting with '_' are not settable as attributes ({key!r})")
+        self[key] = value
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._data[key] = value
-        self.dirty = True
+        self._dirty[0] = True
 
     def __delitem__(self, key: str) -> None:
         del self._data[key]
-        self.dirty = True
+        self._dirty[0] = True
 
     def __iter__(self) -> Iterator[str]:
         return iter(dict(self._data))
@@ -125,11 +244,32 @@ class Summary(MutableMapping):
         return len(self._data)
 
     def snapshot(self) -> dict[str, Any]:
-        self.dirty = False
-        return self._data.copy()
+        self._dirty[0] = False
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self._data.items()}
 
     def __repr__(self) -> str:
         return f"Summary({self._data!r})"
+
+
+_RUN_UNSUPPORTED = {
+    "log_artifact": "gradexp has no artifacts: log tensors with run.log(), or keep files in run.dir",
+    "use_artifact": "gradexp has no artifacts: read another run's tensors with gradexp.Api().run(ref)",
+    "link_artifact": "gradexp has no artifacts or registry: refer to runs as 'entity/project/run_id'",
+    "log_model": "gradexp has no model registry: log the weights with gradexp.log_model_tensors(model)",
+    "use_model": "gradexp has no model registry: read weights back with gradexp.Api().run(ref).tensor(key, step)",
+    "save": "gradexp does not upload files: keep them in run.dir; log arrays with run.log()",
+    "restore": "gradexp does not store files: read logged values with gradexp.Api().run(ref)",
+    "log_code": "gradexp does not save code: run.json records sys.argv",
+    "alert": "gradexp sends no alerts: watch the run with gradexp.Api().run(ref).summary",
+    "mark_preempting": "a run killed unfinished is marked crashed; continue it with "
+                       "gradexp.init(id=..., resume='allow')",
+    "sweep_id": "gradexp has no sweeps: put the parameters in init(config=...)",
+    "status": "read a run's status with gradexp.Api().run(ref).status",
+    "plot_table": "gradexp draws no custom charts: log a gradexp.Table, read it with Api().run(ref).media()",
+    "upsert_artifact": "gradexp has no artifacts: log tensors with run.log()",
+    "project_name": "use run.project",
+}
+"""wandb Run attributes gradexp does not have, with the closest gradexp call."""
 
 
 class Run:
@@ -137,27 +277,29 @@ class Run:
 
     def __init__(self, project: str | None = None, *, name: str | None = None, id: str | None = None,
                  config: Mapping[str, Any] | argparse.Namespace | None = None,
-                 tags: list[str] | tuple[str, ...] | None = None, notes: str | None = None,
-                 settings: Settings) -> None:
+                 tags: Sequence[str] | None = None, notes: str | None = None,
+                 group: str | None = None, job_type: str | None = None, entity: str | None = None,
+                 resume: str | None = None, settings: Settings) -> None:
         self.settings = settings
         self.project = check_name("project", project or DEFAULT_PROJECT)
         self.id = check_name("run id", id) if id is not None else new_run_id()
-        self.name = name if name is not None else self.id
-        self.tags = [str(t) for t in (tags or ())]
-        self.notes = notes
+        self.entity = check_name("entity", entity) if entity is not None else None
         self.start_time = time.time()
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._meta_lock = threading.Lock()
         self._keys = Keys()
         self._step = 0
         self._max_step = -1
         self._pending: Prepared | None = None
         self._warned: set[str] = set()
         self._finished = False
+        self.resumed = False
         # Rows captured outside log() (gradexp.watch): each source hands over what it holds,
         # or None, and log() merges it into the row it records.
         self._row_sources: list[Callable[[Keys], Prepared | None]] = []
         self.summary = Summary()
+        self._summary_logged = self.summary.logged
         if isinstance(config, argparse.Namespace):
             config = vars(config)
         if config is not None and not isinstance(config, Mapping):
@@ -172,34 +314,207 @@ class Run:
             self.settings = settings
         self.disabled = settings.mode == "disabled"
         self._sender: Any = None
+        self._meta: dict[str, Any] = {
+            "id": self.id, "name": self.id, "project": self.project, "tags": [],
+            "notes": None, "group": group, "job_type": job_type, "status": "running",
+            "created_at": self.start_time, "host": socket.gethostname(), "pid": self._pid,
+            "python": platform.python_version(), "gradexp": __version__, "format": 1, "argv": sys.argv,
+        }
         if self.disabled:
             self.dir = None
             self.config = Config(None, config or {})
+            self._set_meta(name=name, tags=tags, notes=notes)
             self._writer = None
             return
         self.dir = (settings.dir / self.project / self.id).absolute()
-        try:
-            (self.dir / PARTS).mkdir(parents=True, exist_ok=False)
-        except FileExistsError:
-            raise FileExistsError(f"run folder {self.dir} exists already; pick another run id") from None
-        self._lock_fd = _hold_lock(self.dir / LOCK)
-        self._meta: dict[str, Any] = {
-            "id": self.id, "name": self.name, "project": self.project, "tags": self.tags,
-            "notes": notes, "status": "running", "created_at": self.start_time,
-            "host": socket.gethostname(), "pid": self._pid, "python": platform.python_version(),
-            "gradexp": __version__, "format": 1, "argv": sys.argv,
-        }
-        write_json(self.dir / RUN_JSON, self._meta)
-        self.config = Config(self.dir / CONFIG_JSON, config or {})
+        exists = (self.dir / RUN_JSON).is_file()
+        if exists and resume in (None, "never"):
+            raise FileExistsError(f"run folder {self.dir} exists already; pick another run id, or "
+                                  "continue the run with init(id=..., resume='allow')")
+        if not exists and resume == "must":
+            raise RunNotFoundError(f"resume='must': there is no run {self.project}/{self.id} under "
+                                   f"{settings.dir} to continue")
+        first_seq: dict[str, int] | None = None
+        if exists:
+            first_seq = self._resume(config or {})
+        else:
+            try:
+                (self.dir / PARTS).mkdir(parents=True, exist_ok=False)
+            except FileExistsError:
+                raise FileExistsError(f"run folder {self.dir} exists already; pick another run id") from None
+            self._lock_fd = _hold_lock(self.dir / LOCK)
+            self.config = Config(self.dir / CONFIG_JSON, config or {})
+        self._set_meta(name=name, tags=tags, notes=notes, group=group, job_type=job_type)
         from gradexp.write.writer import Writer
 
-        self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary)
+        self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary,
+                              first_seq=first_seq)
         if settings.mode == "online":
             from gradexp.write.sender_process import Sender
 
             # A separate process: uploads never make the training loop wait, and it
             # finishes the upload (marking the run crashed) if this process dies.
-            self._sender = Sender(self.dir, settings.host, settings.api_key)
+            self._sender = Sender(self.dir, settings.host, settings.api_key, entity=self.entity)
+
+    def _resume(self, config: Mapping[str, Any]) -> dict[str, int]:
+        """Continue the run in :attr:`dir`: take its lock, seal what a crash left open, and
+        carry on after its last step, its parts, config, summary and metadata."""
+        from gradexp.core import format as _format
+        from gradexp.core.layout import read_json
+
+        assert self.dir is not None
+        try:
+            self._lock_fd = _hold_lock(self.dir / LOCK)
+        except BlockingIOError:
+            raise UsageError(f"run {self.project}/{self.id} is still running in another process "
+                             f"({self.dir}); it can be resumed once that has finished or died") from None
+        for part in _format.list_parts(self.dir / PARTS):
+            if part.name.endswith(_format.OPEN_SUFFIX):
+                _format.recover_part(part)
+        seqs = {HISTORY: 0, TENSORS: 0}
+        last = -1
+        for part in _format.list_parts(self.dir / PARTS):
+            stream, _, seq = part.name[:-len(_format.PART_SUFFIX)].rpartition("-")
+            if stream in seqs:
+                seqs[stream] = max(seqs[stream], int(seq) + 1)
+            for info in _format.scan_part(part).frames:
+                last = max(last, info.step_max)
+                if info.kind == _format.KIND_TENSOR:
+                    self._keys.add({info.key: TENSOR})
+        old = read_json(self.dir / RUN_JSON, {})
+        summary = read_json(self.dir / SUMMARY_JSON, {})
+        # Scalars' kinds from their last values: a key keeps its kind across a resume.
+        self._keys.add({k: NUMBER if isinstance(v, (int, float)) else TEXT
+                        for k, v in summary.items() if isinstance(v, (int, float, str)) and k not in self._keys.kinds})
+        self.summary = Summary(summary)
+        self._summary_logged = self.summary.logged
+        self.config = Config(self.dir / CONFIG_JSON, {**read_json(self.dir / CONFIG_JSON, {}), **config})
+        for k in ("finished_at", "exit_code", "runtime", "error"):
+            old.pop(k, None)
+        self.start_time = old.get("created_at", self.start_time)
+        self._meta.update({k: v for k, v in old.items() if k not in ("status", "host", "pid", "argv", "python")})
+        self._meta["resumed_at"] = [*old.get("resumed_at", []), time.time()]
+        self._step = last + 1
+        self._max_step = last
+        self.resumed = True
+        return seqs
+
+    # -- metadata (run.json) -------------------------------------------------------------------
+
+    def _set_meta(self, **fields: Any) -> None:
+        """Set and save run.json fields given (None: keep)."""
+        new = {k: v for k, v in fields.items() if v is not None}
+        if "tags" in new:
+            tags = new["tags"]
+            if isinstance(tags, str) or not isinstance(tags, (list, tuple, set, frozenset)):
+                raise InvalidTypeError(f"tags must be a list of str; got {type(tags).__name__}")
+            new["tags"] = [str(t) for t in tags]
+        for k in ("name", "notes", "group", "job_type"):
+            if k in new and not isinstance(new[k], str):
+                raise InvalidTypeError(f"run {k} must be a str; got {type(new[k]).__name__}")
+        if self._finished:
+            raise UsageError(f"run {self.id} is finished: its metadata can no longer change (resume it "
+                             "with gradexp.init(id=..., resume='allow'))")
+        with self._meta_lock:
+            self._meta.update(new)
+            if self.dir is not None:
+                write_json(self.dir / RUN_JSON, self._meta)
+
+    @property
+    def name(self) -> str:
+        """The run's display name (default: its id); setting it saves it."""
+        return self._meta["name"]
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._set_meta(name=value)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The run's tags; assign a new sequence to change them (``run.tags += ("best",)``)."""
+        return tuple(self._meta["tags"])
+
+    @tags.setter
+    def tags(self, value: Sequence[str]) -> None:
+        self._set_meta(tags=value)
+
+    @property
+    def notes(self) -> str | None:
+        return self._meta["notes"]
+
+    @notes.setter
+    def notes(self, value: str) -> None:
+        self._set_meta(notes=value)
+
+    @property
+    def group(self) -> str | None:
+        """The group given to ``init(group=...)`` (runs of one experiment)."""
+        return self._meta.get("group")
+
+    @property
+    def job_type(self) -> str | None:
+        return self._meta.get("job_type")
+
+    @property
+    def path(self) -> str:
+        """``entity/project/id`` (``project/id`` while the entity is unknown)."""
+        entity = self._entity()
+        return f"{entity}/{self.project}/{self.id}" if entity else f"{self.project}/{self.id}"
+
+    @property
+    def offline(self) -> bool:
+        return self._sender is None
+
+    @property
+    def url(self) -> str | None:
+        """The run's page on the server (``<host>/<entity>/<project>/<id>``); None offline."""
+        if self._sender is None:
+            return None
+        entity = self._entity()
+        if entity is None:
+            return None
+        return f"{self.settings.host.rstrip('/')}/{entity}/{self.project}/{self.id}"
+
+    def get_url(self) -> str | None:
+        return self.url
+
+    def _entity(self) -> str | None:
+        """The entity given to init(), else the one the sender registered the run under."""
+        if self.entity is None and self._sender is not None:
+            self.entity = self._sender.entity(timeout=30.0)
+        return self.entity
+
+    def define_metric(self, name: str, step_metric: str | None = None, *, summary: str | None = None,
+                      goal: str | None = None, hidden: bool | None = None, step_sync: bool | None = None,
+                      overwrite: bool | None = None) -> None:
+        """Say what the summary keeps of ``name`` (a key, or a glob such as ``"val/*"``):
+        ``summary="min"``, ``"max"``, ``"mean"``, ``"last"``, ``"first"``, several joined by
+        commas, or ``"none"`` (the summary leaves it out). The summary then holds
+        ``{"min": ..., ...}`` under the key, as wandb's does. ``step_metric`` (the key to
+        chart it against) and ``goal`` are saved in ``run.json`` (``metrics``) for readers.
+        ``hidden``, ``step_sync`` and ``overwrite`` are accepted; gradexp has nothing to hide
+        and does not add the step metric to rows.
+        """
+        if not isinstance(name, str) or not name:
+            raise InvalidTypeError(f"define_metric name must be a non-empty str; got {name!r}")
+        how: tuple[str, ...] | None = None
+        if summary is not None:
+            parts = tuple(p.strip() for p in summary.split(",") if p.strip())
+            bad = [p for p in parts if p not in SUMMARIES]
+            if bad or not parts or ("none" in parts and len(parts) > 1):
+                raise InvalidValueError(f"define_metric({name!r}, summary={summary!r}): summary must be "
+                                        f"one or more of {', '.join(SUMMARIES[:-1])} joined by ',', or 'none'")
+            how = () if parts == ("none",) else parts
+            self.summary._define(name, how)
+        if goal is not None and goal not in ("minimize", "maximize"):
+            raise InvalidValueError(f"define_metric({name!r}, goal={goal!r}): goal must be 'minimize' or 'maximize'")
+        entry = {k: v for k, v in (("step_metric", step_metric), ("summary", summary), ("goal", goal))
+                 if v is not None}
+        metrics = dict(self._meta.get("metrics", {}))
+        metrics[name] = entry
+        self._set_meta(metrics=metrics)
+
+
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -208,14 +523,22 @@ class Run:
         """The step the next ``log()`` without ``step=`` goes to."""
         return self._step
 
-    def log(self, data: Mapping[str, Any], step: int | None = None, commit: bool = True) -> None:
+    def log(self, data: Mapping[str, Any] | Any, step: int | None = None, commit: bool = True, *,
+            name: str | None = None, dimension_labels: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+            ) -> None:
         """Record ``data`` at ``step`` (default: the current step).
 
         Nested dicts flatten to ``a/b`` keys. ``commit=False`` keeps the row open so
         later calls at the same step merge into it. A step lower than the current one
         is recorded with one warning; readers return rows in step order and keep the
         last write of a (step, key).
+
+        As in the original gradexp package, ``log(tensor, name="w", dimension_labels=["in",
+        "out"])`` is ``log({"w": tensor})`` with the tensor's dimensions named (readers:
+        ``dims(key)``); with a dict, ``dimension_labels`` maps keys to their labels.
         """
+        if name is not None or dimension_labels is not None:
+            data = _named(data, name, dimension_labels)
         # a disabled run has no writer (the same test as self.disabled, and it narrows the type)
         if self._finished or self._writer is None or self._pid != _pid or self._writer.error:
             return self._inactive_log()
@@ -261,7 +584,7 @@ class Run:
         if step > self._max_step:
             self._max_step = step
         if p.scalars:
-            self.summary._logged(p.scalars)
+            self._summary_logged(p.scalars)
         assert self._writer is not None  # rows reach _emit only from a run that writes
         self._writer.put_row(step, time.time(), p)
 
@@ -319,7 +642,7 @@ class Run:
             errors.append(f"the background writer failed: {self._writer.error!r}")
         warned = len(errors)
         try:
-            self.summary.dirty = True
+            self.summary.touch()
             self._save_summary()
         except Exception as e:  # a full disk, or a summary value assigned that JSON cannot hold
             errors.append(f"could not save {SUMMARY_JSON}: {e!r}")
@@ -353,6 +676,48 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<gradexp.Run {self.project}/{self.id} name={self.name!r} dir={self.dir}>"
+
+
+def _named(data: Any, name: str | None,
+           labels: Sequence[str] | Mapping[str, Sequence[str]] | None) -> dict[str, Any]:
+    """The dict ``log(value, name=..., dimension_labels=...)`` stands for."""
+    from gradexp.core.media import Labelled
+
+    if name is not None:
+        if isinstance(data, Mapping):
+            raise InvalidTypeError("log(..., name=...) names one value; pass the value, not a dict")
+        if isinstance(labels, Mapping):
+            raise InvalidTypeError(f"log(value, name={name!r}): dimension_labels must be a list of labels")
+        return {name: data if labels is None else Labelled(data, labels)}
+    if not isinstance(data, Mapping):
+        raise InvalidTypeError(f"log() takes a dict of values, or one value with name=...; got {type(data).__name__}")
+    if not isinstance(labels, Mapping):
+        raise InvalidTypeError("log(dict, dimension_labels=...): give a dict of key -> labels")
+    missing = [k for k in labels if k not in data]
+    if missing:
+        raise KeyNotFoundError(f"dimension_labels names {missing[0]!r}, which this log() call does not hold")
+    return {k: Labelled(v, labels[k]) if k in labels else v for k, v in data.items()}
+
+
+class _Unsupported:
+    """A wandb Run attribute gradexp does not have: reading it raises AttributeError naming
+    the closest gradexp call. (A descriptor, not ``Run.__getattr__``: a class with
+    ``__getattr__`` pays for it at every attribute access, log()'s included.)"""
+
+    def __init__(self, closest: str) -> None:
+        self.closest = closest
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        raise AttributeError(f"gradexp does not support wandb's run.{self.name}; {self.closest}")
+
+
+for _name, _closest in _RUN_UNSUPPORTED.items():
+    _attr = _Unsupported(_closest)
+    _attr.__set_name__(Run, _name)
+    setattr(Run, _name, _attr)
 
 
 def _check_step(step: Any) -> int:
@@ -416,24 +781,102 @@ _uncaught: list[BaseException] = []
 _exit_code: list[int] = []  # what the main thread last passed to sys.exit()
 
 
-def init(project: str | None = None, *, name: str | None = None, id: str | None = None,
+_INIT_UNSUPPORTED = {
+    "save_code": "gradexp does not save code; run.json records sys.argv",
+    "sync_tensorboard": "gradexp does not read TensorBoard logs; call gradexp.log() where you write them",
+    "tensorboard": "gradexp does not read TensorBoard logs; call gradexp.log() where you write them",
+    "monitor_gym": "gradexp does not record gym videos; log frames with gradexp.Image",
+    "anonymous": "gradexp has no anonymous mode; runs are offline until `gradexp login`",
+    "magic": "gradexp has no magic mode; call gradexp.watch(model, optimizer)",
+    "fork_from": "gradexp cannot fork runs; continue one with init(id=..., resume='allow')",
+    "resume_from": "gradexp cannot rewind runs; continue one with init(id=..., resume='allow')",
+    "config_exclude_keys": "filter the dict you pass as init(config=...)",
+    "config_include_keys": "filter the dict you pass as init(config=...)",
+    "force": "gradexp runs offline without a login: use mode='online' to need a server",
+}
+"""wandb ``init()`` arguments gradexp does not take, with the closest gradexp call."""
+RESUME = ("allow", "must", "never")
+REINIT = ("default", "create_new", "finish_previous", "return_previous")
+
+
+def init(project: str | None = None, *, entity: str | None = None, name: str | None = None,
          config: Mapping[str, Any] | argparse.Namespace | None = None,
-         tags: list[str] | tuple[str, ...] | None = None, notes: str | None = None,
+         tags: Sequence[str] | None = None, notes: str | None = None, group: str | None = None,
+         job_type: str | None = None, id: str | None = None, resume: bool | str | None = None,
          dir: str | os.PathLike[str] | None = None, mode: str | None = None,
-         **settings: Any) -> Run:
+         reinit: bool | str | None = None, project_name: str | None = None, run_name: str | None = None,
+         precision: str | None = None, allow_val_change: bool | None = None,
+         settings: Settings | None = None, **kwargs: Any) -> Run:
     """Start a run and make it the target of :func:`gradexp.log`.
 
     Returns in milliseconds and needs no network. ``mode`` is ``"offline"`` (the
-    default) or ``"disabled"`` (every call a no-op). The run folder is
-    ``<dir>/<project>/<id>``, ``dir`` defaulting to ``$GRADEXP_DIR`` or ``./gradexp-runs``.
-    Further keyword arguments are :class:`gradexp.Settings` fields.
+    default), ``"online"`` (the default once a server is configured) or ``"disabled"``
+    (every call a no-op). The run folder is ``<dir>/<project>/<id>``, ``dir`` defaulting to
+    ``$GRADEXP_DIR`` or ``./gradexp-runs``.
+
+    ``resume``: ``"allow"`` (or True) continues the run ``id`` if it exists, ``"must"``
+    requires it to, ``"never"`` (and None) refuses an existing id. A continued run appends
+    to its folder (and its run on the server), its steps going on after its last one.
+    ``reinit``: None and ``"create_new"`` start another run beside any active one (the
+    newest gets :func:`gradexp.log`); True and ``"finish_previous"`` finish active runs
+    first; False and ``"return_previous"`` return the active run if there is one.
+    ``project_name``, ``run_name`` and ``precision`` are the original gradexp package's
+    names (``precision``: see :attr:`Settings.precision`). Further keyword arguments, or a
+    ``settings=gradexp.Settings(...)``, are :class:`gradexp.Settings` fields.
     """
-    s = resolve({"dir": dir, "mode": mode, **settings})
-    run = Run(project, name=name, id=id, config=config, tags=tags, notes=notes, settings=s)
+    for arg, closest in _INIT_UNSUPPORTED.items():
+        if kwargs.get(arg) not in (None, False):
+            raise InvalidTypeError(f"gradexp.init() does not support wandb's {arg}=; {closest}")
+        kwargs.pop(arg, None)
+    project = _alias("project", project, "project_name", project_name)
+    name = _alias("name", name, "run_name", run_name)
+    if resume is True:
+        resume = "allow"
+    elif resume is False:
+        resume = None
+    if resume is not None and resume not in RESUME:
+        raise InvalidValueError(f"resume must be one of {', '.join(RESUME)} (or True/False); got {resume!r}"
+                                + ("; gradexp continues a run only by its id: init(id=..., resume='allow')"
+                                   if resume == "auto" else ""))
+    if resume == "must" and id is None:
+        raise InvalidValueError("resume='must' needs the id of the run to continue: init(id=..., resume='must')")
+    if reinit is True:
+        reinit = "finish_previous"
+    elif reinit is False:
+        reinit = "return_previous"
+    if reinit is not None and reinit not in REINIT:
+        raise InvalidValueError(f"reinit must be one of {', '.join(REINIT)} (or True/False); got {reinit!r}")
+    if reinit == "return_previous":
+        try:
+            return current()
+        except UsageError:
+            pass
+    elif reinit == "finish_previous":
+        for old in [r for r in _runs if r._pid == _pid]:
+            old.finish()
+    overrides: dict[str, Any] = {}
+    if settings is not None:
+        if not isinstance(settings, Settings):
+            raise InvalidTypeError(f"settings= must be a gradexp.Settings; got {type(settings).__name__} "
+                                   "(pass wandb settings as keyword arguments of init())")
+        overrides = {f.name: getattr(settings, f.name) for f in dataclasses.fields(Settings)
+                     if getattr(settings, f.name) != f.default}
+    given = {"dir": dir, "mode": mode, "precision": precision, **kwargs}
+    s = resolve({**overrides, **{k: v for k, v in given.items() if v is not None}})
+    run = Run(project, name=name, id=id, config=config, tags=tags, notes=notes, group=group,
+              job_type=job_type, entity=entity, resume=resume, settings=s)
     with _runs_lock:
         _runs.append(run)
     _install_hooks()
     return run
+
+
+def _alias(name: str, value: Any, old: str, old_value: Any) -> Any:
+    if old_value is None:
+        return value
+    if value is not None and value != old_value:
+        raise InvalidValueError(f"init() got {name}={value!r} and {old}={old_value!r}; give one of them")
+    return old_value
 
 
 def current() -> Run:

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 class Sender:
     """A running ``python -m gradexp.sync.sender`` for one run."""
 
-    def __init__(self, run_dir: Path, host: str, api_key: str) -> None:
+    def __init__(self, run_dir: Path, host: str, api_key: str, *, entity: str | None = None) -> None:
         self.run_dir = run_dir
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()
@@ -30,7 +30,8 @@ class Sender:
             stderr=log, env=env, start_new_session=True, close_fds=True, text=True, bufsize=1)
         log.close()
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"run_dir": str(run_dir), "host": host, "api_key": api_key}) + "\n")
+        self.proc.stdin.write(json.dumps({"run_dir": str(run_dir), "host": host, "api_key": api_key,
+                                         "entity": entity}) + "\n")
         self.proc.stdin.flush()
         threading.Thread(target=self._read, args=(self.proc.stdout,), name="gradexp-sender-events",
                          daemon=True).start()
@@ -47,6 +48,20 @@ class Sender:
         with self._changed:
             self.events.append({"event": "exit"})
             self._changed.notify_all()
+
+    def entity(self, *, timeout: float) -> str | None:
+        """The entity the run is registered under, once the sender has registered it (None if
+        it has not within ``timeout`` seconds, or failed)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                e = self.last("registered")
+                if e is not None:
+                    return e.get("entity")
+                left = deadline - time.monotonic()
+                if left <= 0 or self.last("error", "exit") is not None:
+                    return None
+                self._changed.wait(min(left, 1.0))
 
     def last(self, *names: str) -> dict[str, Any] | None:
         for e in reversed(self.events):

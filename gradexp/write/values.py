@@ -156,13 +156,15 @@ class Prepared:
 
 
 class Tensor:
-    """A snapshot plus the dtype the user logged (which may be big-endian)."""
+    """A snapshot plus the dtype the user logged (which may be big-endian), and the frame
+    metadata it carries (dimension labels, a media kind; see :mod:`gradexp.core.media`)."""
 
-    __slots__ = ("array", "logical")
+    __slots__ = ("array", "logical", "meta")
 
-    def __init__(self, array: np.ndarray, logical: np.dtype) -> None:
+    def __init__(self, array: np.ndarray, logical: np.dtype, meta: dict[bytes, bytes] | None = None) -> None:
         self.array = array
         self.logical = logical
+        self.meta = meta
 
     @property
     def buffer(self) -> np.ndarray:
@@ -193,7 +195,7 @@ def prepare(data: Mapping[str, Any], keys: Keys, pool: BufferPool | None = None)
             out.scalars = data.copy()
             return out
     elif not isinstance(data, Mapping):
-        raise InvalidTypeError(f"log() takes a dict of values; got {type(data).__name__}")
+        raise InvalidTypeError(f"log() takes a dict of values (or one value with name=...); got {type(data).__name__}")
     new_kinds: dict[str, str] = {}
     _walk(data, "", keys.kinds, new_kinds, out, pool)
     if new_kinds:
@@ -225,16 +227,23 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
         elif isinstance(value, np.generic) and value.dtype.kind != "c":
             kind = _scalar_kind(value, key)
         else:
+            meta = None
+            if hasattr(tv, "_gradexp_media"):  # gradexp.Histogram, Image, Table
+                value, meta = value._gradexp_tensor()
             arr = tensor_from(value, key)
             if arr is None:
                 raise InvalidTypeError(
                     f"log() key {key!r}: cannot log a value of type {tv.__module__}.{tv.__qualname__} "
                     "(log numbers, strings, arrays or tensors; nest dicts for groups)"
                 )
-            if arr.ndim == 0 and (arr.dtype.kind in _REAL_KINDS or is_ml_dtype(arr.dtype)):
+            if meta is None and arr.ndim == 0 and (arr.dtype.kind in _REAL_KINDS or is_ml_dtype(arr.dtype)):
                 value = cast(np.generic, arr[()])  # indexing a 0-d array by () gives a NumPy scalar
                 kind = _scalar_kind(value, key)
             else:
+                if meta is not None:
+                    from gradexp.core.media import check_dims
+
+                    check_dims(key, meta, arr.ndim)
                 kind = TENSOR
         if key in scalars or key in tensors:
             raise InvalidValueError(f"log() key {key!r} is given twice in one call (a nested dict and a "
@@ -252,7 +261,7 @@ def _walk(data: Mapping[str, Any], prefix: str, kinds: dict[str, str], new: dict
         else:
             assert arr is not None  # the kind is TENSOR only where arr was set
             snap = snapshot(arr, key, pool)
-            tensors[key] = Tensor(snap, arr.dtype)
+            tensors[key] = Tensor(snap, arr.dtype, meta)
             out.nbytes += snap.nbytes
 
 

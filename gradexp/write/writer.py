@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from gradexp.core.buffers import BufferPool
+from gradexp.core.dtypes import is_ml_dtype
 from gradexp.core.errors import GradexpWarning
 from gradexp.core.layout import HISTORY, TENSORS
 from gradexp.core.settings import Settings
@@ -123,7 +124,7 @@ class _Workers:
 
 
 def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical: np.dtype,
-                   summarise: bool, pool: BufferPool) -> list[Any]:
+                   summarise: bool, pool: BufferPool, meta: dict[bytes, bytes] | None = None) -> list[Any]:
     """Summary (for a single large tensor) and the frame (header, payload) of the rows; the
     payload is compressed into a buffer of ``pool``, handed back once written."""
     from gradexp.core.arrow import shuffle_width, tensor_ipc
@@ -133,7 +134,7 @@ def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical
     first = arrays[0]
     summary = summarize(first) if summarise else None
     stacked = first[None] if len(arrays) == 1 else np.stack(arrays)
-    raw = tensor_ipc(key, steps, stacked, logical, first.shape, reuse=True)  # compressed right below
+    raw = tensor_ipc(key, steps, stacked, logical, first.shape, reuse=True, meta=meta)  # compressed right below
     elem = shuffle_width(first)
     # Byte-shuffle lifts the ratio on dense floats (1.08 -> 1.19 for float32 here) but
     # hurts sparse tensors, whose zero runs zstd already finds: skip it for those.
@@ -148,10 +149,11 @@ def _encode_tensor(key: str, steps: list[int], arrays: list[np.ndarray], logical
 class _Group:
     """Small tensors of one key (same dtype and shape) waiting to share a frame."""
 
-    __slots__ = ("logical", "shape", "dtype", "steps", "arrays", "nbytes", "_summaries")
+    __slots__ = ("logical", "shape", "dtype", "meta", "steps", "arrays", "nbytes", "_summaries")
 
     def __init__(self, t: Tensor) -> None:
         self.logical = t.logical
+        self.meta = t.meta
         self.shape = t.array.shape
         self.dtype = t.array.dtype
         self.steps: list[int] = []
@@ -171,7 +173,8 @@ class _Group:
         return done
 
     def fits(self, t: Tensor) -> bool:
-        return t.array.shape == self.shape and t.array.dtype == self.dtype and t.logical == self.logical
+        return (t.array.shape == self.shape and t.array.dtype == self.dtype and t.logical == self.logical
+                and t.meta == self.meta)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -187,7 +190,9 @@ class Writer:
     """Background writer of one run's part files."""
 
     def __init__(self, parts_dir: Path, settings: Settings, start_time: float,
-                 on_flush: Callable[[], None]) -> None:
+                 on_flush: Callable[[], None], *, first_seq: dict[str, int] | None = None) -> None:
+        """``first_seq``: the sequence number of each stream's first part (a resumed run
+        continues after its parts)."""
         self._dir = parts_dir
         self._s = settings
         self._b = Budget.of(settings)
@@ -218,7 +223,8 @@ class Writer:
         self._busy = self._tensor_time = 0.0
         self._written_bytes = 0
         self._parts: dict[str, Any] = {}
-        self._seq = {HISTORY: 0, TENSORS: 0}
+        self._seq = {HISTORY: 0, TENSORS: 0, **(first_seq or {})}
+        self._precision = precision_dtype(settings.precision) if settings.precision else None
         self._rows: list[tuple[int, float, dict[str, Any], dict[str, Any]]] = []
         self._groups: dict[str, _Group] = {}
         self._inflight: collections.deque = collections.deque()
@@ -450,13 +456,15 @@ class Writer:
         return False
 
     def _add_tensor(self, key: str, step: int, t: Tensor) -> Any:
+        if self._precision is not None and _narrows(t.array.dtype, self._precision):
+            t = self._cast(t)
         arr = t.array
         if arr.nbytes >= self._s.small_tensor_bytes:
             if key in self._groups:  # its rows were logged first: their frame must come first
                 self._write_group(key)
             if self._workers is None:
                 self._workers = _Workers(self._s.workers)
-            fut = self._workers.submit(_encode_tensor, key, [step], [arr], t.logical, True, self.pool)
+            fut = self._workers.submit(_encode_tensor, key, [step], [arr], t.logical, True, self.pool, t.meta)
             fut.add_done_callback(self._wake_up)  # write it (and free queue room) at once
             self._inflight.append((fut, key, step, t))
             self._inflight_bytes += arr.nbytes
@@ -477,6 +485,22 @@ class Writer:
         if g.nbytes >= _GROUP_MAX_BYTES:
             self._write_group(key)
         return ref
+
+    def _cast(self, t: Tensor) -> Tensor:
+        """``t`` in the storage dtype (``precision``): NumPy's and ml_dtypes' casts round to
+        nearest, ties to even (beyond the target's range: +-inf). The copy goes into a pool
+        buffer, and the snapshot's goes back."""
+        src = t.array
+        target = self._precision
+        assert target is not None
+        n = src.size * target.itemsize
+        buf = self.pool.take(n) if n else np.empty(0, np.uint8)
+        out = buf.view(target).reshape(src.shape) if n else np.empty(src.shape, target)
+        with np.errstate(over="ignore"):  # beyond the target's range is +-inf: the rounded value
+            out[...] = src
+        self.pool.give(t.buffer)
+        self._release(src.nbytes - out.nbytes)  # the rest is released once written, as for any tensor
+        return Tensor(out, target, t.meta)
 
     def _wake_up(self, _: Future) -> None:
         if not self._wake.is_set():
@@ -518,7 +542,7 @@ class Writer:
         g = self._groups.pop(key)
         g.summaries()
         _, header, payload, raw, elem = _encode_tensor(key, g.steps, g.arrays, g.logical, False,
-                                                       self.pool)
+                                                       self.pool, g.meta)
         g.arrays = []
         self._append(TENSORS, header, payload, key=key, steps=(min(g.steps), max(g.steps)),
                      rows=len(g.steps), raw=raw, elem=elem)
@@ -631,6 +655,21 @@ class Writer:
         if self._workers:
             self._workers.close()
         self.pool.clear()
+
+
+def precision_dtype(precision: str) -> np.dtype:
+    """The storage dtype of ``Settings.precision``: fp32, fp16 or bf16."""
+    if precision == "bf16":
+        import ml_dtypes  # only for bf16
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({"fp32": np.float32, "fp16": np.float16}[precision])
+
+
+def _narrows(dtype: np.dtype, target: np.dtype) -> bool:
+    """Is ``dtype`` a float type that ``target`` stores in fewer bytes? (16-bit floats are
+    kept as they are under fp16 and bf16: neither holds the other.)"""
+    return (dtype.kind == "f" or is_ml_dtype(dtype)) and dtype.itemsize > target.itemsize
 
 
 def _resolve(s: Any) -> Any:
