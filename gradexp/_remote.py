@@ -14,6 +14,7 @@ import requests
 from . import _arrow, _format
 from ._client import TRANSPORT_ERRORS, Client
 from ._errors import ApiError, RunNotFoundError
+from .core.streams import ConsoleLine, console_lines
 
 READ_ATTEMPTS = 4
 """Attempts per read: a 5xx or a dropped connection is retried with backoff (~4 s in all),
@@ -36,11 +37,14 @@ class RemoteRun:
         self.entity, self.project, self.id = ref.split("/")
         self.path = f"/runs/{self.entity}/{self.project}/{self.id}"
         try:
-            self.meta: dict[str, Any] = client.json("GET", self.path, retry=False)
+            row: dict[str, Any] = client.json("GET", self.path, retry=False)
         except ApiError as e:
             if e.status == 404:
                 raise RunNotFoundError(f"no run {ref!r} on {client.host}") from None
             raise
+        self._record: dict[str, Any] = {}
+        self._record_final = False
+        self.meta: dict[str, Any] = self._with_record(row)
 
     def _get(self, path: str, what: str, **kw: Any) -> requests.Response:
         """GET with bounded retries; a failure says what was being read and the server's reason."""
@@ -62,9 +66,34 @@ class RemoteRun:
     tags = property(lambda self: self.meta.get("tags", []))
     notes = property(lambda self: self.meta.get("notes"))
 
+    def _with_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The server's run row over the record the client sent (run.json: host, argv, program,
+        the exception or signal that ended it), fetched at first and once the run has ended."""
+        if not self._record or (not self._record_final and row.get("status") != "running"):
+            self._record = self._get("/record", "the run's record").json().get("meta") or {}
+            self._record_final = row.get("status") != "running"
+        return {**self._record, **row}
+
     def _refresh(self) -> dict[str, Any]:
-        self.meta = self._get("", "the run's metadata").json()
+        self.meta = self._with_record(self._get("", "the run's metadata").json())
         return self.meta
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The code's provenance (git state and patch, program, packages); empty if none was sent."""
+        return self._get("/record", "the run's record").json().get("provenance") or {}
+
+    def console(self, since: int = 0) -> list[ConsoleLine]:
+        """The run's console lines from line ``since`` on (only those travel)."""
+        r = self._get("/streams/console", "the console output", params={"since": since})
+        return console_lines(pa.ipc.open_stream(r.content).read_all(), since)
+
+    def system(self, keys: Sequence[str] | None = None) -> pa.Table:
+        """System metrics sampled by the run's sender process (``system/...`` columns)."""
+        from .api import select_keys
+
+        table = pa.ipc.open_stream(self._get("/streams/system", "the system metrics").content).read_all()
+        return select_keys(table, keys, self.id)
 
     @property
     def config(self) -> dict[str, Any]:

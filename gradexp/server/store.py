@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-STREAMS = ("history", "tensors")
+STREAMS = ("history", "tensors", "console", "system")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _COPY_CHUNK = 8 << 20
@@ -60,6 +60,11 @@ class Store:
         if first is None:
             return f"{prefix}/history.parquet"
         return f"{prefix}/history-segments/{first:06d}-{last:06d}.parquet"
+
+    @staticmethod
+    def record_key(entity_id: int, project_id: int, run_id: str) -> str:
+        """The run's record (run.json and provenance, as the client sent them last)."""
+        return f"{_run_prefix(entity_id, project_id, run_id)}/record.json"
 
     def put(self, key: str, data: bytes) -> None:
         if self.local_root is not None:
