@@ -421,6 +421,10 @@ class _Recorders:
     def _collect_code(self, code: dict[str, Any]) -> None:
         from .core.provenance import collect
 
+        try:  # background work: on Linux niceness is per thread (and git inherits it)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         try:
             write_json(self.run_dir / PROVENANCE_JSON, collect(code.get("program") or {}, code.get("sys_path") or []))
         except Exception as e:  # best effort: the run goes on without it
