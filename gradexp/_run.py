@@ -206,16 +206,21 @@ class Run:
 
         s = self.settings
         assert self.dir is not None
+        from .write.signals import SignalWatch
+
         capture = None
         if s.console:
             from .write.console import Capture
 
             capture = Capture()
             capture.start()
+        signals = SignalWatch()
+        signals.start()
         try:
-            self._sender = Sender(self.dir, s, start_time=self.start_time, capture=capture,
+            self._sender = Sender(self.dir, s, start_time=self.start_time, capture=capture, signals=signals,
                                   program=self._meta["program"] if s.code else None)
         except BaseException:
+            signals.stop()
             if capture is not None:
                 capture.stop()
             raise

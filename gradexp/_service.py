@@ -382,6 +382,13 @@ class _Recorders:
                 StreamWriter(run_dir / PARTS, CONSOLE, start, part_max_age=age),
                 flush_interval=float(hello.get("flush_interval") or 1.0), log=_log)
         threading.Thread(target=self._read_commands, name="gradexp-commands", daemon=True).start()
+        self._signal_text: dict[str, bytes] = {}
+        self._signals_done = threading.Event()
+        if hello.get("signals"):
+            threading.Thread(target=self._watch_signals, args=(hello["signals"],), name="gradexp-signals",
+                             daemon=True).start()
+        else:
+            self._signals_done.set()
         if self.pid is not None:
             threading.Thread(target=self._watch_exit, args=(self.pid,), name="gradexp-exit", daemon=True).start()
         if hello.get("system_interval"):
@@ -414,7 +421,35 @@ class _Recorders:
         finally:
             self._exit_seen.set()
 
+    def _watch_signals(self, channels: list[list[Any]]) -> None:
+        """Read the pipes :mod:`gradexp.write.signals` has faulthandler write into, until the
+        trainer closes them (at finish, or by dying)."""
+        import select
+
+        names = {int(fd): str(name) for name, fd in channels}
+        poller = select.poll()
+        for fd in names:
+            poller.register(fd, select.POLLIN)
+        try:
+            while names:
+                for fd, _ in poller.poll():
+                    data = os.read(fd, 1 << 16)
+                    if data:
+                        got = self._signal_text.get(names[fd], b"")
+                        self._signal_text[names[fd]] = (got + data)[:STACK_MAX_BYTES]
+                    else:
+                        poller.unregister(fd)
+                        os.close(fd)
+                        del names[fd]
+        finally:
+            self._signals_done.set()
+
     def exit_details(self) -> dict[str, Any]:
+        """How the dead trainer ended: the signal and every thread's stack where faulthandler
+        wrote them, else the signal or exit code the kernel still held (see :func:`exit_status`)."""
+        self._signals_done.wait(2.0)
+        for name, text in list(self._signal_text.items()):
+            return _signal_details(name, text.decode("utf-8", errors="replace"))
         self._exit_seen.wait(2.0)
         return dict(self._exit)
 
@@ -454,6 +489,30 @@ class _Recorders:
         if self.system is not None:
             self.system.close()
         self.code_done.wait(60.0)
+
+
+STACK_MAX_BYTES = 256 << 10
+"""Bytes kept of the stacks faulthandler writes when a signal kills the trainer."""
+_FATAL_NAMES = {"Segmentation fault": "SIGSEGV", "Floating point exception": "SIGFPE", "Aborted": "SIGABRT",
+                "Bus error": "SIGBUS", "Illegal instruction": "SIGILL"}
+
+
+def _signal_details(channel: str, text: str) -> dict[str, Any]:
+    """``signal``, ``signal_name`` and ``stack`` from what faulthandler wrote on ``channel``
+    (a signal's name, or ``fatal``, whose first line names the error)."""
+    import signal
+
+    from .write.signals import FATAL
+
+    name = channel
+    if channel == FATAL:
+        first = text.partition("\n")[0].removeprefix("Fatal Python error: ").strip()
+        name = _FATAL_NAMES.get(first, first)
+    out: dict[str, Any] = {"signal_name": name, "stack": text}
+    sig = getattr(signal, name, None)
+    if sig is not None:
+        out["signal"] = int(sig)
+    return out
 
 
 def exit_status(pid: int, *, wait: float | None) -> dict[str, Any] | None:

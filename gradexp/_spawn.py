@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from ._settings import Settings
     from .write.console import Capture
+    from .write.signals import SignalWatch
 
 
 class Sender:
@@ -29,18 +30,21 @@ class Sender:
     """
 
     def __init__(self, run_dir: Path, settings: Settings, *, start_time: float, capture: Capture | None = None,
-                 program: dict[str, Any] | None = None) -> None:
+                 signals: SignalWatch | None = None, program: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.online = settings.mode == "online"
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()
         self._capture = capture
+        self._signals = signals
         self._finishing = False
         channels = capture.channels if capture is not None else []
+        watched = signals.channels if signals is not None else []
         hello: dict[str, Any] = {
             "run_dir": str(run_dir), "pid": os.getpid(), "start_time": start_time,
             "host": settings.host if self.online else None, "api_key": settings.api_key if self.online else None,
             "console": [[c.name, c.read, c.original] for c in channels],
+            "signals": [[name, fd] for name, fd in watched],
             "system_interval": settings.system_interval if settings.system_metrics else None,
             "code": {"program": program, "sys_path": sys.path} if program is not None else None,
             "flush_interval": settings.flush_interval, "part_max_age": settings.part_max_age,
@@ -52,9 +56,11 @@ class Sender:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gradexp._service"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=log, env=env, start_new_session=True, close_fds=True, text=True, bufsize=1,
-                pass_fds=[fd for c in channels for fd in (c.read, c.original)])
+                pass_fds=[fd for c in channels for fd in (c.read, c.original)] + [fd for _, fd in watched])
         finally:
             log.close()
+        if signals is not None:
+            signals.handed_over()
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(hello) + "\n")
         self.proc.stdin.flush()
@@ -107,6 +113,8 @@ class Sender:
         metrics (so they are complete once run.json says the run ended)."""
         with self._changed:
             self._finishing = True
+        if self._signals is not None:
+            self._signals.stop()
         if self._capture is not None:
             self._capture.stop()
         try:

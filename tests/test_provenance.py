@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 
 import gradexp
-from gradexp.core.provenance import PATCH_MAX_BYTES, strip_credentials
-from gradexp.sync.console import LineCutter
 from services import GradexpServer, clean_env, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +155,65 @@ def test_kill_9_keeps_the_console_and_the_signal_is_recorded(tmp_path):
     assert run.meta["finished_at"] >= run.meta["created_at"]
 
 
+SLEEPER = """
+    import signal, sys, time
+    import gradexp
+
+    run = gradexp.init("p", id="r", system_metrics=False, code=False)
+    if "--own-handler" in sys.argv:
+        signal.signal(signal.SIGTERM, lambda *a: print("handled", flush=True))
+    print("ready", flush=True)
+    def waiting_here():
+        time.sleep(float(sys.argv[1]))
+    waiting_here()
+    if "--crash" in sys.argv:
+        import ctypes
+        ctypes.string_at(0)
+    run.finish()
+"""
+
+
+def sleeper(tmp_path: Path, *args: str) -> subprocess.Popen:
+    (tmp_path / "sleeper.py").write_text(textwrap.dedent(SLEEPER))
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "sleeper.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, text=True, env=env(GRADEXP_DIR=str(tmp_path / "runs")))
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def test_sigterm_is_recorded_with_every_threads_stack_even_when_reaped_at_once(tmp_path):
+    proc = sleeper(tmp_path, "120")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == -signal.SIGTERM  # still dies of it, reaped at once as a shell would
+    run_json = tmp_path / "runs" / "p" / "r" / "run.json"
+    wait_for(lambda: json.loads(run_json.read_text())["status"] == "crashed", "run marked crashed", timeout=60)
+    meta = gradexp.Api(dir=tmp_path / "runs").run("p/r").meta
+    assert meta["signal"] == signal.SIGTERM and meta["signal_name"] == "SIGTERM"
+    assert "in waiting_here" in meta["stack"] and "sleeper.py" in meta["stack"]
+
+
+def test_a_segfault_is_recorded(tmp_path):
+    proc = sleeper(tmp_path, "0", "--crash")
+    assert proc.wait(60) == -signal.SIGSEGV
+    run_json = tmp_path / "runs" / "p" / "r" / "run.json"
+    wait_for(lambda: json.loads(run_json.read_text())["status"] == "crashed", "run marked crashed", timeout=60)
+    meta = gradexp.Api(dir=tmp_path / "runs").run("p/r").meta
+    assert meta["signal_name"] == "SIGSEGV" and meta["signal"] == signal.SIGSEGV
+    assert "Segmentation fault" in meta["stack"] and "sleeper.py" in meta["stack"]
+
+
+def test_a_programs_own_signal_handler_is_left_alone(tmp_path):
+    proc = sleeper(tmp_path, "3", "--own-handler")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out == "handled\n"
+    meta = gradexp.Api(dir=tmp_path / "runs").run("p/r").meta
+    assert meta["status"] == "finished" and "signal" not in meta
+
+
 def test_carriage_returns_collapse_as_a_terminal_shows_them():
+    from gradexp.sync.console import LineCutter
+
     cut = LineCutter()
     assert cut.feed(b"abcdef\rXY") == []
     assert cut.feed(b"\rZ\n") == ["ZYcdef"]  # overwritten from the start, the rest still shown
@@ -227,7 +283,7 @@ def test_a_run_in_a_git_repo_records_commit_branch_remote_without_credentials_an
 
 
 def test_a_patch_over_the_cap_keeps_whole_files_and_names_the_rest(tmp_path):
-    from gradexp.core.provenance import git_state
+    from gradexp.core.provenance import PATCH_MAX_BYTES, git_state
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -255,6 +311,8 @@ def test_a_patch_over_the_cap_keeps_whole_files_and_names_the_rest(tmp_path):
     ("/srv/repos/x.git", "/srv/repos/x.git"),
 ])
 def test_credentials_are_stripped_from_remote_urls(url, safe):
+    from gradexp.core.provenance import strip_credentials
+
     assert strip_credentials(url) == safe
 
 
