@@ -70,7 +70,11 @@ class RemoteRun:
         """The server's run row over the record the client sent (run.json: host, argv, program,
         the exception or signal that ended it), fetched at first and once the run has ended."""
         if not self._record or (not self._record_final and row.get("status") != "running"):
-            self._record = self._get("/record", "the run's record").json().get("meta") or {}
+            try:
+                self._record = self._get("/record", "the run's record").json().get("meta") or {}
+            except ApiError as e:
+                if e.status != 404:  # a server from before records: the row alone
+                    raise
             self._record_final = row.get("status") != "running"
         return {**self._record, **row}
 

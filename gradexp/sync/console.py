@@ -100,6 +100,8 @@ class ConsoleRecorder:
                     if rest is not None:
                         self._add(now, name, [rest])
                     os.close(fd)
+                    if term >= 0:  # let go of the terminal: whoever reads it sees its end
+                        os.close(term)
                     continue
                 if term >= 0:
                     term = self._show(fd, term, data)
