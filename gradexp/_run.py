@@ -194,7 +194,7 @@ class Run:
         write_json(self.dir / RUN_JSON, self._meta)
         self.config = Config(self.dir / CONFIG_JSON, config or {})
         if settings.mode == "online" or settings.console or settings.system_metrics or settings.code:
-            self._start_sender()
+            self._start_sender()  # first: its thread's imports would otherwise compete with the writer's
         from ._writer import Writer
 
         self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary)
