@@ -173,7 +173,6 @@ class Run:
             self.settings = settings
         self.disabled = settings.mode == "disabled"
         self._sender: Any = None
-        self._sender_ready: threading.Event | None = None  # set once the sender is spawned (or failed to)
         if self.disabled:
             self.dir = None
             self.config = Config(None, config or {})
@@ -194,7 +193,7 @@ class Run:
         write_json(self.dir / RUN_JSON, self._meta)
         self.config = Config(self.dir / CONFIG_JSON, config or {})
         if settings.mode == "online" or settings.console or settings.system_metrics or settings.code:
-            self._start_sender()  # first: its thread's imports would otherwise compete with the writer's
+            self._start_sender()
         from ._writer import Writer
 
         self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary)
@@ -204,14 +203,15 @@ class Run:
         and system metrics and collects the code's provenance off this process, and it finishes
         the run (marking it crashed, with the signal) if this process dies.
 
-        Console capture and the signal watch start here, so output from now on is kept (in the
-        pipe, until the sender reads it); the process is spawned by a thread, so ``init()``
-        does not wait for ``subprocess`` to import and fork (tens of ms on a busy machine)."""
+        Spawned here, not by a thread: output written right after ``init()`` must reach the
+        terminal even if the process dies a moment later, so the sender holds the console
+        pipe before ``init()`` returns. Before the writer starts, whose thread's pyarrow
+        import would compete for the GIL with ``subprocess`` and the fork."""
+        from ._spawn import Sender
         from .write.signals import SignalWatch
 
         s = self.settings
         assert self.dir is not None
-        run_dir = self.dir
         capture = None
         if s.console:
             from .write.console import Capture
@@ -220,27 +220,14 @@ class Run:
             capture.start()
         signals = SignalWatch()
         signals.start()
-        program = self._meta["program"] if s.code else None
-        ready = self._sender_ready = threading.Event()
-
-        def spawn() -> None:
-            try:
-                from ._spawn import Sender
-
-                self._sender = Sender(run_dir, s, start_time=self.start_time, capture=capture, signals=signals,
-                                      program=program)
-            except BaseException as e:  # no sender: the run goes on, recorded by the writer alone
-                signals.stop()
-                if capture is not None:
-                    capture.stop()
-                warnings.warn(f"gradexp: could not start the sender process ({e!r}); run {self.id} records "
-                              "no console, system metrics or code" + (" and is not uploaded (upload it with "
-                              f"`gradexp sync {run_dir}`)" if s.mode == "online" else ""),
-                              GradexpWarning, stacklevel=1)
-            finally:
-                ready.set()
-
-        threading.Thread(target=spawn, name="gradexp-spawn", daemon=True).start()
+        try:
+            self._sender = Sender(self.dir, s, start_time=self.start_time, capture=capture, signals=signals,
+                                  program=self._meta["program"] if s.code else None)
+        except BaseException:
+            signals.stop()
+            if capture is not None:
+                capture.stop()
+            raise
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -366,8 +353,6 @@ class Run:
             self._save_summary()
         except Exception as e:  # a full disk, or a summary value assigned that JSON cannot hold
             errors.append(f"could not save {SUMMARY_JSON}: {e!r}")
-        if self._sender_ready is not None:
-            self._sender_ready.wait()
         if self._sender is not None:
             self._sender.stop_recording(timeout=min(self.settings.finish_timeout, 30.0))
         now = time.time()
