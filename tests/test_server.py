@@ -387,7 +387,8 @@ def test_openapi_document(srv):
     expected = {"/healthz": {"get"}, "/api/v1/viewer": {"get"}, "/api/v1/projects": {"get"}, "/api/v1/runs": {"get"},
                 run: {"put", "get", "patch"}, run + "/parts/{stream}/{seq}": {"put"}, run + "/finish": {"post"},
                 run + "/history": {"get"}, run + "/tensors": {"get"}, run + "/tensors/{key}/steps": {"get"},
-                run + "/tensors/{key}": {"get"}, "/api/v1/oauth/token": {"post"}}
+                run + "/tensors/{key}": {"get"}, "/api/v1/oauth/token": {"post"},
+                run + "/record": {"get", "put"}, run + "/streams/{stream}": {"get"}}
     assert {p: set(ops) for p, ops in doc["paths"].items()} == expected
     for p, ops in doc["paths"].items():
         for op in ops.values():
