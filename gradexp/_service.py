@@ -347,6 +347,10 @@ def main() -> None:
                     traceback.print_exc()
                 _log(f"{what}; {todo}")
                 _emit("error", message=what, hint=todo)
+                if side.told is not None:  # already finishing (or the trainer is gone): say so now
+                    side.close()
+                    _emit("done", url=None)
+                    return
         _record(side)  # offline, or online once uploading stopped: the run is still recorded
     finally:
         side.close()
@@ -364,6 +368,8 @@ class _Recorders:
         self.run_dir = run_dir
         self.pid: int | None = hello.get("pid")
         self.commands: list[str] = []
+        self.told: str | None = None
+        """The last command taken (``finish N`` or ``eof``), once one was."""
         self.wake = threading.Event()
         self.ended_at: float | None = None
         self.console: Any = None
@@ -473,6 +479,7 @@ class _Recorders:
         while self.commands:
             cmd = self.commands.pop(0)
             if cmd != "stop":
+                self.told = cmd
                 return cmd
             self.close()
             _emit("recorded")
