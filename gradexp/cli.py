@@ -245,6 +245,44 @@ _KEY_OPTION = click.option("--api-key", default=None,
 
 
 @main.command()
+@click.argument("run")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the run ends.")
+@click.option("--timestamps", "-t", is_flag=True, help="Prefix each line with its local time.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between two looks for new lines (--follow).")
+@_DIR_OPTION
+@_HOST_OPTION
+@_KEY_OPTION
+def logs(run: str, follow: bool, timestamps: bool, interval: float, base_dir: Path | None, host: str | None,
+         api_key: str | None) -> None:
+    """Print RUN's console output (stdout and stderr as its terminal showed them): a run
+    folder, project/run_id or a run id under --dir, or entity/project/run_id on the server."""
+    from gradexp.api import Api
+    from gradexp.core.errors import RunNotFoundError
+
+    api = Api(dir=base_dir, host=host, api_key=api_key)
+    if api.host and run.count("/") == 2 and not Path(run).exists():
+        _client(api)
+    try:
+        stored = api.run(run)
+    except RunNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    shown = 0
+    while True:
+        ended = not follow or stored.status != "running"  # looked at first: no line is missed at the end
+        with _warning_lines():
+            lines = stored.console(since=shown)
+        for line in lines:
+            prefix = datetime.datetime.fromtimestamp(line.time).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " " \
+                if timestamps else ""
+            click.echo(prefix + line.text)
+            shown = line.line + 1
+        if ended:
+            return
+        time.sleep(interval)
+
+
+@main.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
 @_HOST_OPTION
 @_KEY_OPTION

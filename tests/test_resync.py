@@ -171,6 +171,8 @@ def intact_rows(run_dir: Path, damaged: Path, changed: list[tuple[int, int]]) ->
     """Rows of every frame whose bytes no change touched (``changed``: byte ranges of ``damaged``)."""
     rows: set[tuple[str, int]] = set()
     for part in _format.list_parts(run_dir / "parts"):
+        if not part.name.startswith(("history-", "tensors-")):  # the sender's console and system streams
+            continue
         for info in _format.scan_part(part).frames:
             if part == damaged and any(a < info.end and info.offset < b for a, b in changed):
                 continue

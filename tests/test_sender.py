@@ -357,12 +357,15 @@ def test_history_parts_go_up_first_in_seq_order(tmp_path, clock):
     run_dir = offline_run(tmp_path)
     parts = _format.list_parts(run_dir / "parts")
     n_hist = sum(p.name.startswith("history-") for p in parts)
-    n_tens = len(parts) - n_hist
+    n_tens = sum(p.name.startswith("tensors-") for p in parts)
     assert n_hist >= 3 and n_tens >= 3
     fake = FakeServer(strict_server({}))
     up = Uploader(run_dir, make_client(clock, fake), "alice")
     assert up.upload_pending() == len(parts)
     puts = part_puts(fake)
+    side = [p for p in puts if p[0] in ("console", "system")]  # the sender's own streams, in order too
+    assert side == sorted(side) and len(side) == len(parts) - n_hist - n_tens
+    puts = [p for p in puts if p not in side]
     assert puts[:n_hist] == [("history", i) for i in range(n_hist)]  # in order, before any tensor part
     assert sorted(puts[n_hist:]) == [("tensors", i) for i in range(n_tens)]  # each once
 

@@ -388,7 +388,7 @@ def test_openapi_document(srv):
                 run: {"put", "get", "patch"}, run + "/parts/{stream}/{seq}": {"put"}, run + "/finish": {"post"},
                 run + "/history": {"get"}, run + "/tensors": {"get"}, run + "/tensors/{key}/steps": {"get"},
                 run + "/tensors/{key}/rows": {"get"}, run + "/tensors/{key}": {"get"},
-                "/api/v1/oauth/token": {"post"}}
+                "/api/v1/oauth/token": {"post"}, run + "/record": {"get", "put"}, run + "/streams/{stream}": {"get"}}
     assert {p: set(ops) for p, ops in doc["paths"].items()} == expected
     for p, ops in doc["paths"].items():
         for op in ops.values():

@@ -30,8 +30,11 @@ PARTS = "parts"
 
 HISTORY = "history"
 TENSORS = "tensors"
-STREAMS = (HISTORY, TENSORS)
-"""The part streams of a run: ``parts/<stream>-<seq>.gxp``."""
+CONSOLE = "console"
+SYSTEM = "system"
+STREAMS = (HISTORY, TENSORS, CONSOLE, SYSTEM)
+"""The part streams of a run: ``parts/<stream>-<seq>.gxp`` (console and system metrics are
+written by the sender process, the others by the writer thread)."""
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Entity, project and run ids (JSON Schema form, where ``$`` ends the input): safe in URLs,

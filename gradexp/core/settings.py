@@ -48,6 +48,16 @@ class Settings:
     """Storage dtype of float tensors: ``""`` keeps the logged dtype (bit-exact); ``fp32``,
     ``fp16`` or ``bf16`` store wider floats in that type, rounded to nearest (ties to even)
     on the writer thread: lossy, and ``log()`` costs the same."""
+    console: bool = True
+    """Record the process's stdout and stderr (file-descriptor level, still shown on the
+    terminal) as the run's ``console`` stream (docs/provenance.md)."""
+    code: bool = True
+    """Record the git commit, branch, remote, dirty flag and diff, the entry point and the
+    installed distributions (in the sender process, off the training loop)."""
+    system_metrics: bool = True
+    """Sample CPU, memory, disk, network and GPU figures in the sender process."""
+    system_interval: float = 10.0
+    """Seconds between two system-metrics samples."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -55,7 +65,7 @@ class Settings:
         if self.precision not in PRECISIONS:
             raise InvalidValueError(f"precision must be one of fp32, fp16, bf16 (or '' for the logged "
                                     f"dtype); got {self.precision!r}")
-        for name in ("flush_interval", "part_max_age", "live_interval", "finish_timeout"):
+        for name in ("flush_interval", "part_max_age", "live_interval", "finish_timeout", "system_interval"):
             if not getattr(self, name) > 0:
                 raise InvalidValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         for name in ("queue_max_bytes", "queue_max_rows", "part_max_bytes", "workers"):
@@ -66,10 +76,21 @@ class Settings:
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _coerce(name: str, value: Any) -> Any:
     default = _FIELDS[name].default
     if isinstance(default, Path):
         return Path(value).expanduser()
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ValueError(f"setting {name!r}: cannot use {value!r} as a bool (use true/false, 1/0, on/off)")
     kind: type = type(default)  # every field has a default: never dataclasses.MISSING
     try:
         return kind(value)

@@ -23,6 +23,7 @@ from gradexp.core import media as _media
 from gradexp.core.errors import CorruptPartError, CorruptPartWarning, KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import BASE_COLUMNS, combine_history, select_keys
 from gradexp.core.layout import CONFIG_JSON, HISTORY, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, TENSORS, is_locked, read_json
+from gradexp.core.streams import CONSOLE, PROVENANCE_JSON, SYSTEM, ConsoleLine, console_lines
 
 __all__ = ["StoredRun"]
 
@@ -104,7 +105,7 @@ class StoredRun:
     @property
     def damage(self) -> list[_format.Damage]:
         """Byte ranges that could not be read (found by indexing; decode errors are raised)."""
-        return [d for s in self._parts(HISTORY) + self._parts(TENSORS) for d in s.damage]
+        return [d for stream in (HISTORY, TENSORS, CONSOLE, SYSTEM) for s in self._parts(stream) for d in s.damage]
 
     def _tensor_frames(self, key: str | None = None) -> list[tuple[Path, _format.FrameInfo]]:
         """Tensor frames (of one key), in write order; indexed by key once per change of parts."""
@@ -126,8 +127,27 @@ class StoredRun:
         """The scalar history as an Arrow table: ``step``, ``_timestamp``, ``_runtime`` and a
         column per key (tensor keys hold a struct of summaries), one row per step in step
         order; where a (step, key) was logged twice the last write wins."""
+        return select_keys(self._stream_table(HISTORY), keys, self.id)
+
+    def system(self, keys: Sequence[str] | None = None) -> pa.Table:
+        """System metrics sampled by the sender process: ``step`` (the sample's number),
+        ``_timestamp`` (its wall time), ``_runtime`` and one column per ``system/...`` figure."""
+        return select_keys(self._stream_table(SYSTEM), keys, self.id)
+
+    def console(self, since: int = 0) -> list[ConsoleLine]:
+        """The run's console output, one :class:`~gradexp.core.streams.ConsoleLine` (line
+        number, time, stream, text) per line as the terminal showed it, from line ``since``."""
+        return console_lines(self._stream_table(CONSOLE), since)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The code's provenance: ``git`` (commit, branch, remote, dirty, patch), ``program`` and
+        ``packages`` (docs/provenance.md); empty if not recorded (yet)."""
+        return read_json(self.dir / PROVENANCE_JSON, {})
+
+    def _stream_table(self, stream: str) -> pa.Table:
         tables = []
-        for path, info in _format.iter_frames(self._parts(HISTORY), _format.KIND_HISTORY):
+        for path, info in _format.iter_frames(self._parts(stream), _format.KIND_HISTORY):
             try:
                 raw = _format.read_frame(path, info)
             except CorruptPartError as e:
@@ -135,7 +155,7 @@ class StoredRun:
                 continue
             batch = _arrow.history_batch(raw)
             tables.append(pa.Table.from_batches([batch]))
-        return select_keys(combine_history(tables), keys, self.id)
+        return combine_history(tables)
 
     def last_step(self) -> int | None:
         """The highest step in the history, from the part indexes (nothing is decompressed)."""

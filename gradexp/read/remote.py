@@ -17,7 +17,8 @@ from gradexp.core import format as _format
 from gradexp.core import media as _media
 from gradexp.core.client import TRANSPORT_ERRORS, Client
 from gradexp.core.errors import ApiError, InvalidValueError, KeyNotFoundError, RunNotFoundError
-from gradexp.core.history import BASE_COLUMNS
+from gradexp.core.history import BASE_COLUMNS, select_keys
+from gradexp.core.streams import ConsoleLine, console_lines
 
 READ_ATTEMPTS = 4
 """Attempts per read: a 5xx or a dropped connection is retried with backoff (~4 s in all),
@@ -82,15 +83,18 @@ class RemoteRun:
         self.client = client
         self.entity, self.project, self.id = ref.split("/")
         self.path = f"/runs/{self.entity}/{self.project}/{self.id}"
-        if meta is not None:
+        self._record: dict[str, Any] = {}
+        self._record_final = False
+        if meta is not None:  # a listing's row: the record is fetched on the first refresh
             self.meta: dict[str, Any] = meta
             return
         try:
-            self.meta = client.json("GET", self.path, retry=False)
+            row: dict[str, Any] = client.json("GET", self.path, retry=False)
         except ApiError as e:
             if e.status == 404:
                 raise RunNotFoundError(f"no run {ref!r} on {client.host}") from None
             raise
+        self.meta = self._with_record(row)
 
     def _get(self, path: str, what: str, **kw: Any) -> requests.Response:
         """GET with bounded retries; a failure says what was being read and the server's reason."""
@@ -128,9 +132,36 @@ class RemoteRun:
     group = property(lambda self: self.meta.get("group"))
     job_type = property(lambda self: self.meta.get("job_type"))
 
+    def _with_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The server's run row over the record the client sent (run.json: host, argv, program,
+        the exception or signal that ended it), fetched at first and once the run has ended."""
+        if not self._record or (not self._record_final and row.get("status") != "running"):
+            try:
+                self._record = self._get("/record", "the run's record").json().get("meta") or {}
+            except ApiError as e:
+                if e.status != 404:  # a server from before records: the row alone
+                    raise
+            self._record_final = row.get("status") != "running"
+        return {**self._record, **row}
+
     def _refresh(self) -> dict[str, Any]:
-        self.meta = self._get("", "the run's metadata").json()
+        self.meta = self._with_record(self._get("", "the run's metadata").json())
         return self.meta
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The code's provenance (git state and patch, program, packages); empty if none was sent."""
+        return self._get("/record", "the run's record").json().get("provenance") or {}
+
+    def console(self, since: int = 0) -> list[ConsoleLine]:
+        """The run's console lines from line ``since`` on (only those travel)."""
+        r = self._get("/streams/console", "the console output", params={"since": since})
+        return console_lines(pa.ipc.open_stream(r.content).read_all(), since)
+
+    def system(self, keys: Sequence[str] | None = None) -> pa.Table:
+        """System metrics sampled by the run's sender process (``system/...`` columns)."""
+        table = pa.ipc.open_stream(self._get("/streams/system", "the system metrics").content).read_all()
+        return select_keys(table, keys, self.id)
 
     @property
     def config(self) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -38,6 +40,7 @@ from gradexp._version import __version__
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
 from gradexp.core.errors import CorruptPartError, RunNotFoundError
+from gradexp.core.history import combine_history
 from gradexp.core.limits import MAX_KEY_LENGTH
 from gradexp.server import db, explorer_catalog, history, web
 from gradexp.server.openapi import (
@@ -45,11 +48,14 @@ from gradexp.server.openapi import (
     FinishBody,
     HistoryQuery,
     PartPath,
+    RecordBody,
     RowsQuery,
     RunPatch,
     RunPath,
     RunPut,
     RunsQuery,
+    SidePath,
+    SideQuery,
     StepQuery,
     TensorPath,
     openapi,
@@ -353,6 +359,63 @@ class Server:
         return ExactJSONResponse({"columns": {name: col.to_pylist()  # format=json
                                               for name, col in zip(table.column_names, table.columns)}})
 
+    async def put_record(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        body = RecordBody.model_validate(await self.json_body(request)).model_dump()
+
+        def work() -> dict[str, Any]:
+            pk, pid = self.run_pk(v, project, run_id)
+            data = json.dumps(body, ensure_ascii=False, allow_nan=True).encode()
+            self.store.put(Store.record_key(v.entity_id, pid, run_id), data)
+            with self.engine.begin() as conn:
+                db.update_run(conn, pk, heartbeat_at=time.time())
+            return body
+        return ExactJSONResponse(await run_in_threadpool(work))
+
+    async def get_record(self, request: Request) -> Response:
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+
+        def work() -> dict[str, Any]:
+            _, pid = self.run_pk(v, project, run_id)
+            key = Store.record_key(v.entity_id, pid, run_id)
+            if not self.store.exists(key):
+                return {"meta": {}, "provenance": {}}
+            return json.loads(self.store.get(key))
+        return ExactJSONResponse(await run_in_threadpool(work))
+
+    async def get_stream(self, request: Request) -> Response:
+        """Console lines or system metrics: the stream's frames from ``since`` on, one range read
+        each (the frame index in SQL says where), merged by step as history is."""
+        v = await self.viewer(request)
+        project, run_id = self.address(request, v)
+        stream = SidePath.model_validate(request.path_params).stream
+        q = SideQuery.model_validate(request.query_params)
+
+        def work() -> Any:
+            pk, _ = self.run_pk(v, project, run_id)
+            with self.engine.connect() as conn:
+                rows = db.stream_frames(conn, pk, stream, q.since)
+            tables = []
+            for r in rows:
+                frame = self.store.get_range(r["object_key"], r["offset"], r["length"])
+                info = _format.parse_header(frame, 0, len(frame))
+                if info is None:
+                    raise HTTPException(500, "stored frame is truncated")
+                raw = _format.decode_payload(info, memoryview(frame)[info.header_len:], r["object_key"])
+                tables.append(pa.Table.from_batches([_arrow.history_batch(raw)]))
+            table = combine_history(tables)
+            if q.since and table.num_rows:
+                table = table.filter(pc.greater_equal(table.column("step"), q.since))
+            return table
+
+        table = await run_in_threadpool(work)
+        if q.format == "arrow":
+            return Response(_arrow.table_ipc(table).to_pybytes(), media_type=ARROW_STREAM)
+        return ExactJSONResponse({"columns": {name: col.to_pylist()
+                                              for name, col in zip(table.column_names, table.columns)}})
+
     async def list_tensor_keys(self, request: Request) -> Response:
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
@@ -563,6 +626,8 @@ def create_app(*, db_url: str, store_url: str, max_body_bytes: int = 2 << 30,
         Route(run + "/parts/{stream}/{seq:int}", s.put_part, methods=["PUT"]),
         Route(run + "/finish", s.finish_run, methods=["POST"]),
         Route(run + "/history", s.get_history),
+        Route(run + "/record", _by_method(GET=s.get_record, PUT=s.put_record), methods=["GET", "PUT"]),
+        Route(run + "/streams/{stream}", s.get_stream),
         Route(run + "/tensors", s.list_tensor_keys),
         Route(run + "/tensors/{key:path}/steps", s.tensor_steps),
         Route(run + "/tensors/{key:path}/rows", s.tensor_rows),

@@ -601,6 +601,16 @@ def tensor_frames(conn: Connection, pk: int, key: str, step: int | None = None) 
     return [dict(r) for r in conn.execute(q).mappings()]
 
 
+def stream_frames(conn: Connection, pk: int, stream: str, since: int = 0) -> list[dict[str, Any]]:
+    """History frames of a side stream (console, system) holding rows from step ``since`` on,
+    in write order."""
+    q = (sa.select(frames.c.offset, frames.c.length, parts.c.object_key)
+         .join(parts, parts.c.id == frames.c.part_id)
+         .where(frames.c.run_pk == pk, parts.c.stream == stream, frames.c.kind == 1, frames.c.step_max >= since)
+         .order_by(parts.c.seq, frames.c.offset))
+    return [dict(r) for r in conn.execute(q).mappings()]
+
+
 def tensor_keys(conn: Connection, pk: int) -> list[str]:
     q = sa.select(frames.c.key).where(frames.c.run_pk == pk, frames.c.kind == 2).distinct().order_by(frames.c.key)
     return [k for (k,) in conn.execute(q)]

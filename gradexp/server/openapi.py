@@ -44,7 +44,8 @@ Int32 = Annotated[int, Field(ge=-(2**31), le=INT32_MAX), BeforeValidator(_json_i
 Seq = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=0, le=INT32_MAX), BeforeValidator(_json_integer)]
 Step = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
-Stream = Literal["history", "tensors"]
+Stream = Literal["history", "tensors", "console", "system"]
+SideStream = Literal["console", "system"]
 Status = Literal["running", "finished", "failed", "crashed"]
 FiniteNumber = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -107,6 +108,15 @@ class FinishBody(_Body):
     parts: dict[Stream, Count] = Field(default_factory=dict, description="parts uploaded, per stream")
 
 
+class RecordBody(_Body):
+    """``PUT`` a run's record: its ``run.json`` (host, argv, program, exit code, the exception
+    and traceback of an uncaught error, the signal that killed it) and its code's provenance
+    (git state and patch, installed distributions). Replaces what was stored."""
+
+    meta: JSONObject = Field(default_factory=dict)
+    provenance: JSONObject = Field(default_factory=dict)
+
+
 class RunPath(_Params):
     location = "path parameter"
     entity: Id
@@ -149,8 +159,20 @@ class RowsQuery(_Params):
                               description="steps to read (repeat the parameter); every logged step if absent")
 
 
-MODELS: tuple[type[_Model], ...] = (RunPatch, RunPut, FinishBody, RunPath, PartPath, TensorPath, RunsQuery,
-                                    HistoryQuery, StepQuery, RowsQuery)
+class SidePath(_Params):
+    location = "path parameter"
+    stream: SideStream
+
+
+class SideQuery(_Params):
+    location = "query parameter"
+    since: Annotated[int, Field(ge=0, le=INT64_MAX)] = Field(
+        default=0, description="rows from this step on (console: line number) only")
+    format: Literal["arrow", "json"] = "arrow"
+
+
+MODELS: tuple[type[_Model], ...] = (RunPatch, RunPut, FinishBody, RecordBody, RunPath, PartPath, TensorPath,
+                                    RunsQuery, HistoryQuery, StepQuery, RowsQuery, SidePath, SideQuery)
 
 
 # -- responses (documented, not validated at run time) ------------------------------------------
@@ -213,6 +235,11 @@ class HistoryJSON(BaseModel):
     columns: dict[str, list[Any]]
 
 
+class RecordOut(BaseModel):
+    meta: dict[str, Any]
+    provenance: dict[str, Any]
+
+
 class TensorKeys(BaseModel):
     keys: list[str]
 
@@ -222,7 +249,7 @@ class TensorSteps(BaseModel):
 
 
 _RESPONSES: tuple[type[BaseModel], ...] = (Error, Health, ViewerOut, Projects, Run, RunWithParts, Runs, PartStored,
-                                           HistoryJSON, TensorKeys, TensorSteps)
+                                           HistoryJSON, RecordOut, TensorKeys, TensorSteps)
 _REF = "#/components/schemas/{model}"
 
 
@@ -333,6 +360,19 @@ def openapi() -> dict[str, Any]:
                 "description": "history", "content": {
                     "application/vnd.apache.arrow.stream": {}, "application/vnd.apache.parquet": {},
                     "application/json": {"schema": _ref(HistoryJSON)}}})},
+            run + "/record": {
+                "put": _op("Store the run's record (run.json) and its code's provenance", params=at_run,
+                           body=RecordBody, ok=_json(RecordOut), codes=(400, 401, 404, 413)),
+                "get": _op("The run's record and its code's provenance (empty objects if none was sent)",
+                           params=at_run, ok=_json(RecordOut)),
+            },
+            run + "/streams/{stream}": {"get": _op(
+                "A side stream: console lines (step = line number; stream, text) or system metrics "
+                "(system/... columns), from step `since` on",
+                params=at_run + _params(SidePath, "path") + _params(SideQuery, "query"), ok={
+                    "description": "the stream's rows", "content": {
+                        "application/vnd.apache.arrow.stream": {},
+                        "application/json": {"schema": _ref(HistoryJSON)}}})},
             run + "/tensors": {"get": _op("Tensor keys", params=at_run, ok=_json(TensorKeys))},
             run + "/tensors/{key}/steps": {"get": _op("Steps at which a tensor was logged",
                                                       params=at_run + _params(TensorPath, "path"),

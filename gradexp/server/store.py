@@ -61,6 +61,11 @@ class Store:
             return f"{prefix}/history.parquet"
         return f"{prefix}/history-segments/{first:06d}-{last:06d}.parquet"
 
+    @staticmethod
+    def record_key(entity_id: int, project_id: int, run_id: str) -> str:
+        """The run's record (run.json and provenance, as the client sent them last)."""
+        return f"{_run_prefix(entity_id, project_id, run_id)}/record.json"
+
     def put(self, key: str, data: bytes) -> None:
         if self.local_root is not None:
             target = self._local_target(key)

@@ -39,6 +39,7 @@ from gradexp.core.client import Client
 from gradexp.core.errors import ApiError
 from gradexp.core.layout import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, read_json, write_json
 from gradexp.core.limits import exit_code_for_record
+from gradexp.core.streams import CONSOLE, FATAL, PROVENANCE_JSON, SYSTEM
 
 UPLOADED_LOG = "uploaded.log"
 DONE_MARK = "#finished"
@@ -69,6 +70,7 @@ class Uploader:
         self._log = self.dir / UPLOADED_LOG
         self.uploaded, self.finished = self._read_log()
         self._meta_stamp: tuple[int, int, int] | None = None
+        self._record_sent: tuple[float, float] | None = None
         self._last_beat = 0.0
         self.sent_bytes = 0
         self._lock = threading.Lock()
@@ -142,6 +144,24 @@ class Uploader:
             self.client.request("PATCH", self.path, deadline=deadline, json={})
             self._last_beat = now
 
+    def _record_stamp(self) -> tuple[float, float]:
+        def mtime(name: str) -> float:
+            try:
+                return (self.dir / name).stat().st_mtime
+            except FileNotFoundError:
+                return 0.0
+        return mtime(RUN_JSON), mtime(PROVENANCE_JSON)
+
+    def sync_record(self, *, deadline: float | None = None) -> None:
+        """Send the run record (run.json: host, argv, program, exit details) and the code's
+        provenance (provenance.json) when either changed since last sent."""
+        stamp = self._record_stamp()
+        if stamp == self._record_sent:
+            return
+        self.client.request("PUT", f"{self.path}/record", deadline=deadline, json={
+            "meta": read_json(self.dir / RUN_JSON, {}), "provenance": read_json(self.dir / PROVENANCE_JSON, {})})
+        self._record_sent = stamp
+
     def upload(self, part: Path, *, deadline: float | None = None, client: Client | None = None) -> None:
         data = part.read_bytes()
         if _format.sealed_problem(data) is not None:  # damaged on disk: the server would refuse it
@@ -176,11 +196,12 @@ class Uploader:
 
     def upload_pending(self, *, deadline: float | None = None,
                        progress: Callable[[int], None] | None = None) -> int:
-        """Upload every pending part: history in order on this thread, tensor parts two at a
-        time (a second connection keeps the server's other core busy: ~1.6x here)."""
+        """Upload every pending part: history (and the console and system streams) in order on
+        this thread, tensor parts two at a time (a second connection keeps the server's other
+        core busy: ~1.6x here)."""
         pending = self.pending()
-        history = [p for p in pending if p.name.startswith("history-")]
-        tensors = [p for p in pending if not p.name.startswith("history-")]
+        history = [p for p in pending if not p.name.startswith("tensors-")]
+        tensors = [p for p in pending if p.name.startswith("tensors-")]
         for part in history:
             self.upload(part, deadline=deadline)
             if progress is not None:
@@ -272,6 +293,7 @@ def sync(run_dir: Path, client: Client, entity: str, *, progress: Callable[[int]
     if status == "crashed" and up.meta.get("status") == "running":
         up.meta["status"] = "crashed"
         write_json(up.dir / RUN_JSON, up.meta)
+    up.sync_record()
     up.finish(status, code)
     return n, True
 
@@ -317,34 +339,281 @@ def failure(error: BaseException, run_dir: Path) -> tuple[str, str]:
 
 
 def main() -> None:
-    """``python -m gradexp.sync.sender``: read the handshake from stdin, then upload until told to stop."""
+    """``python -m gradexp.sync.sender``: read the handshake from stdin, start recording the console,
+    system metrics and code, upload until told to stop (online), and finish."""
     hello = json.loads(sys.stdin.readline())
     run_dir = Path(hello["run_dir"])
+    side = _Recorders(hello, run_dir)  # first: the trainer's output waits in the console pipe
     try:
-        _serve(hello, run_dir)
-    except Exception as e:  # a final answer (not a transient one) or a bug: say so, leave it to sync
-        what, todo = failure(e, run_dir)
-        if not isinstance(e, ApiError):
-            traceback.print_exc()
-        _log(f"{what}; {todo}")
-        _emit("error", message=what, hint=todo)
+        if hello.get("host"):
+            try:
+                _serve(hello, run_dir, side)
+                return
+            except Exception as e:  # a final answer (not a transient one) or a bug: say so, leave it to sync
+                what, todo = failure(e, run_dir)
+                if not isinstance(e, ApiError):
+                    traceback.print_exc()
+                _log(f"{what}; {todo}")
+                _emit("error", message=what, hint=todo)
+                if side.told is not None:  # already finishing (or the trainer is gone): say so now
+                    side.close()
+                    _emit("done", url=None)
+                    return
+        _record(side)  # offline, or online once uploading stopped: the run is still recorded
+    finally:
+        side.close()
+        if side.console is not None:  # show what child processes that outlive the run still print
+            side.console.eof.wait()
 
 
-def _serve(hello: dict[str, Any], run_dir: Path) -> None:
+class _Recorders:
+    """What the sender records for every run, online or not: the console (tee and lines), system
+    metrics, the code's provenance, and the trainer's commands (``finish N``, EOF)."""
+
+    def __init__(self, hello: dict[str, Any], run_dir: Path) -> None:
+        from gradexp.sync.streams import StreamWriter
+
+        self.run_dir = run_dir
+        self.pid: int | None = hello.get("pid")
+        self.commands: list[str] = []
+        self.told: str | None = None
+        """The last command taken (``finish N`` or ``eof``), once one was."""
+        self.wake = threading.Event()
+        self.ended_at: float | None = None
+        self.console: Any = None
+        self.system: Any = None
+        self.code_done = threading.Event()
+        self._exit: dict[str, Any] = {}
+        self._exit_seen = threading.Event()
+        self._closed = False
+        start = float(hello.get("start_time") or time.time())
+        age = float(hello.get("part_max_age") or 60.0)
+        if hello.get("console"):
+            from gradexp.sync.console import ConsoleRecorder
+
+            self.console = ConsoleRecorder(
+                [(name, read, term) for name, read, term in hello["console"]],
+                StreamWriter(run_dir / PARTS, CONSOLE, start, part_max_age=age),
+                flush_interval=float(hello.get("flush_interval") or 1.0), log=_log)
+        threading.Thread(target=self._read_commands, name="gradexp-commands", daemon=True).start()
+        self._signal_text: dict[str, bytes] = {}
+        self._signals_done = threading.Event()
+        if hello.get("signals"):
+            threading.Thread(target=self._watch_signals, args=(hello["signals"],), name="gradexp-signals",
+                             daemon=True).start()
+        else:
+            self._signals_done.set()
+        if self.pid is not None:
+            threading.Thread(target=self._watch_exit, args=(self.pid,), name="gradexp-exit", daemon=True).start()
+        if hello.get("system_interval"):
+            try:
+                from gradexp.sync.system import SystemSampler
+
+                self.system = SystemSampler(self.pid or os.getppid(),
+                                            StreamWriter(run_dir / PARTS, SYSTEM, start, part_max_age=age),
+                                            interval=float(hello["system_interval"]), log=_log)
+            except ImportError as e:
+                _log(f"no system metrics: {e} (pip install psutil)")
+        if hello.get("code"):
+            threading.Thread(target=self._collect_code, args=(hello["code"],), name="gradexp-code",
+                             daemon=True).start()
+        else:
+            self.code_done.set()
+
+    def _read_commands(self) -> None:
+        for line in sys.stdin:
+            self.commands.append(line.strip())
+            self.wake.set()
+        self.ended_at = time.time()
+        self.commands.append("eof")
+        self.wake.set()
+
+    def _watch_exit(self, pid: int) -> None:
+        """How the trainer ended, read from the kernel the moment it does (see :func:`exit_status`)."""
+        try:
+            self._exit.update(exit_status(pid, wait=None) or {})
+        finally:
+            self._exit_seen.set()
+
+    def _watch_signals(self, channels: list[list[Any]]) -> None:
+        """Read the pipes :mod:`gradexp.write.signals` has faulthandler write into, until the
+        trainer closes them (at finish, or by dying)."""
+        import select
+
+        names = {int(fd): str(name) for name, fd in channels}
+        poller = select.poll()
+        for fd in names:
+            poller.register(fd, select.POLLIN)
+        try:
+            while names:
+                for fd, _ in poller.poll():
+                    data = os.read(fd, 1 << 16)
+                    if data:
+                        got = self._signal_text.get(names[fd], b"")
+                        self._signal_text[names[fd]] = (got + data)[:STACK_MAX_BYTES]
+                    else:
+                        poller.unregister(fd)
+                        os.close(fd)
+                        del names[fd]
+        finally:
+            self._signals_done.set()
+
+    def exit_details(self) -> dict[str, Any]:
+        """How the dead trainer ended: the signal and every thread's stack where faulthandler
+        wrote them, else the signal or exit code the kernel still held (see :func:`exit_status`)."""
+        self._signals_done.wait(2.0)
+        for name, text in list(self._signal_text.items()):
+            return _signal_details(name, text.decode("utf-8", errors="replace"))
+        self._exit_seen.wait(2.0)
+        return dict(self._exit)
+
+    def _collect_code(self, code: dict[str, Any]) -> None:
+        from gradexp.core.provenance import collect
+
+        try:  # background work: on Linux niceness is per thread (and git inherits it)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        try:
+            write_json(self.run_dir / PROVENANCE_JSON, collect(code.get("program") or {}, code.get("sys_path") or []))
+        except Exception as e:  # best effort: the run goes on without it
+            _log(f"could not record the code's provenance: {e!r}")
+        finally:
+            self.code_done.set()
+
+    def next_command(self) -> str | None:
+        """The trainer's next command; ``stop`` (finish() begins: write the last console lines
+        and system metrics, and say so) is answered here."""
+        while self.commands:
+            cmd = self.commands.pop(0)
+            if cmd != "stop":
+                self.told = cmd
+                return cmd
+            self.close()
+            _emit("recorded")
+        return None
+
+    def close(self, *, console_wait: float = 2.0) -> None:
+        """Stop recording: the console once the trainer's side of its pipes is closed (at most
+        ``console_wait`` s more), system metrics now; seal their parts."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.console is not None:
+            self.console.close(wait=console_wait)
+        if self.system is not None:
+            self.system.close()
+        self.code_done.wait(60.0)
+
+
+STACK_MAX_BYTES = 256 << 10
+"""Bytes kept of the stacks faulthandler writes when a signal kills the trainer."""
+_FATAL_NAMES = {"Segmentation fault": "SIGSEGV", "Floating point exception": "SIGFPE", "Aborted": "SIGABRT",
+                "Bus error": "SIGBUS", "Illegal instruction": "SIGILL"}
+
+
+def _signal_details(channel: str, text: str) -> dict[str, Any]:
+    """``signal``, ``signal_name`` and ``stack`` from what faulthandler wrote on ``channel``
+    (a signal's name, or ``fatal``, whose first line names the error)."""
+    import signal
+
+    name = channel
+    if channel == FATAL:
+        first = text.partition("\n")[0].removeprefix("Fatal Python error: ").strip()
+        name = _FATAL_NAMES.get(first, first)
+    out: dict[str, Any] = {"signal_name": name, "stack": text}
+    sig = getattr(signal, name, None)
+    if sig is not None:
+        out["signal"] = int(sig)
+    return out
+
+
+def exit_status(pid: int, *, wait: float | None) -> dict[str, Any] | None:
+    """``{"signal": n, "signal_name": "SIGKILL"}`` or ``{"exit_code": n}`` for process ``pid`` once
+    it has ended, as far as a process that is not its parent can tell (Linux): a pidfd says when
+    it ends, and ``/proc/<pid>/stat`` holds its wait status until its parent reaps it. None once
+    that is gone, elsewhere, or if ``pid`` is still alive after ``wait`` seconds."""
+    import select
+    import signal
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(None if wait is None else int(wait * 1000)):
+            return None
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = stat.rpartition(")")[2].split()
+    if len(fields) < 50 or fields[0] != "Z":
+        return None
+    status = int(fields[49])
+    if os.WIFSIGNALED(status):
+        n = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(n).name
+        except ValueError:
+            name = f"signal {n}"
+        return {"signal": n, "signal_name": name}
+    if os.WIFEXITED(status):
+        return {"exit_code": os.WEXITSTATUS(status)}
+    return None
+
+
+def _record(side: _Recorders) -> None:
+    """Without uploads: record until the trainer finishes or dies."""
+    while True:
+        cmd = side.next_command()
+        if cmd is not None and cmd.startswith("finish"):
+            side.close()
+            _emit("done", url=None)
+            return
+        if cmd == "eof":
+            side.close(console_wait=5.0)
+            _mark_ended(side, recover=False)
+            _emit("done", url=None)
+            return
+        side.wake.wait(1.0)
+        side.wake.clear()
+
+
+def _mark_ended(side: _Recorders, *, recover: bool) -> dict[str, Any]:
+    """The trainer died without finish(): once its lock is free, seal what it left open (with
+    ``recover``: online, to upload it; offline that is left to readers and `gradexp sync`) and
+    write in run.json that it crashed, how it ended (signal or exit code, as far as the kernel
+    told) and when. Returns run.json as written."""
+    from gradexp.core.layout import is_locked
+
+    run_dir = side.run_dir
+    deadline = time.monotonic() + 30
+    while is_locked(run_dir / LOCK) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    meta = read_json(run_dir / RUN_JSON, {})
+    if is_locked(run_dir / LOCK):
+        _log("the training process is gone but something still holds the run: "
+             f"`gradexp sync {run_dir}` finishes it once that has exited")
+        return meta
+    for p in _format.list_parts(run_dir / PARTS) if recover else []:
+        if p.name.endswith(_format.OPEN_SUFFIX):
+            _format.recover_part(p, report=lambda r: _warn(str(r)))
+    if meta.get("status") == "running":
+        meta["status"] = "crashed"
+        meta["finished_at"] = side.ended_at or time.time()
+        meta.update(side.exit_details())
+        write_json(run_dir / RUN_JSON, meta, fsync=True)
+    return meta
+
+
+def _serve(hello: dict[str, Any], run_dir: Path, side: _Recorders) -> None:
     client = Client(hello["host"], hello["api_key"], on_retry=_log)
     entity = hello.get("entity") or client.json("GET", "/viewer")["entity"]
     up = Uploader(run_dir, client, entity, report=_warn)
-    commands: list[str] = []
-    wake = threading.Event()
-
-    def read_commands() -> None:
-        for line in sys.stdin:
-            commands.append(line.strip())
-            wake.set()
-        commands.append("eof")
-        wake.set()
-
-    threading.Thread(target=read_commands, daemon=True).start()
     registered = False
     while True:
         if not registered:
@@ -353,17 +622,19 @@ def _serve(hello: dict[str, Any], run_dir: Path) -> None:
             _emit("registered", url=up.url, entity=entity)
         up.upload_pending()
         up.sync_meta()
-        if commands:
-            cmd = commands.pop(0)
-            if cmd.startswith("finish"):
-                code = int(cmd.split()[1]) if len(cmd.split()) > 1 else 0
-                _finish(up, "finished" if code == 0 else "failed", code)
-                return
-            if cmd == "eof":
-                _crashed(up)
-                return
-        wake.wait(0.2)
-        wake.clear()
+        up.sync_record()
+        cmd = side.next_command()
+        if cmd is not None and cmd.startswith("finish"):
+            code = int(cmd.split()[1]) if len(cmd.split()) > 1 else 0
+            side.close()
+            _finish(up, "finished" if code == 0 else "failed", code)
+            return
+        if cmd == "eof":
+            side.close(console_wait=5.0)
+            _crashed(up, side)
+            return
+        side.wake.wait(0.2)
+        side.wake.clear()
 
 
 def _finish(up: Uploader, status: str, code: int | None) -> None:
@@ -378,29 +649,20 @@ def _finish(up: Uploader, status: str, code: int | None) -> None:
     if up.meta.get("status") == "failed":  # the trainer's finish() found a failure of gradexp's own
         status = "failed"
     up.sync_meta()
+    up.sync_record()
     up.finish(status, code)
     _emit("done", url=up.url)
 
 
-def _crashed(up: Uploader) -> None:
+def _crashed(up: Uploader, side: _Recorders) -> None:
     """The trainer died: wait for its lock to fall, seal what it left open, upload, mark crashed."""
-    from gradexp.core.layout import is_locked
-
-    deadline = time.monotonic() + 30
-    while is_locked(up.dir / LOCK) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if is_locked(up.dir / LOCK):
-        _log("the training process is gone but something still holds the run: "
-             f"`gradexp sync {up.dir}` finishes it once that has exited")
+    meta = _mark_ended(side, recover=True)
+    if meta.get("status") == "running":  # still held by something: left to `gradexp sync`
         return
-    up.recover()
-    meta = read_json(up.dir / RUN_JSON, up.meta)
-    if meta.get("status") == "running":
-        meta["status"] = "crashed"
-        write_json(up.dir / RUN_JSON, meta)
     up.meta = meta
     status, code = final_status(meta)
     up.upload_pending()
+    up.sync_record()
     up.finish(status, code)
     _log(f"the training process exited without finish(); uploaded the rest and marked the run {status}")
     _emit("done", url=up.url)

@@ -294,6 +294,8 @@ class Run:
         self._pending: Prepared | None = None
         self._warned: set[str] = set()
         self._finished = False
+        self._exception: BaseException | None = None
+        """The error that ended the run (an uncaught exception, one leaving a ``with`` block)."""
         self.resumed = False
         # Rows captured outside log() (gradexp.watch): each source hands over what it holds,
         # or None, and log() merges it into the row it records.
@@ -319,6 +321,7 @@ class Run:
             "notes": None, "group": group, "job_type": job_type, "status": "running",
             "created_at": self.start_time, "host": socket.gethostname(), "pid": self._pid,
             "python": platform.python_version(), "gradexp": __version__, "format": 1, "argv": sys.argv,
+            "program": program(),
         }
         if self.disabled:
             self.dir = None
@@ -345,16 +348,43 @@ class Run:
             self._lock_fd = _hold_lock(self.dir / LOCK)
             self.config = Config(self.dir / CONFIG_JSON, config or {})
         self._set_meta(name=name, tags=tags, notes=notes, group=group, job_type=job_type)
+        if settings.mode == "online" or settings.console or settings.system_metrics or settings.code:
+            self._start_sender()
         from gradexp.write.writer import Writer
 
         self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary,
                               first_seq=first_seq)
-        if settings.mode == "online":
-            from gradexp.write.sender_process import Sender
 
-            # A separate process: uploads never make the training loop wait, and it
-            # finishes the upload (marking the run crashed) if this process dies.
-            self._sender = Sender(self.dir, settings.host, settings.api_key, entity=self.entity)
+    def _start_sender(self) -> None:
+        """A separate process: uploads never make the training loop wait, it records the console
+        and system metrics and collects the code's provenance off this process, and it finishes
+        the run (marking it crashed, with the signal) if this process dies.
+
+        Spawned here, not by a thread: output written right after ``init()`` must reach the
+        terminal even if the process dies a moment later, so the sender holds the console
+        pipe before ``init()`` returns. Before the writer starts, whose thread's pyarrow
+        import would compete for the GIL with ``subprocess`` and the fork."""
+        from gradexp.write.sender_process import Sender
+        from gradexp.write.signals import SignalWatch
+
+        s = self.settings
+        assert self.dir is not None
+        capture = None
+        if s.console:
+            from gradexp.write.console import Capture
+
+            capture = Capture()
+            capture.start()
+        signals = SignalWatch()
+        signals.start()
+        try:
+            self._sender = Sender(self.dir, s, start_time=self.start_time, capture=capture, signals=signals,
+                                  program=self._meta["program"] if s.code else None, entity=self.entity)
+        except BaseException:
+            signals.stop()
+            if capture is not None:
+                capture.stop()
+            raise
 
     def _resume(self, config: Mapping[str, Any]) -> dict[str, int]:
         """Continue the run in :attr:`dir`: take its lock, seal what a crash left open, and
@@ -635,6 +665,8 @@ class Run:
         _forget(self)
         if self.disabled:
             return
+        if self._exception is None and exit_code and _uncaught:  # atexit after an uncaught exception
+            self._exception = _uncaught[-1]
         errors: list[str] = []
         assert self._writer is not None and self.dir is not None  # only a disabled run has none
         self._writer.flush(fsync=True, close=True)  # never raises: a failure is kept in .error
@@ -646,9 +678,13 @@ class Run:
             self._save_summary()
         except Exception as e:  # a full disk, or a summary value assigned that JSON cannot hold
             errors.append(f"could not save {SUMMARY_JSON}: {e!r}")
+        if self._sender is not None:
+            self._sender.stop_recording(timeout=min(self.settings.finish_timeout, 30.0))
         now = time.time()
         self._meta.update(status="failed" if exit_code or errors else "finished", exit_code=exit_code,
                           finished_at=now, runtime=now - self.start_time)
+        if self._exception is not None:
+            self._meta["exception"] = describe_exception(self._exception)
         if errors:
             self._meta["error"] = "; ".join(errors)
         try:
@@ -672,6 +708,7 @@ class Run:
             code = _status_code(exc.code)
         else:
             code = 1
+            self._exception = exc
         self.finish(exit_code=code)
 
     def __repr__(self) -> str:
@@ -899,6 +936,9 @@ def _forget(run: Run) -> None:
     with _runs_lock:
         if run in _runs:
             _runs.remove(run)
+        last = not _runs
+    if last:
+        _remove_hooks()
 
 
 def _finish_all() -> None:
@@ -918,24 +958,29 @@ def _status_code(status: object) -> int:
     return int(status) if isinstance(status, int) else 1
 
 
-_hooks_installed = False
+_hooks: list[tuple[Any, Any, Any, Any]] = []
+"""While runs are active: (our excepthook, the one before it, our sys.exit, the one before it)."""
+_atexit_registered = False
 
 
 def _install_hooks() -> None:
-    global _hooks_installed
-    if _hooks_installed:
+    """Hook sys.excepthook (an uncaught exception marks runs failed and is recorded with its
+    traceback) and sys.exit (atexit cannot see the exit code), in a chain: the hooks before
+    them still run. :func:`_remove_hooks` puts them back when the last run finishes."""
+    global _atexit_registered
+    if not _atexit_registered:
+        _atexit_registered = True
+        atexit.register(_finish_all)
+    if _hooks:
         return
-    _hooks_installed = True
-    atexit.register(_finish_all)
+    _uncaught.clear()
+    _exit_code.clear()
     previous = sys.excepthook
 
     def hook(tp: Any, value: BaseException, tb: Any) -> None:
         _uncaught.append(value)  # an uncaught exception marks forgotten runs failed at exit
         previous(tp, value, tb)
 
-    sys.excepthook = hook
-
-    # atexit cannot see the process's exit code, so remember what sys.exit() was given.
     # A bare `raise SystemExit(n)` outside a `with` block stays unseen: such a run ends
     # "finished".
     exit_ = sys.exit
@@ -945,7 +990,40 @@ def _install_hooks() -> None:
             _exit_code[:] = [_status_code(status)]
         exit_(status)  # type: ignore[arg-type]  # sys.exit takes any object; typeshed lists str, int, None
 
+    sys.excepthook = hook
     sys.exit = exit_hook
+    _hooks.append((hook, previous, exit_hook, exit_))
+
+
+def _remove_hooks() -> None:
+    """Put back what sys.excepthook and sys.exit were, unless someone hooked them after us
+    (then ours stay in their chain, harmless)."""
+    if not _hooks:
+        return
+    hook, previous, exit_hook, exit_ = _hooks.pop()
+    if sys.excepthook is hook:
+        sys.excepthook = previous
+    if sys.exit is exit_hook:
+        sys.exit = exit_
+
+
+def describe_exception(exc: BaseException) -> dict[str, str]:
+    """What run.json keeps of the error that ended a run: its type, message and traceback."""
+    import traceback
+
+    tp = type(exc)
+    name = tp.__qualname__ if tp.__module__ in ("builtins", "__main__") else f"{tp.__module__}.{tp.__qualname__}"
+    return {"type": name, "message": str(exc),
+            "traceback": "".join(traceback.format_exception(tp, exc, exc.__traceback__))}
+
+
+def program() -> dict[str, Any]:
+    """The entry point: the script's path or the ``-m`` module, the working folder, the interpreter."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    return {"path": os.path.abspath(path) if path else None, "module": spec.name if spec is not None else None,
+            "cwd": os.getcwd(), "executable": sys.executable}
 
 
 _pid = os.getpid()  # os.getpid() is a system call; log() compares against this instead

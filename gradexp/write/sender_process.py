@@ -1,6 +1,8 @@
 """The training process's end of the sender: spawn it, tell it to finish, wait with progress.
 
-Kept apart from ``_service`` so that ``import gradexp`` never imports requests.
+Online runs upload through it; every run (offline too) has it record the console, sample
+system metrics and collect the code's provenance, unless all three are switched off. Kept
+apart from ``_service`` so that ``import gradexp`` never imports requests.
 """
 
 from __future__ import annotations
@@ -12,26 +14,57 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from gradexp.core.settings import Settings
+    from gradexp.write.console import Capture
+    from gradexp.write.signals import SignalWatch
 
 
 class Sender:
-    """A running ``python -m gradexp.sync.sender`` for one run."""
+    """A running ``python -m gradexp.sync.sender`` for one run.
 
-    def __init__(self, run_dir: Path, host: str, api_key: str, *, entity: str | None = None) -> None:
+    ``capture`` (console capture, started) hands the sender its pipes; ``program`` (the
+    entry point, see :func:`gradexp.write.run.program`) asks it for the code's provenance.
+    """
+
+    def __init__(self, run_dir: Path, settings: Settings, *, start_time: float, capture: Capture | None = None,
+                 signals: SignalWatch | None = None, program: dict[str, Any] | None = None,
+                 entity: str | None = None) -> None:
         self.run_dir = run_dir
+        self.online = settings.mode == "online"
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()
+        self._capture = capture
+        self._signals = signals
+        self._finishing = False
+        channels = capture.channels if capture is not None else []
+        watched = signals.channels if signals is not None else []
+        hello: dict[str, Any] = {
+            "run_dir": str(run_dir), "pid": os.getpid(), "start_time": start_time,
+            "host": settings.host if self.online else None, "api_key": settings.api_key if self.online else None,
+            "console": [[c.name, c.read, c.original] for c in channels],
+            "signals": [[name, fd] for name, fd in watched],
+            "system_interval": settings.system_interval if settings.system_metrics else None,
+            "code": {"program": program, "sys_path": sys.path} if program is not None else None,
+            "flush_interval": settings.flush_interval, "part_max_age": settings.part_max_age,
+            "entity": entity,
+        }
         log = open(run_dir / "sender.log", "ab")
         env = dict(os.environ)
         env.pop("GRADEXP_API_KEY", None)  # the key travels over the pipe, not in the environment
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gradexp.sync.sender"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=log, env=env, start_new_session=True, close_fds=True, text=True, bufsize=1)
-        log.close()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gradexp.sync.sender"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=log, env=env, start_new_session=True, close_fds=True, text=True, bufsize=1,
+                pass_fds=[fd for c in channels for fd in (c.read, c.original)] + [fd for _, fd in watched])
+        finally:
+            log.close()
+        if signals is not None:
+            signals.handed_over()
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"run_dir": str(run_dir), "host": host, "api_key": api_key,
-                                         "entity": entity}) + "\n")
+        self.proc.stdin.write(json.dumps(hello) + "\n")
         self.proc.stdin.flush()
         threading.Thread(target=self._read, args=(self.proc.stdout,), name="gradexp-sender-events",
                          daemon=True).start()
@@ -48,6 +81,10 @@ class Sender:
         with self._changed:
             self.events.append({"event": "exit"})
             self._changed.notify_all()
+            finishing = self._finishing
+        if self._capture is not None and not finishing:
+            # The sender died under a live run: output must not wait on a pipe nobody reads.
+            self._capture.abandon()
 
     def entity(self, *, timeout: float) -> str | None:
         """The entity the run is registered under, once the sender has registered it (None if
@@ -76,15 +113,44 @@ class Sender:
         sync = f"gradexp sync {self.run_dir}"
         if err is not None:
             return f"gradexp: the upload failed: {err['message']}.\n  {err.get('hint') or 'Run: ' + sync}"
-        if self.last("exit") is not None:
+        what = "upload" if self.online else "sender process (console, system metrics, code)"
+        if self.last("exit") is not None and self.last("done") is None:
             code = self.proc.wait(5)
-            return (f"gradexp: the upload failed: the sender process exited (code {code}) before it finished; "
-                    f"see {log}.\n  What is left stays in {self.run_dir}; upload it with: {sync}")
+            return (f"gradexp: the {what} failed: the sender process exited (code {code}) before it finished; "
+                    f"see {log}." + (f"\n  What is left stays in {self.run_dir}; upload it with: {sync}"
+                                     if self.online else ""))
+        if not self.online:
+            return f"gradexp: the {what} did not finish within {timeout:.0f} s (finish_timeout); see {log}"
         return (f"gradexp: the upload did not finish within {timeout:.0f} s (finish_timeout); what is left "
                 f"stays in {self.run_dir}.\n  Upload it with: {sync}")
 
+    def stop_recording(self, *, timeout: float) -> None:
+        """Stop console capture and have the sender write the last console lines and system
+        metrics (so they are complete once run.json says the run ended)."""
+        with self._changed:
+            self._finishing = True
+        if self._signals is not None:
+            self._signals.stop()
+        if self._capture is not None:
+            self._capture.stop()
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.last("recorded", "exit") is None and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(min(left, 1.0))
+
     def finish(self, exit_code: int, *, timeout: float, out: TextIO = sys.stderr) -> bool:
-        """Ask the sender to upload the rest and finish the run; True if it did within ``timeout``."""
+        """Ask the sender to upload the rest and finish the run (after :meth:`stop_recording`);
+        True if it did within ``timeout``."""
+        with self._changed:
+            self._finishing = True
+        if self._capture is not None:
+            self._capture.stop()
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.write(f"finish {exit_code}\n")
@@ -94,7 +160,7 @@ class Sender:
         deadline = time.monotonic() + timeout
         shown = 0.0
         with self._changed:
-            while self.last("done", "error", "exit") is None:
+            while self.last("done", "exit") is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -109,14 +175,18 @@ class Sender:
         for e in self.events:
             if e["event"] == "warning":
                 out.write(f"gradexp: {e['message']}\n")
-        done = self.last("done") is not None
+        done = self.last("done") is not None and self.last("error") is None
+        finished = self.last("done") is not None
         if not done:
             out.write(self._why(timeout) + "\n")
+        if not finished:
             self.proc.terminate()
         try:
-            self.proc.wait(5)
+            self.proc.wait(1 if finished else 5)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            if not finished:
+                self.proc.kill()
+            # else: done, and still showing the output of child processes that outlive the run
         if self.proc.stdin:
             try:
                 self.proc.stdin.close()

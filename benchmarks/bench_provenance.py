@@ -1,0 +1,92 @@
+"""What recording the console, system metrics and the code's provenance costs the trainer.
+
+Each sample is a fresh interpreter (``python -c``) that times ``import gradexp`` +
+``init()``, then 200 untimed and 20,000 timed ``run.log()`` calls of 10 scalars (each
+call timed with ``perf_counter_ns``, dicts built first, as in bench_log_scalars), a
+``print()`` every 100 steps (a training loop's progress line), then ``finish()``.
+Two configurations, alternated so drift on a shared machine hits both alike:
+
+- ``on``: the defaults (console captured, code collected, system metrics) with
+  ``system_interval=0.5`` (20x the default rate, so sampling happens during the loop);
+- ``off``: ``console=False, code=False, system_metrics=False`` (no sender process offline).
+
+Reported per configuration: median over the samples of init() time, log() p50 and p99,
+and finish() time.  ``--quick``: 3 samples each (default 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import gradexp
+import numpy as np
+SETTINGS = json.loads(sys.argv[1])
+rng = np.random.default_rng(0)
+dicts = [{f"metric_{j}": v for j, v in enumerate(row)} for row in rng.random((20200, 10)).tolist()]
+t1 = time.perf_counter()
+run = gradexp.init("bench", dir=sys.argv[2], mode="offline", **SETTINGS)
+t2 = time.perf_counter()
+log = run.log
+for d in dicts[:200]:
+    log(d)
+pc = time.perf_counter_ns
+ns = np.empty(20000, dtype=np.int64)
+for i, d in enumerate(dicts[200:]):
+    if i % 100 == 0:
+        print(f"step {i}", flush=True)
+    t = pc()
+    log(d)
+    ns[i] = pc() - t
+t3 = time.perf_counter()
+run.finish()
+t4 = time.perf_counter()
+sys.stderr.write("@@" + json.dumps({"init_s": t2 - t1, "p50_us": float(np.percentile(ns, 50)) / 1e3,
+                                    "p99_us": float(np.percentile(ns, 99)) / 1e3, "finish_s": t4 - t3}) + "\\n")
+"""
+
+CONFIGS = {
+    "on": {"system_interval": 0.5},
+    "off": {"console": False, "code": False, "system_metrics": False},
+}
+
+
+def sample(name: str, base: Path) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CONFIGS[name]), str(base)], capture_output=True,
+                       text=True, timeout=600, env=env, cwd=base)
+    line = [x for x in p.stderr.splitlines() if x.startswith("@@")]
+    if p.returncode != 0 or not line:
+        raise RuntimeError(f"{name}: {p.stderr[-500:]}")
+    return json.loads(line[-1][2:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    n = 3 if args.quick else 7
+    got: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        sample("on", Path(tmp))  # warm-up: page cache, byte-code
+        for _ in range(n):
+            for name in CONFIGS:
+                got[name].append(sample(name, Path(tmp)))
+    out = {name: {k: statistics.median(s[k] for s in samples) for k in samples[0]} for name, samples in got.items()}
+    out["samples"] = n
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
