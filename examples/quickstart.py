@@ -160,9 +160,12 @@ def train(args: argparse.Namespace, host: str | None, key: str | None) -> None:
           f"`gradexp export {ref} --parquet -o {out.name}`")
     size = sum(p.stat().st_size for p in (run.dir / "parts").iterdir())
     print(f"run folder: {len(list((run.dir / 'parts').iterdir()))} part files, {size / 1e6:.2f} MB")
+    print("see it in the explorer (charts, tensors at every step, distributions): run `gradexp ui"
+          + ("" if args.dir is None else f" --dir {args.dir}") + "` and open the address it prints")
     if host is not None:
-        print(f"run on the server: {host}/api/v1/runs/{ref}  (server data in ./gradexp-server; start it "
-              f"again with `gradexp server --data-dir gradexp-server`)")
+        print(f"run on the server: {host}/{ref} in the explorer, {host}/api/v1/runs/{ref} in the API "
+              f"(server data in ./gradexp-server; serve it again with `gradexp server --data-dir "
+              f"gradexp-server`, which prints a sign-in address the first time)")
 
 
 if __name__ == "__main__":
