@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gradexp.core.errors import InvalidValueError, RunNotFoundError, UsageError
 from gradexp.core.layout import RUN_JSON
 from gradexp.core.settings import resolve
 from gradexp.read.local import StoredRun
 from gradexp.read.reader import RunReader
+
+if TYPE_CHECKING:
+    from gradexp.core.client import Client
+    from gradexp.read.remote import RemoteRun
 
 __all__ = ["Api", "StoredRun"]
 
@@ -30,10 +34,10 @@ class Api:
         self.dir = s.dir.absolute()
         self.host = s.host
         self._api_key = s.api_key
-        self._client: Any = None
+        self._client: Client | None = None
 
     @property
-    def client(self) -> Any:
+    def client(self) -> Client:
         """The HTTP client for :attr:`host` (made on first use)."""
         if self._client is None:
             from gradexp.core.client import Client
@@ -41,7 +45,7 @@ class Api:
             self._client = Client(self.host, self._api_key)
         return self._client
 
-    def run(self, ref: str | os.PathLike[str]) -> Any:
+    def run(self, ref: str | os.PathLike[str]) -> StoredRun | RemoteRun:
         """A run: a folder path, ``"project/run_id"`` or a bare run id under :attr:`dir`, or
         ``"entity/project/run_id"`` on :attr:`host`. Returns a :class:`StoredRun` for local
         runs and a :class:`gradexp.read.remote.RemoteRun` for remote ones; both read alike."""

@@ -22,10 +22,12 @@ class RunReader(Protocol):
     shape; where a (key, step) was written twice the last write wins.
     """
 
-    id: str
-    project: str
     meta: dict[str, Any]
 
+    @property
+    def id(self) -> str: ...
+    @property
+    def project(self) -> str: ...
     @property
     def name(self) -> str | None: ...
     @property
@@ -54,7 +56,9 @@ class RunReader(Protocol):
         """Every logged key: history columns and tensors."""
         ...
 
-    def tensor_keys(self) -> list[str]: ...
+    def tensor_keys(self) -> list[str]:
+        """Tensor keys, sorted (a server cannot cheaply tell the order they were first written)."""
+        ...
 
     def steps(self, key: str) -> list[int]:
         """The steps at which tensor ``key`` was logged, ascending (``KeyError`` if none)."""
