@@ -163,3 +163,17 @@ def test_console_endpoint_since_and_access(server):
     for path in ("/console", "/system", "/provenance", "/patch"):
         assert requests.get(base + path, timeout=30).status_code == 401, path
         assert requests.get(base + path, headers=bob, timeout=30).status_code == 404, path
+
+
+def test_tensor_endpoints_carry_the_dimension_labels(server, ui):
+    ada = requests.Session()
+    ada.headers["Authorization"] = f"Bearer {server.ada_key}"
+    local = requests.Session()
+    local.get(ui.url, timeout=30)  # the token, as a cookie
+    for http, base in ((ada, f"{server.url}/_x/api/runs/ada/loud/r1"), (local, f"{ui.base}/_x/api/runs/local/loud/r1")):
+        listed = {t["key"]: t for t in http.get(base + "/tensors", timeout=30).json()}
+        assert listed["w"]["dims"] == ["batch", "row", "col"], base
+        r = http.get(base + "/tensor", params={"key": "w", "step": 6}, headers={"Accept-Encoding": "identity"},
+                     timeout=30)
+        meta = pa.ipc.open_stream(r.content).schema.metadata
+        assert meta[b"dims"] == b'["batch", "row", "col"]', base

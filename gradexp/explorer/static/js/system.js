@@ -14,7 +14,8 @@ const filter = document.getElementById("chart-filter");
 const plots = new Map();  // key -> {box, plot}
 
 function width() {
-  const w = grid.clientWidth || document.body.clientWidth || 1000;
+  const main = document.querySelector("main");
+  const w = grid.clientWidth || (main && main.clientWidth) || document.body.clientWidth || 1000;
   const cols = Math.max(1, Math.floor(w / 460));
   return Math.max(240, Math.floor(w / cols) - 32);
 }
@@ -40,7 +41,7 @@ function draw(table) {
       const box = el("div", { class: "gx-chart", dataset: { key } }, el("div", { class: "gx-chart-title" }, key), canvas);
       grid.append(box);
       const plot = new uPlot({
-        width: width(), height: HEIGHT, scales: { x: { time: true } }, axes: [{}, { size: 64 }],
+        width: width(), height: HEIGHT, scales: { x: { time: true } }, axes: [{}, { size: 80 }],
         series: [{ label: "time" }, { label: key.slice("system/".length), stroke: "#5c940d", width: 1.5, spanGaps: true,
                                       points: { show: false } }],
       }, [x, y], canvas);
@@ -69,6 +70,12 @@ async function load() {
 }
 
 filter.addEventListener("input", applyFilter);
+// Drawn while the tab was hidden, a chart took the page's width: fit it to the grid once shown.
+document.addEventListener("gx:tab", (e) => {
+  if (e.detail.tab === "charts") requestAnimationFrame(() => {
+    for (const { plot } of plots.values()) plot.setSize({ width: width(), height: HEIGHT });
+  });
+});
 load().catch(showError);
 setInterval(() => {
   if (!document.hidden && status === "running") load().catch(showError);
