@@ -22,7 +22,7 @@ from test_explorer import PASSWORD, SHOTS, UI, XSS, Watched, charts_ready, sign_
 
 from gradexp.core.client import Client
 from gradexp.sync.sender import sync
-from services import GradexpServer, clean_env
+from services import GradexpServer, Trainer, clean_env, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = [f"epoch {i}: loss {1 / (i + 1):.3f}" for i in range(6)]
@@ -177,3 +177,35 @@ def test_tensor_endpoints_carry_the_dimension_labels(server, ui):
                      timeout=30)
         meta = pa.ipc.open_stream(r.content).schema.metadata
         assert meta[b"dims"] == b'["batch", "row", "col"]', base
+
+
+def test_console_of_a_running_run_is_tailed_while_open(tmp_path, chromium):
+    """The trainer prints a JSON line at init, per step and when it waits (its line after
+    ``finish()`` is not captured): the open Console
+    tab gains the lines printed after it opened, asking only for those (``since=``)."""
+    t = Trainer(tmp_path, "live", steps=20, stops=(9,))
+    try:
+        t.first("waiting")
+        u = UI(t.dir)
+        try:
+            context = chromium.new_context()
+            w = Watched(context)
+            w.open(u.url)
+            w.open(f"{u.base}/local/stream/live#console", wait="#console[data-ready='1']")
+            lines = lambda: int(w.page.get_attribute("#console", "data-lines") or 0)  # noqa: E731
+            wait_for(lambda: lines() == 12, "init, steps 0-9 and 'waiting' in the console")
+            first = len(w.requests)
+            t.go(9)
+            assert t.wait() == 0
+            wait_for(lambda: lines() == 22, "steps 10-19 in the open console")
+            assert w.page.inner_text("#console-state") == "22 lines"
+            texts = w.page.eval_on_selector_all("#console span", "ss => ss.map(s => JSON.parse(s.textContent))")
+            assert [x["step"] for x in texts if "step" in x] == list(range(20))
+            polls = [r for r in w.requests[first:] if "/console?" in r]
+            assert polls and all("since=0" not in r for r in polls), polls  # only the tail is fetched
+            w.check()
+            context.close()
+        finally:
+            u.stop()
+    finally:
+        Trainer.cleanup()

@@ -15,7 +15,9 @@ async function load() {
   if (busy) return;
   busy = true;
   try {
-    const [got, info] = await Promise.all([api(`${ctx.apiBase}/console?since=${next}`), api(ctx.apiBase)]);
+    // The status first: lines written before a run ended are all there once it reads as ended.
+    const info = await api(ctx.apiBase);
+    const got = await api(`${ctx.apiBase}/console?since=${next}`);
     status = info.status;
     const stick = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
     const lines = got.lines.filter((x) => x.line >= next);
