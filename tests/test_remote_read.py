@@ -347,3 +347,43 @@ def test_a_frame_damaged_on_the_server_is_skipped_by_export_as_locally(server, t
                          capture_output=True, text=True, timeout=300, env=clean_env(), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "'big' at step 2" in out.stderr and "3 (1 damaged, skipped)" in out.stderr, out.stderr
+
+
+# -- console, system metrics, provenance --------------------------------------------------------------
+
+def test_console_system_and_provenance_read_alike_from_the_folder_the_server_and_its_store(server, tmp_path):
+    """A run that prints, samples system metrics and raises: the same lines, table, record and
+    provenance through every reader (ServerRun read none of them before)."""
+    import os
+    import textwrap
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        import gradexp
+        run = gradexp.init("rr", id="loud", system_interval=0.2, code=True)
+        for i in range(5):
+            print(f"line {i}")
+            run.log({"loss": float(i)}, step=i)
+        time.sleep(1.0)
+        raise ValueError("the end")
+    """))
+    repo = str(Path(__file__).resolve().parents[1])
+    env = clean_env(PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p),
+                    GRADEXP_DIR=str(server.runs))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    sync(server.runs / "rr" / "loud", Client(server.url, server.key), USER)
+    here, there, store = local(server, "loud"), remote(server, "loud"), in_store(server, "loud")
+    lines = here.console()
+    assert [x.text for x in lines[:5]] == [f"line {i}" for i in range(5)]
+    assert any("ValueError: the end" in x.text for x in lines)
+    assert here.system().num_rows > 0
+    for other in (there, store):
+        assert other.console() == lines
+        assert other.console(3) == lines[3:]
+        assert other.system().equals(here.system())
+        assert other.provenance == here.provenance
+        for field in ("host", "argv", "python", "program", "exception", "exit_code"):
+            assert other.meta.get(field) == here.meta.get(field), field
+    assert store.meta["exception"]["type"] == "ValueError"

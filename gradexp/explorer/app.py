@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -63,6 +63,10 @@ def explorer_routes(explorer: Explorer) -> list[BaseRoute]:
         Route("/api/runs/{entity}/{project}", api(x.runs)),
         Route(run, api(x.run), methods=["GET", "PATCH"]),
         Route(run + "/history", api(x.history)),
+        Route(run + "/console", api(x.console)),
+        Route(run + "/system", api(x.system)),
+        Route(run + "/provenance", api(x.provenance)),
+        Route(run + "/patch", api(x.git_patch)),
         *tensors.routes(explorer),
         *distributions.routes(explorer),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
@@ -214,6 +218,55 @@ class _Handlers:
             except KeyError as exc:
                 raise LookupError(exc.args[0]) from None
         return arrow_response(await self.x.in_worker(work))
+
+
+    async def console(self, request: Request) -> Response:
+        """``?since=N`` -> ``{"lines": [{line, time, stream, text}, ...]}``: the run's console
+        output from line N on (a live page asks only for the lines after those it shows)."""
+        reader = await self._reader(request)
+        try:
+            since = int(request.query_params.get("since", "0"))
+        except ValueError:
+            raise ApiError(400, "since must be an integer") from None
+        if since < 0:
+            raise ApiError(400, f"since must be 0 or more; got {since}")
+
+        def work() -> dict[str, Any]:
+            return {"lines": [x._asdict() for x in reader.console(since)]}
+        return json_response(await self.x.in_worker(work))
+
+    async def system(self, request: Request) -> Response:
+        """The run's system metrics as Arrow: ``step`` (sample number), ``_timestamp``,
+        ``_runtime`` and one column per ``system/...`` figure."""
+        reader = await self._reader(request)
+        return arrow_response(await self.x.in_worker(reader.system))
+
+    async def provenance(self, request: Request) -> Response:
+        """The code's provenance without the patch and package list (``has_patch`` says
+        whether ``/patch`` has one; ``packages`` is their count)."""
+        reader = await self._reader(request)
+
+        def work() -> dict[str, Any]:
+            prov = reader.provenance
+            git = dict(prov.get("git") or {})
+            patch = git.pop("patch", None)
+            return {"program": prov.get("program"), "git": git, "has_patch": bool(patch),
+                    "packages": len(prov.get("packages") or [])}
+        return json_response(await self.x.in_worker(work))
+
+    async def git_patch(self, request: Request) -> Response:
+        """The uncommitted diff against the recorded commit, as a ``.patch`` download."""
+        reader = await self._reader(request)
+
+        def work() -> str:
+            patch = (reader.provenance.get("git") or {}).get("patch")
+            if not patch:
+                raise LookupError(f"run {reader.id} recorded no patch")
+            return str(patch)
+        text = await self.x.in_worker(work)
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in reader.id)
+        return PlainTextResponse(text, media_type="text/x-diff", headers={
+            **HEADERS, "Cache-Control": "no-store", "Content-Disposition": f'attachment; filename="{name}.patch"'})
 
 
 def reduced(explorer: Explorer, entity: str, reader: RunReader, stamp: Any, table: pa.Table, keys: list[str], *,

@@ -12,6 +12,7 @@ Every read goes through :class:`gradexp.read.reader.RunReader`, in a worker thre
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from gradexp.explorer.context import Explorer
     from gradexp.read.reader import RunReader
 
-__all__ = ["finite_range", "routes", "tensor_info", "tensor_ipc"]
+__all__ = ["dims_of", "finite_range", "routes", "tensor_info", "tensor_ipc"]
 
 
 class BadRequest(ValueError):
@@ -64,13 +65,15 @@ def dtype_name(dt: np.dtype) -> str:
     return dt.name
 
 
-def tensor_ipc(arr: np.ndarray, *, step: int) -> bytes:
+def tensor_ipc(arr: np.ndarray, *, step: int, dims: Sequence[str] | None = None) -> bytes:
     """One tensor as an Arrow IPC stream: ``values`` (and ``imag`` for complex), row-major.
-    ``dims`` is ``null``: the storage format records no dimension names."""
+    ``dims`` (JSON in the schema metadata) names the axes, or is ``null``; labels that do not
+    match the tensor's number of axes are dropped."""
     values, imag = wire_values(arr)
     columns = {"values": values} if imag is None else {"values": values, "imag": imag}
+    named = list(dims) if dims is not None and len(dims) == arr.ndim else None
     meta = {"shape": json.dumps(list(arr.shape)), "dtype": dtype_name(arr.dtype),
-            "step": str(step), "dims": "null"}
+            "step": str(step), "dims": json.dumps(named)}
     table = pa.table(columns).replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -86,7 +89,17 @@ def tensor_info(reader: RunReader, key: str, first_step: int) -> dict[str, Any]:
     lists the tensors every second or two decodes nothing new as steps arrive.
     """
     arr = reader.tensor(key, first_step)
-    return {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape), "dims": None}
+    return {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape), "dims": dims_of(reader, key, first_step)}
+
+
+def dims_of(reader: RunReader, key: str, step: int) -> list[str] | None:
+    """The dimension labels tensor ``key`` was logged with at ``step`` (``log(t, name=...,
+    dimension_labels=[...])``), where the reader knows them (its ``dims`` method), else None."""
+    dims = getattr(reader, "dims", None)
+    if dims is None:
+        return None
+    got = dims(key, step)
+    return None if got is None else [str(d) for d in got]
 
 
 def finite_range(reader: RunReader, key: str) -> dict[str, float | None]:
@@ -142,6 +155,17 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
     Errors answer as every explorer endpoint does (``responses.api``): an unknown run, key or step
     404 with a message naming it, a malformed parameter 400.
     """
+    def labels(reader: RunReader, ref: tuple[str, str, str], key: str) -> list[str] | None:
+        """The labels of ``key`` as first logged (cached with its dtype and shape: a scrub reads
+        one frame, not two)."""
+        first = reader.steps(key)[0]
+        ckey = ("tensor-info", *ref, key, first)
+        info = explorer.cache.get(ckey)
+        if info is None:
+            info = tensor_info(reader, key, first)
+            explorer.cache.put(ckey, info, 256 + len(key))
+        return info["dims"]
+
     async def reader_for(request: Request) -> tuple[RunReader, tuple[str, str, str]]:
         p = request.path_params
         ref = (p["entity"], p["project"], p["run_id"])
@@ -186,7 +210,7 @@ def routes(explorer: Explorer) -> list[BaseRoute]:
         body = explorer.cache.get(ckey)
         if body is None:
             def work() -> bytes:
-                data = tensor_ipc(reader.tensor(key, step), step=step)
+                data = tensor_ipc(reader.tensor(key, step), step=step, dims=labels(reader, ref, key))
                 out = zstandard.ZstdCompressor(level=1).compress(data) if zstd else data  # one a call: not thread-safe
                 if reader.status != "running":  # a live run may rewrite a step: last write wins
                     explorer.cache.put(ckey, out, len(out))

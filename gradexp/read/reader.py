@@ -9,6 +9,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pyarrow as pa
 
+from gradexp.core.streams import ConsoleLine
+
 __all__ = ["RunReader"]
 
 
@@ -70,4 +72,20 @@ class RunReader(Protocol):
 
     def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """``(step, array)`` for the given steps (default: every logged step) in step order."""
+        ...
+
+    def console(self, since: int = 0) -> list[ConsoleLine]:
+        """The run's console output from line ``since`` on, one line each (number, time,
+        stream, text) as the terminal showed it; empty if none was captured."""
+        ...
+
+    def system(self, keys: Sequence[str] | None = None) -> pa.Table:
+        """System metrics sampled by the run's sender process: ``step``, ``_timestamp``,
+        ``_runtime`` and one column per ``system/...`` figure."""
+        ...
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The code's provenance: ``git`` (commit, branch, remote, dirty, patch), ``program``,
+        ``packages`` (docs/provenance.md); empty if not recorded."""
         ...

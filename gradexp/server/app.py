@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import sqlalchemy as sa
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -40,7 +38,6 @@ from gradexp._version import __version__
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
 from gradexp.core.errors import CorruptPartError, RunNotFoundError
-from gradexp.core.history import combine_history
 from gradexp.core.limits import MAX_KEY_LENGTH
 from gradexp.server import db, explorer_catalog, history, web
 from gradexp.server.openapi import (
@@ -214,7 +211,7 @@ class Server:
 
         def work() -> dict[str, Any]:
             run = self.open_run(v, project, run_id)
-            return {**run.meta, "parts": run.part_counts()}
+            return {**run.row, "parts": run.part_counts()}
         return ExactJSONResponse(await run_in_threadpool(work))
 
     async def patch_run(self, request: Request) -> Response:
@@ -378,37 +375,18 @@ class Server:
         project, run_id = self.address(request, v)
 
         def work() -> dict[str, Any]:
-            _, pid = self.run_pk(v, project, run_id)
-            key = Store.record_key(v.entity_id, pid, run_id)
-            if not self.store.exists(key):
-                return {"meta": {}, "provenance": {}}
-            return json.loads(self.store.get(key))
+            return self.open_run(v, project, run_id).record()
         return ExactJSONResponse(await run_in_threadpool(work))
 
     async def get_stream(self, request: Request) -> Response:
-        """Console lines or system metrics: the stream's frames from ``since`` on, one range read
-        each (the frame index in SQL says where), merged by step as history is."""
+        """Console lines or system metrics from ``since`` on (:meth:`ServerRun.stream`)."""
         v = await self.viewer(request)
         project, run_id = self.address(request, v)
         stream = SidePath.model_validate(request.path_params).stream
         q = SideQuery.model_validate(request.query_params)
 
         def work() -> Any:
-            pk, _ = self.run_pk(v, project, run_id)
-            with self.engine.connect() as conn:
-                rows = db.stream_frames(conn, pk, stream, q.since)
-            tables = []
-            for r in rows:
-                frame = self.store.get_range(r["object_key"], r["offset"], r["length"])
-                info = _format.parse_header(frame, 0, len(frame))
-                if info is None:
-                    raise HTTPException(500, "stored frame is truncated")
-                raw = _format.decode_payload(info, memoryview(frame)[info.header_len:], r["object_key"])
-                tables.append(pa.Table.from_batches([_arrow.history_batch(raw)]))
-            table = combine_history(tables)
-            if q.since and table.num_rows:
-                table = table.filter(pc.greater_equal(table.column("step"), q.since))
-            return table
+            return self.open_run(v, project, run_id).stream(stream, q.since)
 
         table = await run_in_threadpool(work)
         if q.format == "arrow":

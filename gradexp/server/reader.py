@@ -9,18 +9,22 @@ thread, never on the event loop.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy.engine import Engine
 
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
+from gradexp.core import media as _media
 from gradexp.core.errors import KeyNotFoundError, RunNotFoundError
-from gradexp.core.history import select_keys
+from gradexp.core.history import combine_history, select_keys
+from gradexp.core.streams import CONSOLE, SYSTEM, ConsoleLine, console_lines
 from gradexp.server import db, history
 from gradexp.server.store import Store
 
@@ -82,7 +86,9 @@ class ServerRun:
             if pk is None or pid is None:
                 raise RunNotFoundError(f"no run {entity}/{project}/{run_id}")
             self.pk, self.project_pk = pk, pid
-            self.meta: dict[str, Any] = db.run_row(conn, pk)
+            self._row: dict[str, Any] = db.run_row(conn, pk)
+        self._record: dict[str, Any] | None = None
+        self._record_final = False
 
     def __repr__(self) -> str:
         return f"<gradexp.ServerRun {self.entity}/{self.project}/{self.id}>"
@@ -90,10 +96,70 @@ class ServerRun:
     # -- metadata ------------------------------------------------------------------------------
 
     def refresh(self) -> dict[str, Any]:
-        """Read the run's record again (:attr:`meta`) and return it."""
+        """Read the run's row again (:attr:`meta`: the row over the record the client sent,
+        as :class:`~gradexp.read.remote.RemoteRun` has it) and return it."""
         with self.engine.connect() as conn:
-            self.meta = db.run_row(conn, self.pk)
+            self._row = db.run_row(conn, self.pk)
         return self.meta
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The run's row over the ``meta`` of the record the client sent (host, argv, python,
+        program, exception, signal). The record is read at first use and again until the run
+        has ended (the tensor routes never pay for it)."""
+        if self._record is None or (not self._record_final and self._row.get("status") != "running"):
+            self._record = self.record().get("meta") or {}
+            self._record_final = self._row.get("status") != "running"
+        return {**self._record, **self._row}
+
+    @meta.setter
+    def meta(self, value: dict[str, Any]) -> None:
+        self._row = value
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """The run's row in the database alone (as last read)."""
+        return self._row
+
+    def record(self) -> dict[str, Any]:
+        """The record the client sent last: ``meta`` (run.json: host, argv, python, program,
+        exception, signal) and ``provenance``; both empty if none was sent."""
+        key = self.store.record_key(self.entity_id, self.project_pk, self.id)
+        if not self.store.exists(key):
+            return {"meta": {}, "provenance": {}}
+        return json.loads(self.store.get(key))
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The code's provenance (git state and patch, program, packages); empty if none was sent."""
+        return self.record().get("provenance") or {}
+
+    def stream(self, stream: str, since: int = 0) -> pa.Table:
+        """Side stream ``stream`` (``console``, ``system``) from row ``since`` on: the frames
+        holding those rows, one range read each (the frame index in SQL says where), merged by
+        step as history is."""
+        with self.engine.connect() as conn:
+            rows = db.stream_frames(conn, self.pk, stream, since)
+        tables = []
+        for r in rows:
+            frame = self.store.get_range(r["object_key"], r["offset"], r["length"])
+            info = _format.parse_header(frame, 0, len(frame))
+            if info is None:
+                raise ValueError(f"{r['object_key']}: stored frame is truncated")
+            raw = _format.decode_payload(info, memoryview(frame)[info.header_len:], r["object_key"])
+            tables.append(pa.Table.from_batches([_arrow.history_batch(raw)]))
+        table = combine_history(tables)
+        if since and table.num_rows:
+            table = table.filter(pc.greater_equal(table.column("step"), since))
+        return table
+
+    def console(self, since: int = 0) -> list[ConsoleLine]:
+        """The run's console lines from line ``since`` on (only the frames holding them are read)."""
+        return console_lines(self.stream(CONSOLE, since), since)
+
+    def system(self, keys: Sequence[str] | None = None) -> pa.Table:
+        """System metrics sampled by the run's sender process (``system/...`` columns)."""
+        return select_keys(self.stream(SYSTEM), keys, self.id)
 
     @property
     def name(self) -> str | None:
@@ -207,6 +273,17 @@ class ServerRun:
         if not self._frames(key):
             raise KeyNotFoundError(f"{missing}: {self._no_key(key).args[0]}")
         raise KeyNotFoundError(missing)
+
+    def dims(self, key: str, step: int | None = None) -> tuple[str, ...] | None:
+        """The dimension labels tensor ``key`` was logged with (at ``step``, default its last
+        step), or None if it has none."""
+        at = self.steps(key)[-1] if step is None else step
+        frame = self.frame(key, at)
+        info = _format.parse_header(frame, 0, len(frame))
+        if info is None:
+            raise ValueError(f"tensor {key!r} at step {at}: stored frame is truncated")
+        return _media.labels(_arrow.tensor_frame(_format.decode_payload(info, memoryview(frame)[info.header_len:],
+                                                                        key))[2])
 
     def tensor(self, key: str, step: int) -> np.ndarray:
         """Tensor ``key`` at ``step``: bit-exact, in the dtype and shape it was logged with."""

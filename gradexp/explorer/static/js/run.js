@@ -3,7 +3,7 @@
 import { api, badge, el, flatten, fmtDuration, fmtTime, fmtValue, runContext, showError } from "./common.js";
 
 const ctx = runContext();
-const TABS = ["overview", "charts", "tensors", "flow"];
+const TABS = ["overview", "charts", "tensors", "flow", "console"];
 
 function showTab() {
   const want = (location.hash || "#charts").slice(1);
@@ -37,7 +37,6 @@ function metaRows(info) {
     ["finished", fmtTime(info.finished_at)],
     ["duration", info.created_at && end ? fmtDuration(end - info.created_at) : ""],
     ["last step", info.last_step ?? ""],
-    ["exit code", m.exit_code ?? ""],
     ["host", m.host ?? ""],
     ["argv", Array.isArray(m.argv) ? m.argv.join(" ") : (m.argv ?? "")],
     ["python", m.python ?? ""],
@@ -46,6 +45,54 @@ function metaRows(info) {
     ["damaged ranges", info.damage || 0],
   ];
   return rows.filter(([, v]) => v !== "").map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)));
+}
+
+const kv = (rows) => rows.filter(([, v]) => v !== "" && v !== null && v !== undefined)
+  .map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)));
+
+/** The Exit card: exit code, the uncaught exception (its traceback as text in a <pre>), the signal. */
+function fillExit(info) {
+  const m = info.meta || {};
+  const exc = m.exception || null;
+  const sig = m.signal_name || (m.signal !== undefined && m.signal !== null ? `signal ${m.signal}` : "");
+  const rows = kv([
+    ["exit code", m.exit_code ?? ""],
+    ["exception", exc ? exc.type : ""],
+    ["message", exc ? exc.message : ""],
+    ["signal", sig],
+  ]);
+  document.getElementById("run-exit").hidden = rows.length === 0 && !(exc && exc.traceback);
+  document.querySelector("#run-exit-kv tbody").replaceChildren(...rows);
+  const tb = document.getElementById("run-traceback");
+  tb.textContent = exc && exc.traceback ? exc.traceback : "";
+  tb.hidden = !tb.textContent;
+}
+
+let provenance = null;
+/** The Code card: program, git commit, branch, remote, dirty flag and the patch to download. */
+async function fillCode(info) {
+  if (provenance === null || (!provenance.git.commit && !provenance.program && info.status === "running")) {
+    provenance = await api(`${ctx.apiBase}/provenance`);
+  }
+  const m = info.meta || {};
+  const p = provenance;
+  const program = p.program || m.program || {};
+  const git = p.git || {};
+  const omitted = git.patch_omitted && git.patch_omitted.length ? ` (left out: ${git.patch_omitted.join(", ")})` : "";
+  const patch = p.has_patch ? el("span", {}, el("a", { href: `${ctx.apiBase}/patch`, download: `${ctx.run}.patch`,
+                                                       id: "run-patch" }, "download patch"), omitted) : "";
+  const rows = kv([
+    ["program", program.path || program.module || ""],
+    ["cwd", program.cwd || ""],
+    ["commit", git.commit || ""],
+    ["branch", git.branch || ""],
+    ["remote", git.remote || ""],
+    ["dirty", git.commit ? (git.dirty ? "yes" : "no") : ""],
+    ["patch", patch],
+    ["packages", p.packages ? String(p.packages) : ""],
+  ]);
+  document.querySelector("#run-code tbody").replaceChildren(
+    ...(rows.length ? rows : [el("tr", {}, el("td", { class: "gx-muted" }, "(not recorded)"))]));
 }
 
 let editing = false;
@@ -57,6 +104,8 @@ function fill(info) {
   document.title = `${info.name || info.id} - ${info.project} - gradexp`;
   document.getElementById("run-status").replaceWith(Object.assign(badge(info.status), { id: "run-status" }));
   document.querySelector("#run-meta tbody").replaceChildren(...metaRows(info));
+  fillExit(info);
+  fillCode(info).catch(showError);
   document.querySelector("#run-config tbody").replaceChildren(...kvRows(info.config));
   document.querySelector("#run-summary tbody").replaceChildren(...kvRows(info.summary));
   if (!editing) {

@@ -1,0 +1,82 @@
+// The "System" group of the Charts tab: one uPlot chart per figure the run's sender process
+// sampled (CPU %, memory, disk and network I/O, GPUs), over wall-clock time, beside the
+// run's metric charts. A live run's figures are re-read every few seconds (a sample every
+// 10 s by default: the table stays small).
+import uPlot from "/_x/static/vendor/uplot/uPlot.esm.js";
+import { api, arrow, el, runContext, showError } from "./common.js";
+
+const ctx = runContext();
+const HEIGHT = 160;
+const LIVE_MS = 2000;
+const root = document.getElementById("system-charts");
+const grid = document.getElementById("system-grid");
+const filter = document.getElementById("chart-filter");
+const plots = new Map();  // key -> {box, plot}
+
+function width() {
+  const main = document.querySelector("main");
+  const w = grid.clientWidth || (main && main.clientWidth) || document.body.clientWidth || 1000;
+  const cols = Math.max(1, Math.floor(w / 460));
+  return Math.max(240, Math.floor(w / cols) - 32);
+}
+
+function numbers(col) {
+  const out = new Array(col.length);
+  for (let i = 0; i < col.length; i++) {
+    const v = col[i] === null ? NaN : Number(col[i]);
+    out[i] = Number.isNaN(v) ? null : v;
+  }
+  return out;
+}
+
+function draw(table) {
+  const keys = table.schema.fields.map((f) => f.name).filter((n) => n.startsWith("system/")).sort();
+  root.hidden = keys.length === 0;
+  const x = numbers(table.getChild("_timestamp").toArray());
+  for (const key of keys) {
+    const y = numbers(table.getChild(key).toArray());
+    let entry = plots.get(key);
+    if (!entry) {
+      const canvas = el("div", { class: "gx-chart-canvas" });
+      const box = el("div", { class: "gx-chart", dataset: { key } }, el("div", { class: "gx-chart-title" }, key), canvas);
+      grid.append(box);
+      const plot = new uPlot({
+        width: width(), height: HEIGHT, scales: { x: { time: true } }, axes: [{}, { size: 80 }],
+        series: [{ label: "time" }, { label: key.slice("system/".length), stroke: "#5c940d", width: 1.5, spanGaps: true,
+                                      points: { show: false } }],
+      }, [x, y], canvas);
+      entry = { box, plot };
+      plots.set(key, entry);
+    } else {
+      entry.plot.setData([x, y]);
+    }
+    entry.box.dataset.points = String(y.filter((v) => v !== null).length);
+  }
+  applyFilter();
+  root.dataset.ready = "1";
+}
+
+function applyFilter() {
+  const q = filter.value.trim().toLowerCase();
+  for (const [k, e] of plots) e.box.hidden = q !== "" && !k.toLowerCase().includes(q);
+  if (plots.size) root.hidden = ![...plots.values()].some((e) => !e.box.hidden);
+}
+
+let status = null;
+async function load() {
+  const [table, info] = await Promise.all([arrow(`${ctx.apiBase}/system`), api(ctx.apiBase)]);
+  status = info.status;
+  draw(table);
+}
+
+filter.addEventListener("input", applyFilter);
+// Drawn while the tab was hidden, a chart took the page's width: fit it to the grid once shown.
+document.addEventListener("gx:tab", (e) => {
+  if (e.detail.tab === "charts") requestAnimationFrame(() => {
+    for (const { plot } of plots.values()) plot.setSize({ width: width(), height: HEIGHT });
+  });
+});
+load().catch(showError);
+setInterval(() => {
+  if (!document.hidden && status === "running") load().catch(showError);
+}, LIVE_MS);
