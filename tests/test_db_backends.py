@@ -47,7 +47,8 @@ def engine(db_url):
 
 
 def offline_parts(root, n: int = 30) -> dict[str, bytes]:
-    run = gradexp.init("src", id="src", dir=root, part_max_bytes=2048, part_max_age=600)
+    run = gradexp.init("src", id="src", dir=root, part_max_bytes=2048, part_max_age=600,
+                       console=False, code=False, system_metrics=False)  # history and tensor parts only
     for s in range(n):
         run.log(values(s))
         if s % 10 == 9:
