@@ -187,8 +187,23 @@ def kill_one(tmp: Path, shape: str, i: int, delay: float) -> dict:
             # It was logged before the first record of a step at or after it.
             out["oldest_s"] = killed_at - float(times[np.searchsorted(steps, first)])
             out["missing"] = {k: len(v) for k, v in missing.items()}
-    shutil.rmtree(root)
+    _remove(root)
     return out
+
+
+def _remove(root: Path) -> None:
+    """Delete a killed trainer's folder. Its sender process outlives it by design (it records how
+    the trainer ended and writes the last console lines and system sample), so files can appear
+    while the tree is removed: retry until the sender is done."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            shutil.rmtree(root)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
