@@ -207,6 +207,7 @@ function drawQuantiles(d) {
       line("p50", "#1d3ea8", 2), line("p75", "#4c6ef5"), line("p95", "#748ffc"), line("p99", "#91a7ff"),
       line("max", "#adb5bd")],
     bands: [[9, 1], [8, 2], [7, 3], [6, 4]].map(([hi, lo], i) => ({ series: [hi, lo], fill: `rgba(76,110,245,${0.06 + 0.06 * i})` })),
+    axes: [{}, { size: 64 }],  // room for labels such as "39,000" and "1.5e-7" (the default clipped them)
     legend: { live: true },
     hooks: { draw: [(u) => markStep(u)] },
   };
