@@ -43,8 +43,9 @@ class Watched:
         steps = self.inner.steps(key)
         return steps if self.visible is None else steps[:self.visible]
 
-    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        for step, a in self.inner.tensors(key, self.steps(key) if steps is None else steps):
+    def tensors(self, key: str, steps: Iterable[int] | None = None, *,
+                reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        for step, a in self.inner.tensors(key, self.steps(key) if steps is None else steps, reuse=reuse):
             self.reading.set()
             assert self.hold.wait(60), "never released"
             self.reads.append(step)

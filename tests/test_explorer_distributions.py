@@ -33,8 +33,9 @@ class Counting:
             return self._history(self.inner.history(keys))
         return self.inner.history(keys)
 
-    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        for step, a in self.inner.tensors(key, steps):
+    def tensors(self, key: str, steps: Iterable[int] | None = None, *,
+                reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        for step, a in self.inner.tensors(key, steps, reuse=reuse):
             self.reads.append(step)
             yield step, a
 
@@ -211,3 +212,31 @@ def test_layers_equal_numpy(tmp_path):
         layers_table(r, "nothing/", "l2")
     with pytest.raises(ValueError, match="stat"):
         layers_table(r, "grad/", "mean")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_half_precision_steps_batched_in_frames_equal_numpy(tmp_path, workers):
+    """Small float16/bfloat16 tensors (several steps in one stored frame, each sorted in place
+    in the frame's reused buffer) with NaN, ±Inf, ±0 and subnormals: every step's counts,
+    strips and quantiles equal NumPy's on the values widened to float64."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal)
+        arrays = []
+        for s in range(12):
+            a = (rng.standard_normal(40) * 10.0 ** (s % 4 - 2)).astype(dtype)
+            a[: s % 6] = np.array([np.nan, np.inf, -np.inf, -0.0, tiny, 0.0][: s % 6], dtype=dtype)
+            arrays.append(a)
+        key = f"grad/{np.dtype(dtype).name}"
+        r = _log(tmp_path / key.replace("/", "-"), arrays, key=key)
+        dist = build_distribution(r, key, bins=24, scale="symlog", workers=workers)
+        for i, a in enumerate(arrays):
+            v = a.astype(np.float64)
+            f = v[np.isfinite(v)]
+            np.testing.assert_array_equal(dist.counts[i], np.histogram(f, dist.edges)[0])
+            assert (dist.nan[i], dist.posinf[i], dist.neginf[i], dist.zero[i]) == (
+                np.isnan(v).sum(), np.isposinf(v).sum(), np.isneginf(v).sum(), (v == 0).sum())
+            np.testing.assert_array_equal(dist.quantiles[i], np.quantile(f, QUANTILES))
+        assert r.tensor(key, 7).tobytes() == arrays[7].tobytes()  # the run is as it was

@@ -204,3 +204,62 @@ def test_symlog_edges_at_float64_extremes(v):
     edges = make_edges(float(x.min()), float(x.max()), bins=16, scale="symlog")
     assert np.isfinite(edges).all() and edges[0] == x.min() and edges[-1] == x.max()
     _check(x, edges)
+
+
+# -- adversarial bit patterns, every float dtype the views take -------------------------------
+
+BITS_DTYPES = [np.float16, np.float32, np.float64, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
+               ml_dtypes.float8_e5m2]
+SPECIAL = [0.0, -0.0, float("nan"), float("inf"), float("-inf"), 1.0, -1.0]
+
+
+@st.composite
+def _adversarial(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    """An array drawn from a small pool of raw bit patterns (so every NaN payload, ±Inf, ±0,
+    subnormals, the largest and smallest magnitudes and many repeats, all-equal arrays too)
+    and edges: the float64 values of some of its own elements (values exactly on edges),
+    or ``make_edges`` over its range or over an unrelated one."""
+    dt = np.dtype(draw(st.sampled_from(BITS_DTYPES)))
+    uint = np.dtype(f"u{dt.itemsize}")
+    top = np.iinfo(uint).max
+    pool = draw(st.lists(st.one_of(st.integers(0, top),
+                                   st.sampled_from(SPECIAL).map(lambda v: int(np.array(v).astype(dt).view(uint)))),
+                         min_size=1, max_size=8))
+    n = draw(st.integers(0, 300))
+    idx = draw(hnp.arrays(np.intp, n, elements=st.integers(0, len(pool) - 1)))
+    x = np.asarray(pool, dtype=uint)[idx].view(dt)
+    v = x.astype(np.float64)
+    finite = np.unique(v[np.isfinite(v)])  # -0.0 and 0.0 are one value here
+    how = draw(st.sampled_from(["own values", "own range", "other range"]))
+    if how == "own values" and finite.size >= 2:
+        picks = draw(st.lists(st.integers(0, finite.size - 1), min_size=2, max_size=12))
+        edges = np.sort(finite[picks])  # repeats allowed: empty bins, as np.histogram has them
+    elif how == "other range" or not finite.size:
+        lo = draw(st.floats(-1e6, 1e6))
+        edges = make_edges(lo, lo + draw(st.floats(0, 1e6)), bins=draw(st.integers(1, 40)))
+    else:
+        edges = make_edges(float(finite[0]), float(finite[-1]), bins=draw(st.integers(1, 70)),
+                           scale=draw(st.sampled_from(["linear", "symlog"])))
+    return x, edges
+
+
+@SETTINGS
+@given(_adversarial(), st.booleans())
+def test_counts_and_quantiles_equal_numpy_on_adversarial_bits(case, overwrite):
+    """Counts equal ``np.histogram`` over the same edges, strips equal NumPy's counts, the
+    quantiles equal ``np.quantile`` (method "linear") of the finite values widened to float64
+    bit for bit; with ``overwrite`` too (the tensor sorted in place), and without it the
+    tensor is left as it was."""
+    x, edges = case
+    before = x.copy()
+    h = step_histogram(x, edges, overwrite=overwrite)
+    v = before.astype(np.float64)
+    finite = v[np.isfinite(v)]
+    np.testing.assert_array_equal(h.counts, np.histogram(finite, edges)[0])
+    assert (h.nan, h.posinf, h.neginf, h.zero) == (
+        int(np.isnan(v).sum()), int(np.isposinf(v).sum()), int(np.isneginf(v).sum()), int((v == 0).sum()))
+    assert h.outside == int(((finite < edges[0]) | (finite > edges[-1])).sum())
+    want = np.quantile(finite, QUANTILES) if finite.size else np.full(len(QUANTILES), np.nan)
+    np.testing.assert_array_equal(h.quantiles, want)
+    if not overwrite:
+        assert before.tobytes() == x.tobytes()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,14 @@ def assert_same_pairs(got: list[tuple[int, np.ndarray]], want: list[tuple[int, n
         assert same_bits(a, b), s
 
 
+def assert_reuse_alike(got: Iterator[tuple[int, np.ndarray]], want: list[tuple[int, np.ndarray]]) -> None:
+    """``tensors(..., reuse=True)``: each array right while it is the current one, and the
+    caller's to overwrite (as the distribution view sorts it in place) without harm to the next."""
+    for (s, a), (t, b) in zip(got, want, strict=True):
+        assert s == t and same_bits(a, b), s
+        a.reshape(-1).view(np.uint8)[:] = 0xAB
+
+
 def assert_read_alike(a: RunReader, b: RunReader) -> None:
     """Every question of the RunReader interface, the same answer from both readers."""
     assert a.history().equals(b.history())
@@ -131,6 +140,8 @@ def assert_read_alike(a: RunReader, b: RunReader) -> None:
         assert_same_pairs(list(b.tensors(key)), list(a.tensors(key)))
         some = steps[::7][::-1] + steps[:2]  # unordered, repeated
         assert_same_pairs(list(b.tensors(key, some)), list(a.tensors(key, some)))
+        for reader in (a, b):
+            assert_reuse_alike(reader.tensors(key, some, reuse=True), list(a.tensors(key, some)))
         for s in (steps[0], steps[len(steps) // 2], steps[-1]):
             assert same_bits(a.tensor(key, s), b.tensor(key, s)), (key, s)
     for reader in (a, b):

@@ -121,8 +121,10 @@ def shuffle(raw: memoryview | bytes, elem: int, *, reuse: bool = False) -> np.nd
     return out
 
 
-def unshuffle(data: np.ndarray, elem: int) -> np.ndarray:
-    out = np.empty(data.size, dtype=np.uint8)
+def unshuffle(data: np.ndarray, elem: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """The inverse of :func:`shuffle`, into ``out`` (a uint8 array of ``data.size``) if given."""
+    if out is None:
+        out = np.empty(data.size, dtype=np.uint8)
     n = data.size // elem
     cols = out[: n * elem].reshape(n, elem)
     for j in range(elem):  # column by column: ~3x faster here than one transposed copy
@@ -171,18 +173,29 @@ def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min:
     return head + _CRC.pack(zlib.crc32(head)), payload
 
 
-def decode_payload(info: FrameInfo, payload: bytes | memoryview, path: str = "?") -> np.ndarray:
-    """Decompress (and unshuffle) a frame payload into a writable uint8 array."""
+def decode_payload(info: FrameInfo, payload: bytes | memoryview, path: str = "?", *,
+                   reuse: bool = False) -> np.ndarray:
+    """Decompress (and unshuffle) a frame payload into a writable uint8 array.
+
+    With ``reuse`` the result lives in a per-thread buffer, valid until the thread's next
+    such call: a reader going through many frames then touches no fresh memory per frame
+    (faulting in 4 MB took ~1.2 of the ~14 ms a 1M-float32 step cost the distribution view).
+    """
     shuffled = info.filter == FILTER_SHUFFLE
     # A shuffled payload decodes into a reused buffer, unshuffled into the caller's own memory.
-    out = scratch("decoded", info.raw) if shuffled else np.empty(info.raw, dtype=np.uint8)
+    if shuffled:
+        out = scratch("decoded", info.raw)
+    else:
+        out = scratch("frame", info.raw) if reuse else np.empty(info.raw, dtype=np.uint8)
     try:
         n = zstandard.ZstdDecompressor().stream_reader(payload).readinto(out)
     except zstandard.ZstdError as e:
         raise CorruptPartError(path, info.offset, f"frame payload: {e}") from None
     if n != info.raw:
         raise CorruptPartError(path, info.offset, f"frame decodes to {n} bytes, header says {info.raw}")
-    return unshuffle(out, info.elem) if shuffled else out
+    if not shuffled:
+        return out
+    return unshuffle(out, info.elem, out=scratch("frame", info.raw) if reuse else None)
 
 
 def parse_header(buf: bytes | memoryview | mmap.mmap, offset: int, size: int) -> FrameInfo | None:
@@ -399,8 +412,9 @@ def _resync(mm: mmap.mmap, start: int, size: int) -> int:
         pos += 1
 
 
-def read_frame(path: Path, info: FrameInfo) -> np.ndarray:
-    """One range read of the frame's payload, decoded."""
+def read_frame(path: Path, info: FrameInfo, *, reuse: bool = False) -> np.ndarray:
+    """One range read of the frame's payload, decoded (``reuse``: into per-thread buffers,
+    valid until the thread's next such call; see :func:`decode_payload`)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -408,13 +422,19 @@ def read_frame(path: Path, info: FrameInfo) -> np.ndarray:
             raise
         # Sealed (renamed) since it was indexed: sealing only appends, so offsets still hold.
         fd = os.open(path.with_name(path.name[: -len(OPEN_SUFFIX)]), os.O_RDONLY)
+    payload: bytes | memoryview
     try:
-        payload = os.pread(fd, info.stored, info.data_offset)
+        if reuse:
+            payload = memoryview(scratch("payload", info.stored))  # type: ignore[arg-type]
+            got = os.preadv(fd, [payload], info.data_offset)
+            payload = payload[:got]
+        else:
+            payload = os.pread(fd, info.stored, info.data_offset)
     finally:
         os.close(fd)
     if len(payload) != info.stored:
         raise CorruptPartError(str(path), info.offset, "part is shorter than its index says")
-    return decode_payload(info, payload, str(path))
+    return decode_payload(info, payload, str(path), reuse=reuse)
 
 
 def list_parts(folder: Path, stream: str | None = None) -> list[Path]:

@@ -163,20 +163,21 @@ def _finite_range(arr: np.ndarray) -> tuple[float, float]:
 
 def _histograms(reader: RunReader, key: str, steps: Sequence[int], edges: np.ndarray,
                 workers: int) -> list[StepHistogram]:
-    return _map_steps(reader, key, steps, lambda a: step_histogram(a, edges), workers)
+    return _map_steps(reader, key, steps, lambda a: step_histogram(a, edges, overwrite=True), workers)
 
 
 def _map_steps(reader: RunReader, key: str, steps: Sequence[int], fn: Any, workers: int) -> list[Any]:
     """``fn(tensor)`` for each step, in step order, over ``workers`` threads each reading a
-    contiguous run of steps (steps batched in one frame are decoded once)."""
+    contiguous run of steps (steps batched in one frame are decoded once). Tensors are read
+    with ``reuse``: ``fn`` may modify its tensor and must not keep it."""
     steps = sorted(steps)
     n = min(workers, len(steps))
     if n <= 1:
-        return [fn(a) for _, a in reader.tensors(key, steps)]
+        return [fn(a) for _, a in reader.tensors(key, steps, reuse=True)]
     cuts = np.linspace(0, len(steps), n + 1).astype(int)
     chunks = [steps[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
     with ThreadPoolExecutor(n, thread_name_prefix="gradexp-distribution") as pool:
-        parts = pool.map(lambda c: [fn(a) for _, a in reader.tensors(key, c)], chunks)
+        parts = pool.map(lambda c: [fn(a) for _, a in reader.tensors(key, c, reuse=True)], chunks)
         return [r for part in parts for r in part]
 
 

@@ -138,9 +138,17 @@ class StepHistogram:
         return None if math.isnan(v) else v
 
 
-def step_histogram(arr: np.ndarray, edges: np.ndarray) -> StepHistogram:
-    """Histogram, strips and quantiles of one tensor: one sort, then binary searches."""
-    s = np.sort(values(arr))
+def step_histogram(arr: np.ndarray, edges: np.ndarray, *, overwrite: bool = False) -> StepHistogram:
+    """Histogram, strips and quantiles of one tensor: one sort, then binary searches.
+
+    ``overwrite``: ``arr`` may be sorted in place (the caller is done with it), which saves a
+    copy of the tensor (1.4 of ~14 ms a 1M-float32 step here)."""
+    v = values(arr)
+    if (overwrite and v.flags.writeable) or not np.may_share_memory(v, arr):  # or a copy of it
+        v.sort()
+        s = v
+    else:
+        s = np.sort(v)
     n = s.size
     dt = s.dtype.type
     if s.dtype.kind == "f":

@@ -225,9 +225,12 @@ class StoredRun:
         :class:`gradexp.Image` or :class:`gradexp.Table` as logged, else the tensor."""
         return _media.from_frame(*self._frame(key, step))
 
-    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def tensors(self, key: str, steps: Iterable[int] | None = None, *,
+                reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """``(step, array)`` for the given steps of ``key`` (default: every logged step), each
-        once, in step order; ``KeyError`` naming a step that was not logged, before any is read."""
+        once, in step order; ``KeyError`` naming a step that was not logged, before any is read.
+        Each array is the caller's to modify; with ``reuse``, valid only until the next one is
+        asked for (frames decode into per-thread buffers)."""
         where = self._rows(key)
         wanted = sorted(where) if steps is None else sorted(set(steps))
         missing = [s for s in wanted if s not in where]
@@ -239,7 +242,7 @@ class StoredRun:
         for step in wanted:
             path, info = where[step]
             if cache[0] is not info:
-                cache = (info, _arrow.tensor_rows(_format.read_frame(path, info)))
+                cache = (info, _arrow.tensor_rows(_format.read_frame(path, info, reuse=reuse)))
             steps, arrays = cache[1]
             yield step, arrays[int(np.flatnonzero(steps == step)[-1])]
 

@@ -70,8 +70,14 @@ class RunReader(Protocol):
         """Tensor ``key`` at ``step`` (``KeyError`` naming what exists if absent)."""
         ...
 
-    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """``(step, array)`` for the given steps (default: every logged step) in step order."""
+    def tensors(self, key: str, steps: Iterable[int] | None = None, *,
+                reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, array)`` for the given steps (default: every logged step) in step order.
+
+        Each array is the caller's own to modify. With ``reuse`` a reader may decode into
+        memory it reuses per thread: each array is then valid only until the next one is
+        asked for, and a thread runs one such iteration at a time (a caller that reduces each
+        step at once, as the distribution view does, touches no fresh memory per step)."""
         ...
 
     def console(self, since: int = 0) -> list[ConsoleLine]:

@@ -38,12 +38,15 @@ def _quote_key(key: str) -> str:
     return quote(key, safe="/").replace(".", "%2E")
 
 
-def _decode(frame: bytes | memoryview, what: str) -> tuple[np.ndarray, list[np.ndarray], dict[bytes, bytes]]:
-    """A frame as the server stores it (header and payload) as ``(steps, arrays, metadata)``."""
+def _decode(frame: bytes | memoryview, what: str, *,
+            reuse: bool = False) -> tuple[np.ndarray, list[np.ndarray], dict[bytes, bytes]]:
+    """A frame as the server stores it (header and payload) as ``(steps, arrays, metadata)``
+    (``reuse``: decoded into per-thread buffers, see :func:`gradexp.core.format.decode_payload`)."""
     info = _format.parse_header(frame, 0, len(frame))
     if info is None:
         raise InvalidValueError(f"short frame from the server for {what}")
-    return _arrow.tensor_frame(_format.decode_payload(info, memoryview(frame)[info.header_len:], what))
+    return _arrow.tensor_frame(_format.decode_payload(info, memoryview(frame)[info.header_len:], what,
+                                                      reuse=reuse))
 
 
 def _rows(batch: pa.RecordBatch) -> Iterator[tuple[list[int], memoryview]]:
@@ -231,20 +234,22 @@ class RemoteRun:
         steps, arrays, meta = _decode(r.content, f"tensor {key!r} at step {step}")
         return arrays[int(np.flatnonzero(steps == step)[-1])], meta
 
-    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """``(step, array)`` for the given steps (default: every logged step), in step order.
+    def tensors(self, key: str, steps: Iterable[int] | None = None, *,
+                reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, array)`` for the given steps (default: every logged step), in step order;
+        each array the caller's to modify, with ``reuse`` valid only until the next is asked for.
 
         Many steps per request: the server streams the stored frames holding them (Arrow
         IPC, one range read each), decoded here as they arrive. A step not logged raises
         ``KeyError`` before anything is yielded from its request. A connection that breaks
         mid-stream is asked again for the steps not yet yielded."""
         if steps is None:
-            yield from self._rows(key, None)
+            yield from self._rows(key, None, reuse)
             return
         for chunk in _step_chunks(sorted(set(steps))):
-            yield from self._rows(key, chunk)
+            yield from self._rows(key, chunk, reuse)
 
-    def _rows(self, key: str, steps: list[int] | None) -> Iterator[tuple[int, np.ndarray]]:
+    def _rows(self, key: str, steps: list[int] | None, reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         what = f"tensor {key!r}"
         last: int | None = None
         for attempt in range(READ_ATTEMPTS):
@@ -265,7 +270,7 @@ class RemoteRun:
                 with r:
                     for batch in pa.ipc.open_stream(r.raw):
                         for asked, frame in _rows(batch):
-                            got, arrays, _ = _decode(frame, what)
+                            got, arrays, _ = _decode(frame, what, reuse=reuse)
                             for s in asked:
                                 yield s, arrays[int(np.flatnonzero(got == s)[-1])]
                                 last = s

@@ -57,12 +57,14 @@ _FRAME_STEPS_MAX = 100_000
 _FRAME_STEPS_LOCK = threading.Lock()
 
 
-def decode_frame(frame: bytes, label: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A stored tensor frame (header and payload) as ``(steps, arrays)``."""
+def decode_frame(frame: bytes, label: str, *, reuse: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A stored tensor frame (header and payload) as ``(steps, arrays)`` (``reuse``: decoded
+    into per-thread buffers, see :func:`gradexp.core.format.decode_payload`)."""
     info = _format.parse_header(frame, 0, len(frame))
     if info is None:
         raise ValueError(f"{label}: stored frame is truncated")
-    return _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:], label))
+    return _arrow.tensor_rows(_format.decode_payload(info, memoryview(frame)[info.header_len:], label,
+                                                     reuse=reuse))
 
 
 class ServerRun:
@@ -314,10 +316,12 @@ class ServerRun:
         for steps, ref in plan:
             yield steps, self.read_frame(ref)
 
-    def tensors(self, key: str, steps: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """``(step, array)`` for the given steps (default: every logged step) in step order."""
+    def tensors(self, key: str, steps: Iterable[int] | None = None, *,
+                reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, array)`` for the given steps (default: every logged step) in step order;
+        each array the caller's to modify, with ``reuse`` valid only until the next is asked for."""
         for wanted, data in self.read_plan(self.plan(key, steps)):
-            got, arrays = decode_frame(data, f"tensor {key!r}")
+            got, arrays = decode_frame(data, f"tensor {key!r}", reuse=reuse)
             for s in wanted:
                 yield s, arrays[int(np.flatnonzero(got == s)[-1])]
 
