@@ -285,6 +285,28 @@ def test_shuffle_roundtrip(raw, elem):
     info = F.parse_header(header + payload, 0, len(header) + len(payload))
     assert info.filter == F.FILTER_SHUFFLE and info.elem == elem
     assert F.decode_payload(info, payload).tobytes() == raw
+    assert F.decode_payload(info, payload, reuse=True).tobytes() == raw
+
+
+@pytest.mark.parametrize("elem", [0, 4])
+def test_reuse_decodes_into_one_buffer_per_thread_up_to_a_size(monkeypatch, elem):
+    """With ``reuse`` successive frames decode into the same memory (nothing fresh to fault
+    in per frame), except frames over REUSE_MAX_BYTES: those get memory of their own, which
+    a thread does not keep."""
+    rng = np.random.default_rng(1)
+    raws = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (4000, 3000, 4000)]
+    frames = []
+    for raw in raws:
+        header, payload = F.encode_frame(F.KIND_TENSOR, raw, key="x", shuffle_elem=elem)
+        frames.append((F.parse_header(header + payload, 0, len(header) + len(payload)), payload))
+    first = F.decode_payload(*frames[0], reuse=True)
+    assert first.tobytes() == raws[0]
+    second = F.decode_payload(*frames[1], reuse=True)
+    assert second.tobytes() == raws[1] and np.shares_memory(first, second)
+    monkeypatch.setattr(F, "REUSE_MAX_BYTES", 3999)
+    own = F.decode_payload(*frames[2], reuse=True)
+    assert own.tobytes() == raws[2] and not np.shares_memory(own, second)
+    assert second.tobytes() == raws[1]
 
 
 def test_payload_compressed_into_a_buffer_too_small_still_decodes():

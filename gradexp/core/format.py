@@ -45,6 +45,8 @@ HEAD_SIZE = _HEAD.size
 DROP_CACHE_BYTES = 8 << 20
 _PAGE = 4096
 """Sealed parts at least this large are dropped from the page cache (see PartWriter.seal)."""
+REUSE_MAX_BYTES = 64 << 20
+"""The largest frame decoded into per-thread buffers with ``reuse`` (see decode_payload)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,8 +182,11 @@ def decode_payload(info: FrameInfo, payload: bytes | memoryview, path: str = "?"
     With ``reuse`` the result lives in a per-thread buffer, valid until the thread's next
     such call: a reader going through many frames then touches no fresh memory per frame
     (faulting in 4 MB took ~1.2 of the ~14 ms a 1M-float32 step cost the distribution view).
+    Frames over :data:`REUSE_MAX_BYTES` decode into fresh memory all the same: a thread keeps
+    its buffers for good.
     """
     shuffled = info.filter == FILTER_SHUFFLE
+    reuse = reuse and info.raw <= REUSE_MAX_BYTES
     # A shuffled payload decodes into a reused buffer, unshuffled into the caller's own memory.
     if shuffled:
         out = scratch("decoded", info.raw)
@@ -424,7 +429,7 @@ def read_frame(path: Path, info: FrameInfo, *, reuse: bool = False) -> np.ndarra
         fd = os.open(path.with_name(path.name[: -len(OPEN_SUFFIX)]), os.O_RDONLY)
     payload: bytes | memoryview
     try:
-        if reuse:
+        if reuse and info.stored <= REUSE_MAX_BYTES:
             payload = memoryview(scratch("payload", info.stored))  # type: ignore[arg-type]
             got = os.preadv(fd, [payload], info.data_offset)
             payload = payload[:got]
