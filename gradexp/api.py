@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gradexp.core.errors import InvalidValueError, RunNotFoundError, UsageError
 from gradexp.core.layout import RUN_JSON
@@ -103,7 +103,14 @@ class Api:
         params: list[tuple[str, str]] = [("project", project)] if project else []
         params += [("status", status)] if status else []
         params += [("tag", t) for t in dict.fromkeys(tags)]
-        rows = self.client.json("GET", "/runs", params=params)["runs"]
+        rows: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:  # the server answers a page at a time; "next" names where the following one starts
+            page = self.client.json("GET", "/runs", params=params + ([("cursor", cursor)] if cursor else []))
+            rows += page["runs"]
+            cursor = page.get("next")
+            if not cursor:
+                break
         return [RemoteRun(self.client, f"{r['entity']}/{r['project']}/{r['id']}", meta=r)
                 for r in rows if entity is None or r["entity"] == entity]
 

@@ -228,6 +228,39 @@ def test_a_run_without_heartbeat_is_crashed_in_listings_too(engine):
         assert [r["id"] for r in db.list_runs(conn, alice, status="running")] == ["live"]
 
 
+def test_runs_page_by_keyset_with_ties_and_runs_created_between_pages(engine):
+    """Paging the runs listing shows every run once, newest first, also when runs share a
+    creation time (the id breaks the tie), when tags are filtered after the query, and when a
+    run is created between two pages."""
+    db.migrate(engine)
+    db.create_user(engine, "alice")
+    t0 = 1_700_000_000.123456
+    with engine.begin() as conn:
+        alice = db.entity_id(conn, "alice")
+        for i in range(11):  # pairs of runs created in the same instant
+            db.upsert_run(conn, alice, "p", f"r{i:02d}", {"created_at": t0 + i // 2, "tags": ["odd"] if i % 2 else []})
+    with engine.connect() as conn:
+        everything = [r["id"] for r in db.list_runs(conn, alice)]
+        assert len(everything) == 11
+        for limit, tags in ((1, ()), (2, ()), (3, ()), (10, ()), (11, ()), (2, ("odd",)), (4, ("odd",))):
+            wanted = [r["id"] for r in db.list_runs(conn, alice, tags=tags)]  # before this round's new run
+            seen: list[str] = []
+            after = None
+            pages = 0
+            while True:
+                rows, after = db.page_runs(conn, alice, tags=tags, limit=limit, after=after)
+                assert len(rows) <= limit
+                seen += [r["id"] for r in rows]
+                pages += 1
+                if after is None:
+                    break
+                if pages == 1:  # a run created meanwhile is newer: it never enters a later page
+                    with engine.begin() as writer:
+                        db.upsert_run(writer, alice, "p", f"new-{limit}-{len(tags)}", {"tags": ["odd"]})
+            assert seen == wanted, (limit, tags)
+        assert everything == [f"r{i:02d}" for i in (10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)]  # newest first, ties by id
+
+
 def test_migration_from_version_1_keeps_the_rows(engine):
     assert db.migrate(engine, target=1) == 0
     with engine.connect() as conn:

@@ -274,6 +274,30 @@ def test_api_runs_lists_the_runs_on_the_server_with_filters(server):
     assert [r.id for r in gradexp.Api(dir=server.runs).runs("rr", status="failed")] == ["broken"]
 
 
+def test_api_runs_follows_the_pages_of_a_long_listing(server):
+    """More runs than one page holds (1,000): Api().runs pages through all of them, once each."""
+    from gradexp.server import db
+
+    engine = db.connect(server.db_url)
+    try:
+        with engine.begin() as conn:
+            me = db.entity_id(conn, USER)
+            assert me is not None
+            for i in range(1003):
+                db.upsert_run(conn, me, "many", f"m{i:04d}", {"created_at": 1_700_000_000.0 + i // 3})
+    finally:
+        engine.dispose()
+    api = gradexp.Api(host=server.url, api_key=server.key, dir=server.runs / "nothing-here")
+    listed = [r.id for r in api.runs(f"{USER}/many")]
+    assert len(listed) == 1003 and set(listed) == {f"m{i:04d}" for i in range(1003)}
+    first = requests.get(f"{server.url}/api/v1/runs", params={"project": "many"}, timeout=60,
+                         headers={"Authorization": f"Bearer {server.key}"}).json()
+    assert len(first["runs"]) == 1000 and first["next"]
+    r = requests.get(f"{server.url}/api/v1/runs", params={"cursor": "1e9_x"}, timeout=60,
+                     headers={"Authorization": f"Bearer {server.key}"})
+    assert r.status_code in (400, 422) and "cursor" in r.text
+
+
 def test_gradexp_runs_with_host_prints_the_server_runs(server, tmp_path):
     def gx(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "gradexp", "runs", *args], capture_output=True, text=True,

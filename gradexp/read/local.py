@@ -19,16 +19,16 @@ import pyarrow as pa
 
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
-from gradexp.core import media as _media
 from gradexp.core.errors import CorruptPartError, CorruptPartWarning, KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import BASE_COLUMNS, combine_history, select_keys
 from gradexp.core.layout import CONFIG_JSON, HISTORY, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, TENSORS, is_locked, read_json
 from gradexp.core.streams import CONSOLE, PROVENANCE_JSON, SYSTEM, ConsoleLine, console_lines
+from gradexp.read.reader import RecordFields, TensorMedia
 
 __all__ = ["StoredRun"]
 
 
-class StoredRun:
+class StoredRun(RecordFields, TensorMedia):
     """A run folder, read-only."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -44,12 +44,7 @@ class StoredRun:
     # -- metadata ------------------------------------------------------------------------------
 
     id = property(lambda self: self.meta["id"])
-    name = property(lambda self: self.meta.get("name"))
     project = property(lambda self: self.meta.get("project"))
-    tags = property(lambda self: self.meta.get("tags", []))
-    notes = property(lambda self: self.meta.get("notes"))
-    group = property(lambda self: self.meta.get("group"))
-    job_type = property(lambda self: self.meta.get("job_type"))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -214,16 +209,6 @@ class StoredRun:
                 if hits.size:
                     return arrays[int(hits[-1])], meta
         raise KeyNotFoundError(f"tensor {key!r} of run {self.id} has no step {step}")
-
-    def dims(self, key: str, step: int | None = None) -> tuple[str, ...] | None:
-        """The dimension labels tensor ``key`` was logged with (at ``step``, default its last
-        step), or None if it has none."""
-        return _media.labels(self._frame(key, self.steps(key)[-1] if step is None else step)[1])
-
-    def media(self, key: str, step: int) -> Any:
-        """What was logged under ``key`` at ``step``: a :class:`gradexp.Histogram`,
-        :class:`gradexp.Image` or :class:`gradexp.Table` as logged, else the tensor."""
-        return _media.from_frame(*self._frame(key, step))
 
     def tensors(self, key: str, steps: Iterable[int] | None = None, *,
                 reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:

@@ -9,9 +9,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pyarrow as pa
 
+from gradexp.core import media as _media
 from gradexp.core.streams import ConsoleLine
 
-__all__ = ["RunReader"]
+__all__ = ["RecordFields", "RunReader", "TensorMedia"]
 
 
 @runtime_checkable
@@ -95,3 +96,50 @@ class RunReader(Protocol):
         """The code's provenance: ``git`` (commit, branch, remote, dirty, patch), ``program``,
         ``packages`` (docs/provenance.md); empty if not recorded."""
         ...
+
+
+class RecordFields:
+    """The run record's fields, which every reader takes from ``meta`` alike."""
+
+    meta: dict[str, Any]
+
+    @property
+    def name(self) -> str | None:
+        return self.meta.get("name")
+
+    @property
+    def tags(self) -> list[str]:
+        return self.meta.get("tags") or []
+
+    @property
+    def notes(self) -> str | None:
+        return self.meta.get("notes")
+
+    @property
+    def group(self) -> str | None:
+        return self.meta.get("group")
+
+    @property
+    def job_type(self) -> str | None:
+        return self.meta.get("job_type")
+
+
+class TensorMedia:
+    """Dimension labels and media of a tensor, for readers that decode a step's frame with
+    its field metadata (``_frame``)."""
+
+    def steps(self, key: str) -> list[int]:
+        raise NotImplementedError
+
+    def _frame(self, key: str, step: int) -> tuple[np.ndarray, dict[bytes, bytes]]:
+        raise NotImplementedError
+
+    def dims(self, key: str, step: int | None = None) -> tuple[str, ...] | None:
+        """The dimension labels tensor ``key`` was logged with (at ``step``, default its last
+        step), or None if it has none."""
+        return _media.labels(self._frame(key, self.steps(key)[-1] if step is None else step)[1])
+
+    def media(self, key: str, step: int) -> Any:
+        """What was logged under ``key`` at ``step``: a :class:`gradexp.Histogram`,
+        :class:`gradexp.Image` or :class:`gradexp.Table` as logged, else the tensor."""
+        return _media.from_frame(*self._frame(key, step))

@@ -14,11 +14,11 @@ import urllib3
 
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
-from gradexp.core import media as _media
 from gradexp.core.client import TRANSPORT_ERRORS, Client
 from gradexp.core.errors import ApiError, InvalidValueError, KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import BASE_COLUMNS, select_keys
 from gradexp.core.streams import ConsoleLine, console_lines
+from gradexp.read.reader import RecordFields, TensorMedia
 
 READ_ATTEMPTS = 4
 """Attempts per read: a 5xx or a dropped connection is retried with backoff (~4 s in all),
@@ -77,7 +77,7 @@ def _step_chunks(steps: list[int]) -> Iterator[list[int]]:
         yield chunk
 
 
-class RemoteRun:
+class RemoteRun(RecordFields, TensorMedia):
     """A run on a server (``entity/project/run_id``); reads only, live runs included.
 
     ``meta`` is the run's record as the server lists it, if known (one request fewer)."""
@@ -116,24 +116,10 @@ class RemoteRun:
                 f"could not be reached: {e}") from None
 
     @property
-    def name(self) -> str | None:
-        return self.meta.get("name")
-
-    @property
-    def tags(self) -> list[str]:
-        return self.meta.get("tags") or []
-
-    @property
-    def notes(self) -> str | None:
-        return self.meta.get("notes")
-
-    @property
     def damage(self) -> list[_format.Damage]:
         """Always empty: a server stores no part without checking every frame of it."""
         return []
 
-    group = property(lambda self: self.meta.get("group"))
-    job_type = property(lambda self: self.meta.get("job_type"))
 
     def _with_record(self, row: dict[str, Any]) -> dict[str, Any]:
         """The server's run row over the record the client sent (run.json: host, argv, program,
@@ -213,16 +199,6 @@ class RemoteRun:
     def tensor(self, key: str, step: int) -> np.ndarray:
         """One request; the server answers with one range read of the part holding it."""
         return self._frame(key, step)[0]
-
-    def dims(self, key: str, step: int | None = None) -> tuple[str, ...] | None:
-        """The dimension labels tensor ``key`` was logged with (at ``step``, default its last
-        step), or None if it has none."""
-        return _media.labels(self._frame(key, self.steps(key)[-1] if step is None else step)[1])
-
-    def media(self, key: str, step: int) -> Any:
-        """What was logged under ``key`` at ``step``: a :class:`gradexp.Histogram`,
-        :class:`gradexp.Image` or :class:`gradexp.Table` as logged, else the tensor."""
-        return _media.from_frame(*self._frame(key, step))
 
     def _frame(self, key: str, step: int) -> tuple[np.ndarray, dict[bytes, bytes]]:
         try:

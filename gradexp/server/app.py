@@ -189,10 +189,17 @@ class Server:
         v = await self.viewer(request)
         q = RunsQuery.model_validate({**request.query_params, "tag": request.query_params.getlist("tag")})
 
-        def work() -> list[dict[str, Any]]:
+        after: db.RunsCursor | None = None
+        if q.cursor is not None:
+            at, _, pk = q.cursor.rpartition("_")
+            after = (float(at), int(pk))
+
+        def work() -> dict[str, Any]:
             with self.engine.connect() as conn:
-                return db.list_runs(conn, v.entity_id, project=q.project, status=q.status, tags=q.tag)
-        return ExactJSONResponse({"runs": await run_in_threadpool(work)})
+                rows, nxt = db.page_runs(conn, v.entity_id, project=q.project, status=q.status, tags=q.tag,
+                                         limit=q.limit, after=after)
+            return {"runs": rows, "next": None if nxt is None else f"{nxt[0]!r}_{nxt[1]}"}
+        return ExactJSONResponse(await run_in_threadpool(work))
 
     async def put_run(self, request: Request) -> Response:
         v = await self.viewer(request)

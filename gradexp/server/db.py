@@ -518,13 +518,29 @@ def _run_dict(row: Any) -> dict[str, Any]:
     }
 
 
+RunsCursor = tuple[float, int]
+"""Where a page of the runs listing ended: the last run's ``created_at`` and primary key."""
+
+
 def list_runs(conn: Connection, entity: int, *, project: str | None = None, status: str | None = None,
               tags: Iterable[str] = (), limit: int = 1000) -> list[dict[str, Any]]:
+    """The newest ``limit`` runs of ``entity`` that match (all of them: see :func:`page_runs`)."""
+    return page_runs(conn, entity, project=project, status=status, tags=tags, limit=limit)[0]
+
+
+def page_runs(conn: Connection, entity: int, *, project: str | None = None, status: str | None = None,
+              tags: Iterable[str] = (), limit: int = 1000,
+              after: RunsCursor | None = None) -> tuple[list[dict[str, Any]], RunsCursor | None]:
+    """One page of ``entity``'s runs, newest first, and the cursor of the next page (None: last).
+
+    Keyset paging on (``created_at``, id): a run created while a client pages is never shown
+    twice and never shifts the pages after it.
+    """
     q = (sa.select(runs, projects.c.name.label("project"), entities.c.name.label("entity"))
          .join(projects, projects.c.id == runs.c.project_id)
          .join(entities, entities.c.id == projects.c.entity_id)
          .where(projects.c.entity_id == entity)
-         .order_by(runs.c.created_at.desc()))
+         .order_by(runs.c.created_at.desc(), runs.c.id.desc()))
     if project:
         q = q.where(projects.c.name == project)
     if status:  # as _run_dict reports it: a running run without a recent heartbeat is crashed
@@ -535,14 +551,27 @@ def list_runs(conn: Connection, entity: int, *, project: str | None = None, stat
             q = q.where((runs.c.status == "running") & ~stale)
         else:
             q = q.where(runs.c.status == status)
-    wanted = set(tags)  # tags are JSON text: filtered here, so then the limit comes after
-    if not wanted:
-        q = q.limit(limit)
-    out = [_run_dict(r) for r in conn.execute(q).mappings()]
-    if not wanted:
-        return out
-    # tags stored as null or an object by servers before request validation must not fail every listing
-    return [r for r in out if isinstance(r["tags"], list) and wanted.issubset(r["tags"])][:limit]
+    wanted = set(tags)  # tags are JSON text: filtered here, so rows are read in batches until the page is full
+    batch = limit + 1 if not wanted else max(limit + 1, 1000)
+    found: list[tuple[RunsCursor, dict[str, Any]]] = []
+    cursor = after
+    while len(found) <= limit:
+        page = q
+        if cursor is not None:
+            page = q.where((runs.c.created_at < cursor[0])
+                           | ((runs.c.created_at == cursor[0]) & (runs.c.id < cursor[1])))
+        rows = conn.execute(page.limit(batch)).mappings().all()
+        for r in rows:
+            d = _run_dict(r)
+            # tags stored as null or an object by servers before request validation must not fail a listing
+            if not wanted or (isinstance(d["tags"], list) and wanted.issubset(d["tags"])):
+                found.append(((r["created_at"], r["id"]), d))
+        if len(rows) < batch:
+            break
+        cursor = (rows[-1]["created_at"], rows[-1]["id"])
+    more = len(found) > limit
+    found = found[:limit]
+    return [d for _, d in found], (found[-1][0] if more else None)
 
 
 def list_projects(conn: Connection, entity: int) -> list[dict[str, Any]]:

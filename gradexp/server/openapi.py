@@ -21,6 +21,9 @@ from gradexp.core.limits import EXIT_CODE_MAX as INT32_MAX
 from gradexp.core.limits import INT_MAX as INT64_MAX
 from gradexp.core.limits import INT_MIN as INT64_MIN
 
+RUNS_PAGE_MAX = 1000
+"""Most runs one ``GET /runs`` answers; clients follow ``next`` for the rest."""
+
 RUN_NAME_MAX = 256
 ROWS_STEPS_MAX = 1000
 """Steps one request for the rows of a tensor may name: its request line stays within what
@@ -140,6 +143,9 @@ class RunsQuery(_Params):
     project: Id | None = None
     status: Status | None = None
     tag: list[Text] = Field(default_factory=list, description="runs with all of these tags")
+    limit: int = Field(default=RUNS_PAGE_MAX, ge=1, le=RUNS_PAGE_MAX, description="runs per page")
+    cursor: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?_[0-9]+$")] | None = Field(
+        default=None, description="the `next` of the previous page")
 
 
 class HistoryQuery(_Params):
@@ -224,6 +230,7 @@ class RunWithParts(Run):
 
 class Runs(BaseModel):
     runs: list[Run]
+    next: str | None = Field(description="cursor of the next page (pass as `cursor`); null on the last page")
 
 
 class PartStored(BaseModel):

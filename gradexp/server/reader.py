@@ -25,6 +25,7 @@ from gradexp.core import media as _media
 from gradexp.core.errors import KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import combine_history, select_keys
 from gradexp.core.streams import CONSOLE, SYSTEM, ConsoleLine, console_lines
+from gradexp.read.reader import RecordFields
 from gradexp.server import db, history
 from gradexp.server.store import Store
 
@@ -67,7 +68,7 @@ def decode_frame(frame: bytes, label: str, *, reuse: bool = False) -> tuple[np.n
                                                      reuse=reuse))
 
 
-class ServerRun:
+class ServerRun(RecordFields):
     """A run of entity ``entity`` (database id ``entity_id``) on this server, read-only.
 
     ``RunNotFoundError`` if the run does not exist. Metadata is re-read from the database on
@@ -162,18 +163,6 @@ class ServerRun:
     def system(self, keys: Sequence[str] | None = None) -> pa.Table:
         """System metrics sampled by the run's sender process (``system/...`` columns)."""
         return select_keys(self.stream(SYSTEM), keys, self.id)
-
-    @property
-    def name(self) -> str | None:
-        return self.meta.get("name")
-
-    @property
-    def tags(self) -> list[str]:
-        return self.meta.get("tags") or []
-
-    @property
-    def notes(self) -> str | None:
-        return self.meta.get("notes")
 
     @property
     def config(self) -> dict[str, Any]:
