@@ -175,11 +175,11 @@ class _Layout:
     _NONE = slice(0, 0)
 
     def __init__(self, keys: Sequence[str], specs: Sequence[_Spec], small: int, *, params: slice = _NONE,
-                 grads: slice = _NONE, updates: slice = _NONE) -> None:
-        """``params``, ``grads``, ``updates``: which slots an optimizer step's capture fills
-        with what (the first two before the step, in one copy)."""
+                 updates: slice = _NONE) -> None:
+        """``params``, ``updates``: an optimizer step's slots for the values before the step
+        (copied then, with the gradients after them) and for its updates (filled after it)."""
         self.keys = list(keys)
-        self.params, self.grads, self.updates = params, grads, updates
+        self.params, self.updates = params, updates
         groups: dict[tuple[torch.device, bool], list[int]] = {}
         for i, (dtype, shape, device) in enumerate(specs):
             big = shape.numel() * _numpy_dtype(dtype).itemsize >= small
@@ -277,7 +277,6 @@ class _Watch:
                  log_freq: int, prefix: str, rank: int, when: Callable[[], bool] | None) -> None:
         self.run = run
         self.when = when
-        self.params = params
         self._ps: list[torch.Tensor] = [p for _, p in params]
         self._sharded = any(hasattr(p, "to_local") for p in self._ps)
         self.kinds = kinds
@@ -303,8 +302,7 @@ class _Watch:
         return [p.grad for p in self._ps]
 
     def _layout(self, key: Any, slots: Callable[[], tuple[list[str], list[_Spec]]], *,
-                params: slice = _Layout._NONE, grads: slice = _Layout._NONE,
-                updates: slice = _Layout._NONE) -> _Layout:
+                params: slice = _Layout._NONE, updates: slice = _Layout._NONE) -> _Layout:
         """The layout for ``key`` (what determines the slots), made on first use from
         ``slots()``: their keys and specs."""
         found = self._layouts.get(key)
@@ -313,7 +311,7 @@ class _Watch:
                 self._layouts.clear()
             keys, specs = slots()
             found = self._layouts[key] = _Layout(keys, specs, self.run.settings.small_tensor_bytes,
-                                                 params=params, grads=grads, updates=updates)
+                                                 params=params, updates=updates)
         return found
 
     def _due(self, n: int) -> bool:
@@ -377,7 +375,6 @@ class _Watch:
         if gsig is not None:
             keys += [k for k, s in zip(self.keys["grad"], gsig) if s is not None]
             specs += [s for s in gsig if s is not None]
-        gslots = slice(pslots.stop, len(keys))
         if before_in_updates:
             uslots = pslots
         elif "update" in kinds:
@@ -386,7 +383,7 @@ class _Watch:
             uslots = slice(len(keys) - n, len(keys))
         else:
             uslots = slice(0, 0)
-        return self._layout((psig, gsig), lambda: (keys, specs), params=pslots, grads=gslots, updates=uslots)
+        return self._layout((psig, gsig), lambda: (keys, specs), params=pslots, updates=uslots)
 
     def _capture_grads(self) -> Prepared:
         grads = self._grads()
