@@ -79,6 +79,45 @@ def test_watch_all_keeps_exactly_what_the_step_used():
     assert rows[4]["grad/0.weight"] is None
 
 
+def test_watch_follows_dtype_changes_and_missing_gradients():
+    # The hooks lay out host memory once per distinct set of dtypes, shapes and gradients
+    # present: a model cast mid-run, and a layer left out of some steps, must still be
+    # kept bit for bit, in their new dtype, with no gradient where there was none.
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = gradexp.init("watch")
+    gradexp.watch(model, opt, log="all")
+    head = model[6]
+    seen = {}
+    for step, (x, y) in enumerate(batches(8)):
+        if step == 4:
+            model.double()  # same Parameter objects, new data: the next capture must follow
+        x = x.to(next(model.parameters()).dtype)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if step % 3 == 1:  # as if frozen this step: no gradient, so SGD leaves it as it is
+            head.weight.grad = None
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        seen[step] = (grads, before, {n: p.detach() - before[n] for n, p in model.named_parameters()})
+        gradexp.log({"loss": loss.item()})
+    gradexp.finish()
+
+    stored = gradexp.Api().run(run.dir)
+    for step, (grads, before, update) in seen.items():
+        assert ("6.weight" in grads) == (step % 3 != 1)
+        for n in names(model):
+            assert same_bits(stored.tensor(f"param/{n}", step), before[n]), (n, step)
+            assert same_bits(stored.tensor(f"update/{n}", step), update[n]), (n, step)
+            if n in grads:
+                assert same_bits(stored.tensor(f"grad/{n}", step), grads[n]), (n, step)
+            else:
+                assert step not in stored.steps(f"grad/{n}"), (n, step)
+    assert stored.tensor("param/0.weight", 7).dtype == np.float64
+
+
 @pytest.mark.parametrize("log", ["updates", "parameters"])
 def test_updates_or_parameters_alone(log):
     model = cnn()

@@ -11,7 +11,7 @@ import functools
 import json
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -43,31 +43,45 @@ STAT_LEVELS = {
 _ALIGN = 64  # offset of each tensor in a slab: any dtype can view it
 _EMPTY = np.empty(0, dtype=np.uint8)
 _KEEP_IDLE_BYTES = 64 << 20  # idle slabs a layout keeps (at least two)
+_MAX_LAYOUTS = 16  # layouts a watch keeps; more means tensors change shape: start over
+
+_Spec = tuple[torch.dtype, torch.Size, torch.device]
+"""What a host slot depends on: a tensor's dtype, shape and device."""
 
 
 class _Captured(Tensor):
-    """A watched tensor's host copy: a view of a slab (see :class:`_Slabs`).
+    """A watched tensor's host copy: a view of a slab (see :class:`_Slabs`), made by the
+    first reader of ``array`` (the writer thread), so ``log()`` pays for none of it.
 
     On CUDA the copy is still running on the stream when the hook returns; ``_ready`` is
-    an event recorded after it, and the first reader of ``array`` (the writer thread)
-    waits for it there, so the training loop never synchronises per tensor.
+    an event recorded after it, and that first reader waits for it, so the training loop
+    never synchronises per tensor.
     """
 
-    __slots__ = ("_array", "_ready")
+    __slots__ = ("_array", "_memory", "_slot", "_ready")
+    meta = None  # a class attribute: the writer reads it, nothing sets it
 
-    def __init__(self, array: np.ndarray, ready: Any) -> None:
-        self._array = array
+    def __init__(self, memory: Any, slot: tuple[np.dtype, tuple[int, ...], int], ready: Any) -> None:
+        self._array: np.ndarray | None = None
+        self._memory = memory
+        self._slot = slot
         self._ready = ready
-        self.logical = array.dtype
-        self.meta = None
 
     @property
     def array(self) -> np.ndarray:  # type: ignore[override]  # Tensor's field, read-only here: waits first
-        ready = self._ready
-        if ready is not None:
-            ready.synchronize()
-            self._ready = None
-        return self._array
+        a = self._array
+        if a is None:
+            ready = self._ready
+            if ready is not None:
+                ready.synchronize()
+                self._ready = None
+            dt, shape, offset = self._slot
+            a = self._array = np.ndarray(shape, dt, buffer=self._memory, offset=offset)
+        return a
+
+    @property
+    def logical(self) -> np.dtype:  # type: ignore[override]  # Tensor's field: the slot's dtype
+        return self._slot[0]
 
     @property
     def buffer(self) -> np.ndarray:
@@ -91,23 +105,24 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if to_local is None else to_local().detach()
 
 
-class _Slabs:
-    """Host memory for one fixed list of tensors (one hook's), copied by one call.
+def _spec(t: torch.Tensor) -> _Spec:
+    return t.dtype, t.shape, t.device
 
-    Each capture takes a slab (one buffer holding every tensor, pinned on CUDA) and hands
-    the writer NumPy views of it made through a fresh exporter object; once the writer
-    has dropped the last view, the exporter dies and the slab comes back here. So a
-    steady loop copies into memory it has touched before (fresh pages cost more than the
-    copy) and builds no torch views after its first steps. The writer holds small tensors
-    until its next flush (about a second) and large ones only until they are encoded, so
-    the two sizes never share a slab: a small view never keeps a large slab alive.
+
+class _Slabs:
+    """Host memory for one fixed list of tensors of one device.
+
+    Each lease takes a slab (one buffer holding every tensor, pinned on CUDA) and an
+    exporter object over it, through which the writer's NumPy views are made; once the
+    writer has dropped the last of them, the exporter dies and the slab comes back here.
+    So a steady loop copies into memory it has touched before (fresh pages cost more than
+    the copy) and builds no torch views after its first steps.
     """
 
-    def __init__(self, specs: Sequence[tuple[str, torch.dtype, torch.Size]], device: torch.device) -> None:
+    def __init__(self, specs: Sequence[_Spec], device: torch.device) -> None:
         self.device = device
-        self.specs = [(key, _numpy_dtype(dtype), tuple(shape)) for key, dtype, shape in specs]
-        self._torch = [(dtype, shape, shape.numel()) for _, dtype, shape in specs]
-        sizes = [numel * dt.itemsize for (_, dt, _), (_, _, numel) in zip(self.specs, self._torch)]
+        self._torch = [(dtype, shape, shape.numel()) for dtype, shape, _ in specs]
+        sizes = [numel * _numpy_dtype(dtype).itemsize for dtype, _, numel in self._torch]
         self.offsets: list[int] = []
         total = 0
         for n in sizes:
@@ -127,14 +142,14 @@ class _Slabs:
         return flat.numpy(), dsts
 
     def _returned(self, ref: weakref.ref) -> None:
-        """The writer dropped a capture's last view (runs on whichever thread did)."""
+        """The writer dropped a lease's last view (runs on whichever thread did)."""
         _, slab = self._lent.pop(id(ref))
         if len(self._free) < self._keep:
             self._free.append(slab)
 
-    def stage(self, tensors: Sequence[torch.Tensor] | None, out: Prepared) -> list[torch.Tensor]:
-        """Copy ``tensors`` into a slab (None: leave it to the caller, who fills it before
-        handing ``out`` over), add their views to ``out``; return the torch views."""
+    def lease(self) -> tuple[Any, list[torch.Tensor]]:
+        """A slab: the exporter to view it through (it comes back once that dies) and its
+        torch views, to copy into."""
         try:
             slab = self._free.pop()
         except IndexError:
@@ -144,25 +159,87 @@ class _Slabs:
         exporter = self._exporter.from_buffer(memory)  # type: ignore[arg-type]
         ref = weakref.ref(exporter, self._returned)  # kept here until it fires
         self._lent[id(ref)] = (ref, slab)
-        with torch.no_grad():
-            if tensors is None:
-                ready = None
-            elif self.device.type == "cpu":
-                torch._foreach_copy_(dsts, list(tensors))
-                ready = None
-            else:
-                cuda = self.device.type == "cuda"
-                for dst, t in zip(dsts, tensors):
-                    dst.copy_(t, non_blocking=cuda)
-                ready = torch.cuda.Event() if cuda else None
-                if ready is not None:
-                    ready.record(torch.cuda.current_stream(self.device))
-        captured = out.tensors
-        for (key, dt, shape), off in zip(self.specs, self.offsets):
-            # a ctypes array is a buffer; numpy's stubs list only some buffer types
-            captured[key] = _Captured(np.ndarray(shape, dt, buffer=exporter, offset=off), ready)  # type: ignore[arg-type]
-        out.nbytes += self.nbytes
-        return dsts
+        return exporter, dsts
+
+
+class _Layout:
+    """Where one kind of capture puts its tensors: a slot per ``(key, spec)``, in slabs of
+    one device and size class each. The writer holds small tensors until its next flush
+    (about a second) and large ones only until they are encoded, so the two sizes never
+    share a slab: a small view never keeps a large slab alive.
+
+    Built once per distinct list of specs, so a steady loop validates nothing per tensor:
+    a changed dtype, shape or device changes the watch's lookup key, hence the layout.
+    """
+
+    _NONE = slice(0, 0)
+
+    def __init__(self, keys: Sequence[str], specs: Sequence[_Spec], small: int, *, params: slice = _NONE,
+                 updates: slice = _NONE) -> None:
+        """``params``, ``updates``: an optimizer step's slots for the values before the step
+        (copied then, with the gradients after them) and for its updates (filled after it)."""
+        self.keys = list(keys)
+        self.params, self.updates = params, updates
+        groups: dict[tuple[torch.device, bool], list[int]] = {}
+        for i, (dtype, shape, device) in enumerate(specs):
+            big = shape.numel() * _numpy_dtype(dtype).itemsize >= small
+            groups.setdefault((device, big), []).append(i)
+        self.slabs = [(_Slabs([specs[i] for i in idx], device), idx) for (device, _), idx in groups.items()]
+        self.nbytes = sum(s.nbytes for s, _ in self.slabs)
+        self.cpu = all(device.type == "cpu" for _, _, device in specs)
+        self.devices = sorted({device for _, _, device in specs if device.type == "cuda"}, key=str)
+        where: list[tuple[int, tuple[np.dtype, tuple[int, ...], int]]] = [None] * len(specs)  # type: ignore[list-item]
+        for g, (slabs, idx) in enumerate(self.slabs):
+            for i, off in zip(idx, slabs.offsets):
+                dtype, shape, _ = specs[i]
+                where[i] = (g, (_numpy_dtype(dtype), tuple(shape), off))
+        self._where = where
+        self._events = [self.devices.index(s.device) if s.device.type == "cuda" else None for s, _ in self.slabs]
+
+    def lease(self) -> _Lease:
+        memory = []
+        dsts: list[torch.Tensor] = [None] * len(self.keys)  # type: ignore[list-item]
+        for slabs, idx in self.slabs:
+            exporter, views = slabs.lease()
+            memory.append(exporter)
+            for i, v in zip(idx, views):
+                dsts[i] = v
+        return _Lease(self, memory, dsts)
+
+
+class _Lease:
+    """One capture's slots: torch views to copy into, then :meth:`hand` for the writer."""
+
+    __slots__ = ("layout", "memory", "dsts")
+
+    def __init__(self, layout: _Layout, memory: list[Any], dsts: list[torch.Tensor]) -> None:
+        self.layout = layout
+        self.memory = memory
+        self.dsts = dsts
+
+    def copy(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
+        """Copy each source into its slot: one call on the CPU, asynchronous on CUDA."""
+        if not dsts:
+            return
+        if self.layout.cpu:
+            torch._foreach_copy_(dsts, srcs)
+        else:
+            for dst, t in zip(dsts, srcs):
+                dst.copy_(t, non_blocking=t.device.type == "cuda")
+
+    def hand(self, out: Prepared) -> None:
+        """Add a view per slot to ``out``, the copies into them all issued; on CUDA, an
+        event per device recorded now, which the views' first reader waits for."""
+        layout = self.layout
+        events: list[Any] = []
+        for device in layout.devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        ready = [None if e is None else events[e] for e in layout._events]
+        memory = self.memory
+        out.tensors.update(zip(layout.keys, [_Captured(memory[g], slot, ready[g]) for g, slot in layout._where]))
+        out.nbytes += layout.nbytes
 
 
 def _placement(p: Any, rank: int) -> str | None:
@@ -181,6 +258,18 @@ def _placement(p: Any, rank: int) -> str | None:
     })
 
 
+
+class _Step:
+    """What one optimizer step's capture holds between its two hooks."""
+
+    __slots__ = ("lease", "before", "closure_grads")
+
+    def __init__(self, lease: _Lease) -> None:
+        self.lease = lease
+        self.before: list[torch.Tensor] = []
+        self.closure_grads: Prepared | None = None
+
+
 class _Watch:
     """The hooks of one watched model and what they captured since the last ``log()``."""
 
@@ -188,40 +277,42 @@ class _Watch:
                  log_freq: int, prefix: str, rank: int, when: Callable[[], bool] | None) -> None:
         self.run = run
         self.when = when
-        self.params = params
+        self._ps: list[torch.Tensor] = [p for _, p in params]
+        self._sharded = any(hasattr(p, "to_local") for p in self._ps)
         self.kinds = kinds
         self.log_freq = log_freq
         self.keys = {kind: [f"{kind}/{prefix}{name}" for name, _ in params] for kind in kinds}
         self.handles: list[Any] = []
         self._lock = threading.Lock()
         self._pending: Prepared | None = None
-        self._capture: Prepared | None = None  # filled between an optimizer step's two hooks
-        self._before: list[torch.Tensor] = []
+        self._capture: _Step | None = None  # filled between an optimizer step's two hooks
         self._steps = 0
         self._counts = [0] * len(params)
-        self._slabs: dict[tuple[Any, ...], _Slabs] = {}
+        self._layouts: dict[Any, _Layout] = {}
         self._shards = {f"shard/{prefix}{name}": text for name, p in params
                         if (text := _placement(p, rank)) is not None}
 
-    def _stage(self, items: Iterable[tuple[str, torch.Tensor]], out: Prepared, *,
-               copy: bool = True) -> list[torch.Tensor]:
-        """Copy each ``(key, tensor)`` to host memory, once, into ``out``; return the host
-        tensors, in the order of ``items``. ``copy=False``: host tensors shaped like them, for
-        the caller to fill."""
-        small = self.run.settings.small_tensor_bytes
-        groups: dict[tuple[torch.device, bool], list[int]] = {}
-        items = list(items)
-        for i, (_, t) in enumerate(items):
-            groups.setdefault((t.device, t.numel() * t.element_size() >= small), []).append(i)
-        hosts: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
-        for (device, _), idx in groups.items():
-            layout = (device, tuple((items[i][0], items[i][1].dtype, items[i][1].shape) for i in idx))
-            slabs = self._slabs.get(layout)
-            if slabs is None:
-                slabs = self._slabs[layout] = _Slabs(layout[1], device)
-            for i, host in zip(idx, slabs.stage([items[i][1] for i in idx] if copy else None, out)):
-                hosts[i] = host
-        return hosts
+    def _params(self) -> list[torch.Tensor]:
+        """The parameters as this rank holds them (read under ``torch.no_grad``)."""
+        return [_local(p) for p in self._ps] if self._sharded else self._ps
+
+    def _grads(self) -> list[torch.Tensor | None]:
+        if self._sharded:
+            return [None if p.grad is None else _local(p.grad) for p in self._ps]
+        return [p.grad for p in self._ps]
+
+    def _layout(self, key: Any, slots: Callable[[], tuple[list[str], list[_Spec]]], *,
+                params: slice = _Layout._NONE, updates: slice = _Layout._NONE) -> _Layout:
+        """The layout for ``key`` (what determines the slots), made on first use from
+        ``slots()``: their keys and specs."""
+        found = self._layouts.get(key)
+        if found is None:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            keys, specs = slots()
+            found = self._layouts[key] = _Layout(keys, specs, self.run.settings.small_tensor_bytes,
+                                                 params=params, updates=updates)
+        return found
 
     def _due(self, n: int) -> bool:
         return self.when() if self.when is not None else n % self.log_freq == 0
@@ -232,72 +323,104 @@ class _Watch:
         self._capture = None
         if not self._due(self._steps) or self.run._finished:
             return None
-        cap = self._capture = Prepared()
-        params = [_local(p) for _, p in self.params]
+        params = self._params()
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
-        on_cpu = all(p.device.type == "cpu" for p in params)
+        kinds = self.kinds
+        psig = tuple([_spec(p) for p in params])
+        grads = self._grads() if "grad" in kinds and closure is None else None
+        gsig = None if grads is None else tuple([None if g is None else _spec(g) for g in grads])
+        layout = self._layouts.get((psig, gsig)) or self._main_layout(psig, gsig)
         # One copy call for everything known now: parameters, gradients (unless a closure
         # will make them) and, for updates, the values before the step. Those are, on the
         # CPU, the parameters' own host copies, or (not logging those) a copy in the updates'
-        # host buffers; elsewhere a device copy that stays on the device.
-        items = list(zip(self.keys["param"], params)) if "param" in self.kinds else []
-        before_in_updates = "update" in self.kinds and on_cpu and not items
-        if before_in_updates:
-            items += zip(self.keys["update"], params)
-        if "grad" in self.kinds and closure is None:
-            items += self._grads()
-        hosts = self._stage(items, cap)
-        if "update" in self.kinds:
-            if not on_cpu:
-                with torch.no_grad():
-                    self._before = [p.clone() for p in params]
-            else:
-                self._before = hosts[:len(params)]
-        if "grad" not in self.kinds or closure is None:
+        # host slots; elsewhere a device copy that stays on the device.
+        lease = layout.lease()
+        step = self._capture = _Step(lease)
+        srcs = list(params) if layout.params.stop else []
+        if gsig is not None:
+            srcs += [g for g in grads if g is not None]  # type: ignore[union-attr]
+        with torch.no_grad():
+            lease.copy(lease.dsts[:len(srcs)], srcs)
+            if "update" in kinds and not layout.cpu:
+                step.before = [p.clone() for p in params]
+        if "grad" not in kinds or closure is None:
             return None
 
         # The gradients exist only once the closure has run (Lightning, LBFGS): capture
         # them right after, before the optimizer uses them.
         def closure_then_capture() -> Any:
             loss = closure()
-            if self._capture is cap:
-                self._stage_grads(cap)
+            if self._capture is step:  # a closure run twice in one step (LBFGS) keeps its last gradients
+                step.closure_grads = self._capture_grads()
             return loss
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": closure_then_capture}
         return (args[0], closure_then_capture, *args[2:]), kwargs
 
+    def _main_layout(self, psig: tuple[_Spec, ...], gsig: tuple[_Spec | None, ...] | None) -> _Layout:
+        """Slots of a step's capture, those filled before the step first: parameters (or,
+        on the CPU not logging those, the values before the step in the updates' slots),
+        gradients, then updates."""
+        keys: list[str] = []
+        specs: list[_Spec] = []
+        n = len(psig)
+        kinds = self.kinds
+        cpu = all(device.type == "cpu" for _, _, device in psig)
+        before_in_updates = "update" in kinds and "param" not in kinds and cpu
+        if "param" in kinds or before_in_updates:
+            keys += self.keys["param" if "param" in kinds else "update"]
+            specs += psig
+        pslots = slice(0, len(keys))
+        if gsig is not None:
+            keys += [k for k, s in zip(self.keys["grad"], gsig) if s is not None]
+            specs += [s for s in gsig if s is not None]
+        if before_in_updates:
+            uslots = pslots
+        elif "update" in kinds:
+            keys += self.keys["update"]
+            specs += psig
+            uslots = slice(len(keys) - n, len(keys))
+        else:
+            uslots = slice(0, 0)
+        return self._layout((psig, gsig), lambda: (keys, specs), params=pslots, updates=uslots)
+
+    def _capture_grads(self) -> Prepared:
+        grads = self._grads()
+        gsig = tuple([None if g is None else _spec(g) for g in grads])
+        present = [g for g in grads if g is not None]
+        layout = self._layout(("grad", gsig), lambda: (
+            [k for k, s in zip(self.keys["grad"], gsig) if s is not None], [s for s in gsig if s is not None]))
+        lease = layout.lease()
+        with torch.no_grad():
+            lease.copy(lease.dsts, present)
+        out = Prepared()
+        lease.hand(out)
+        return out
+
     def post_step(self, opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._steps += 1
-        cap, self._capture = self._capture, None
-        if cap is None:
+        step, self._capture = self._capture, None
+        if step is None:
             return
-        if "update" in self.kinds:
-            before, self._before = self._before, []
-            after = [_local(p) for _, p in self.params]
-            keys = self.keys["update"]
+        lease = step.lease
+        layout = lease.layout
+        if layout.updates.stop:
+            after = self._params()
+            updates = lease.dsts[layout.updates]
             with torch.no_grad():
-                if all(p.device.type == "cpu" for p in after):
-                    # straight into the updates' host buffers: no copy besides this one pass
-                    if "param" in self.kinds:
-                        updates = self._stage(zip(keys, after), cap, copy=False)
-                    else:
-                        updates = before
+                if layout.cpu:
+                    # straight into the updates' host slots: no copy besides this one pass
+                    before = lease.dsts[layout.params]
                     for a, b, u in zip(after, before, updates):
                         torch.sub(a, b, out=u)
                 else:
-                    self._stage(zip(keys, torch._foreach_sub(after, before)), cap)
+                    lease.copy(updates, torch._foreach_sub(after, step.before))
+        cap = Prepared()
+        lease.hand(cap)
+        if step.closure_grads is not None:
+            _merge(cap, step.closure_grads)
         self._hand_over(cap, replace=True)
-
-    def _grads(self) -> list[tuple[str, torch.Tensor]]:
-        return [(key, _local(p.grad)) for key, (_, p) in zip(self.keys["grad"], self.params)
-                if p.grad is not None]
-
-    def _stage_grads(self, cap: Prepared) -> None:
-        grads = Prepared()
-        self._stage(self._grads(), grads)
-        _merge(cap, grads)  # a closure run twice in one step (LBFGS) keeps its last gradients
 
     # -- without an optimizer: as each gradient is accumulated ----------------------------------
 
@@ -306,12 +429,17 @@ class _Watch:
         self._counts[i] = n + 1
         if not self._due(n) or self.run._finished:
             return
-        cap = Prepared()
         # a post-accumulate-grad hook: p.grad is set
-        items = [(self.keys["grad"][i], _local(cast(torch.Tensor, p.grad)))] if "grad" in self.kinds else []
+        srcs = [_local(cast(torch.Tensor, p.grad))] if "grad" in self.kinds else []
         if "param" in self.kinds:
-            items.append((self.keys["param"][i], _local(p)))
-        self._stage(items, cap)
+            srcs.append(_local(p))
+        sig = [_spec(t) for t in srcs]
+        layout = self._layout((i, *sig), lambda: ([self.keys[k][i] for k in ("grad", "param") if k in self.kinds], sig))
+        lease = layout.lease()
+        with torch.no_grad():
+            lease.copy(lease.dsts, srcs)
+        cap = Prepared()
+        lease.hand(cap)
         self._hand_over(cap, replace=False)
 
     # -- handing over to log() -----------------------------------------------------------------
