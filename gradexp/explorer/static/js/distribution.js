@@ -13,6 +13,8 @@ ensureCss();
 const ctx = runContext();
 const LIVE_MS = 2000;
 const STRIPS = [["nan", "NaN"], ["posinf", "+Inf"], ["neginf", "−Inf"], ["zero", "zero"]];
+const LABEL_PX = 28;  // the step histogram's label band, in canvas pixels (drawn at half size)
+const LABEL_COLOR = "#495057";
 const QUANTS = ["min", "p1", "p5", "p25", "p50", "p75", "p95", "p99", "max"];
 
 const state = { key: null, step: null, bins: 64, scale: "linear", d: null, loading: 0 };
@@ -209,14 +211,20 @@ function drawQuantiles(d) {
     bands: [[9, 1], [8, 2], [7, 3], [6, 4]].map(([hi, lo], i) => ({ series: [hi, lo], fill: `rgba(76,110,245,${0.06 + 0.06 * i})` })),
     axes: [{}, { size: 64 }],  // room for labels such as "39,000" and "1.5e-7" (the default clipped them)
     legend: { live: true },
-    hooks: { draw: [(u) => markStep(u)] },
+    // Off the chart, the legend shows the values at the selected step (else the last), not "--".
+    hooks: { draw: [(u) => markStep(u)], setCursor: [(u) => { if (u.cursor.idx == null) stepLegend(u); }] },
   };
   if (plot) plot.destroy();
   plot = new uPlot(opts, [x, ...series], ui.quant);
+  stepLegend(plot);
   plot.over.addEventListener("click", () => {
     const i = plot.cursor.idx;
     if (i !== null && i !== undefined && state.d) setStep(state.key, state.d.steps[i]);
   });
+}
+
+function stepLegend(u) {
+  if (state.d && state.d.n) u.setLegend({ idx: stepIndex(state.d) }, false);
 }
 
 function markStep(u) {
@@ -250,7 +258,10 @@ function showStep() {
   const i = stepIndex(d);
   ui.marker.hidden = false;
   ui.marker.style.left = `${((d.col[i] + 0.5) / d.cols) * 100}%`;
-  if (plot) plot.redraw(false, false);
+  if (plot) {
+    plot.redraw(false, false);
+    if (plot.cursor.idx == null) stepLegend(plot);
+  }
   drawBars(d, i);
 }
 
@@ -265,19 +276,30 @@ function drawBars(d, i) {
   const g = ui.bars.getContext("2d");
   g.clearRect(0, 0, ui.bars.width, ui.bars.height);
   const max = counts.reduce((m, c) => Math.max(m, c), 1);
+  const base = ui.bars.height - LABEL_PX;  // the bars stand on it; the strips' names go below
+  const top = base - 20;
   const bw = (ui.bars.width * 0.86) / d.bins;
   g.fillStyle = "#4c6ef5";
   counts.forEach((c, b) => {
-    const bh = (c / max) * (ui.bars.height - 20);
-    g.fillRect(b * bw, ui.bars.height - bh, Math.max(1, bw - 1), bh);
+    const bh = (c / max) * top;
+    g.fillRect(b * bw, base - bh, Math.max(1, bw - 1), bh);
   });
+  // NaN, +Inf, -Inf and zero counts of the step, right of the bins, each named under its bar
+  // (zero in purple: those values are also in their bin).
   const sx = ui.bars.width * 0.88, sw = (ui.bars.width * 0.12) / STRIPS.length;
   const smax = Math.max(1, ...STRIPS.map(([n]) => d.strips[n][i]), max);
-  STRIPS.forEach(([n], k) => {
+  g.fillStyle = "#adb5bd";
+  g.fillRect(ui.bars.width * 0.87, 0, 2, base);
+  g.font = `${LABEL_PX - 8}px sans-serif`;
+  g.textAlign = "center";
+  g.textBaseline = "top";
+  STRIPS.forEach(([n, label], k) => {
     const c = d.strips[n][i];
-    const bh = (c / smax) * (ui.bars.height - 20);
+    const bh = (c / smax) * top;
     g.fillStyle = n === "zero" ? "#862e9c" : "#e03131";
-    g.fillRect(sx + k * sw, ui.bars.height - bh, Math.max(1, sw - 2), bh);
+    g.fillRect(sx + k * sw, base - bh, Math.max(1, sw - 2), bh);
+    g.fillStyle = LABEL_COLOR;
+    g.fillText(label, sx + k * sw + sw / 2, base + 4, sw);
   });
   ui.bars.dataset.drawn = "1";
   const rows = counts.map((c, b) => el("tr", {}, el("td", {}, exact(d.edges[b])), el("td", {}, exact(d.edges[b + 1])),
