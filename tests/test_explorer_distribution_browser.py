@@ -245,13 +245,10 @@ def test_more_steps_than_pixel_columns(chromium, tmp_path):
 
 LEGEND = """() => Array.from(document.querySelectorAll('.gx-dist-quantiles .u-legend .u-series'),
     r => [r.querySelector('.u-label').textContent, r.querySelector('.u-value').textContent])"""
-STRIP_LABEL_INK = """() => { const c = document.querySelector('canvas.gx-hist-bars');
-    const x0 = Math.floor(c.width * 0.88);
-    const d = c.getContext('2d').getImageData(x0, 0, c.width - x0, c.height).data; let n = 0;
-    for (let i = 0; i < d.length; i += 4) {  // grey text, not a (blue, red or purple) bar
-        const [r, g, b, a] = [d[i], d[i + 1], d[i + 2], d[i + 3]];
-        if (a > 128 && r < 160 && Math.abs(r - g) < 16 && Math.abs(g - b) < 16) n++;
-    } return n; }"""
+STRIP_NAMES = """() => { const c = document.querySelector('canvas.gx-hist-bars').getBoundingClientRect();
+    return Array.from(document.querySelectorAll('.gx-hist-strip-names span'), s => {
+        const r = s.getBoundingClientRect();
+        return [s.textContent, (r.left + r.width / 2 - c.left) / c.width, r.top >= c.bottom - 1]; }); }"""
 
 
 def test_quantile_legend_and_step_histogram_strips_are_labelled(page, ui):
@@ -289,4 +286,7 @@ def test_quantile_legend_and_step_histogram_strips_are_labelled(page, ui):
     page.wait_for_selector("canvas.gx-hist-bars[data-step='13']")
     page.mouse.move(1, 1)
     check(13)
-    assert page.evaluate(STRIP_LABEL_INK) > 50
+    names = page.evaluate(STRIP_NAMES)  # named, left to right, under the bars right of the bins
+    assert [n for n, _, _ in names] == ["NaN", "+Inf", "−Inf", "zero"]
+    centres = [x for _, x, _ in names]
+    assert 0.6 < centres[0] < centres[1] < centres[2] < centres[3] < 1 and all(below for _, _, below in names)
