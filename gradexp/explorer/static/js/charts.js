@@ -143,6 +143,7 @@ function makePlot(key, chart, width = chartWidth()) {
   };
   if (chart.plot) chart.plot.destroy();
   chart.plot = new uPlot(opts, plotData(key, chart), chart.canvas);
+  Object.assign(chart.canvas.style, { width: "", minHeight: "" });  // the plot has its room now (and resizes)
   // The legend names each run once: its min/max band series have no row of their own.
   chart.plot.root.querySelectorAll(".u-legend .u-series").forEach((row, i) => {
     if (i > 0 && (i - 1) % 3 !== 0) row.hidden = true;
