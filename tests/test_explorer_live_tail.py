@@ -170,3 +170,43 @@ def test_a_live_history_read_on_the_server_reads_only_the_new_parts(srv, tmp_pat
         assert got.equals(full())
         assert len(store.fetched) <= COMPACT_AT + 1
     assert got.column("step").to_pylist() == list(range(n // 2))
+
+
+# -- a run folder's history, decoded on the pool -------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:gradexp. step 0 is lower than the current step")
+def test_run_folder_history_decoded_in_parallel_keeps_order_and_reports_damage(tmp_path):
+    """Many history frames are decoded on the shared pool: the rows come back in write order
+    (last write wins), and a damaged frame is reported once, by path and offset, and skipped."""
+    import warnings
+
+    from gradexp.core import format as F
+    from gradexp.core.errors import CorruptPartWarning
+    from gradexp.read.local import StoredRun
+
+    run = gradexp.init("par", id="p", dir=tmp_path, part_max_age=600)
+    for s in range(40):
+        run.log({"x": float(s), "y": -float(s)}, step=s % 30)  # steps 0-9 written twice: the last wins
+        if s % 2:
+            run.flush()  # a frame every two rows
+    run.finish()
+    history = [p for p in sorted((run.dir / "parts").glob("history-*.gxp"))]
+    frames = [(p, i) for p in history for i in F.scan_part(p).frames if i.kind == F.KIND_HISTORY]
+    assert len(frames) >= 20
+    got = StoredRun(run.dir).history()
+    assert got.column("step").to_pylist() == list(range(30))
+    assert got.column("x").to_pylist() == [float(s + 30 if s < 10 else s) for s in range(30)]
+    path, bad = frames[5]  # rows 10 and 11 (steps logged once)
+    blob = bytearray(path.read_bytes())
+    blob[bad.data_offset + bad.stored // 2] ^= 0x10
+    path.write_bytes(bytes(blob))
+    from gradexp.read import local
+
+    local._SEALED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = StoredRun(run.dir).history()
+    damage = [w for w in caught if issubclass(w.category, CorruptPartWarning)]
+    assert len(damage) == 1 and str(path) in str(damage[0].message) and f"byte {bad.offset}" in str(damage[0].message)
+    assert got.column("step").to_pylist() == [s for s in range(30) if s not in (10, 11)]
+    assert got.column("x").to_pylist() == [float(s + 30 if s < 10 else s) for s in range(30) if s not in (10, 11)]
