@@ -241,3 +241,52 @@ def test_more_steps_than_pixel_columns(chromium, tmp_path):
         context.close()
         proc.terminate()
         proc.wait(10)
+
+
+LEGEND = """() => Array.from(document.querySelectorAll('.gx-dist-quantiles .u-legend .u-series'),
+    r => [r.querySelector('.u-label').textContent, r.querySelector('.u-value').textContent])"""
+STRIP_NAMES = """() => { const c = document.querySelector('canvas.gx-hist-bars').getBoundingClientRect();
+    return Array.from(document.querySelectorAll('.gx-hist-strip-names span'), s => {
+        const r = s.getBoundingClientRect();
+        return [s.textContent, (r.left + r.width / 2 - c.left) / c.width, r.top >= c.bottom - 1]; }); }"""
+
+
+def test_quantile_legend_and_step_histogram_strips_are_labelled(page, ui):
+    """The quantile chart's legend shows the values at the selected step (the last one at
+    first) while the pointer is off the chart, not '--'; the step histogram's NaN, +Inf,
+    -Inf and zero bars are named."""
+    url, ids, logged = ui
+    base = url.split("/?")[0]
+    _open_tensor(page, base, ids[0])
+    page.wait_for_selector("canvas.gx-hist-bars[data-drawn]")
+
+    def legend_at(step: int) -> dict[str, str]:
+        rows = dict(page.evaluate(LEGEND))
+        assert rows.get("step") == str(step), rows
+        return rows
+
+    def check(step: int) -> None:
+        rows = legend_at(step)
+        f = logged[step][np.isfinite(logged[step])].astype(np.float64)
+        for name, q in (("min", 0.0), ("p50", 0.5), ("max", 1.0)):
+            assert rows[name] != "--"
+            assert float(rows[name].replace(",", "")) == pytest.approx(float(np.quantile(f, q)), rel=1e-2, abs=1e-3)
+
+    check(STEPS - 1)
+    quant = page.locator(".gx-dist-quantiles .u-over")
+    box = quant.bounding_box()
+    assert box is not None
+    quant.hover(position={"x": box["width"] * 0.3, "y": box["height"] / 2})  # on the chart: the hovered step
+    page.mouse.move(1, 1)  # off it: the selected step again
+    check(STEPS - 1)
+    heat = page.locator("canvas.gx-dist-heatmap")
+    hbox = heat.bounding_box()
+    assert hbox is not None
+    heat.click(position={"x": (13 + 0.5) / STEPS * hbox["width"], "y": hbox["height"] / 2})
+    page.wait_for_selector("canvas.gx-hist-bars[data-step='13']")
+    page.mouse.move(1, 1)
+    check(13)
+    names = page.evaluate(STRIP_NAMES)  # named, left to right, under the bars right of the bins
+    assert [n for n, _, _ in names] == ["NaN", "+Inf", "−Inf", "zero"]
+    centres = [x for _, x, _ in names]
+    assert 0.6 < centres[0] < centres[1] < centres[2] < centres[3] < 1 and all(below for _, _, below in names)

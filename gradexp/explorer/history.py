@@ -14,12 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gradexp.core import arrow as _arrow
+from gradexp.core import pool as _pool
+from gradexp.core.history import combine_history
 
 if TYPE_CHECKING:
     from gradexp.explorer.context import Explorer
     from gradexp.read.reader import RunReader
 
-__all__ = ["X_AXES", "chart_keys", "history_table", "reduce_history", "since"]
+__all__ = ["CHUNKS_MAX", "X_AXES", "chart_keys", "history_table", "reduce_history", "since"]
 
 X_AXES = ("step", "_runtime", "_timestamp")
 _BASE = set(X_AXES)
@@ -92,7 +94,8 @@ def reduce_history(table: pa.Table, keys: Sequence[str], *, x: str = "step", buc
     arrays: list[pa.Array] = [table.column(a).take(_arrow.from_numpy(pick)) for a in X_AXES]
     names = list(X_AXES)
     index = np.arange(bucket.size)
-    for key in table.column_names[len(X_AXES):]:
+
+    def one(key: str) -> list[pa.Array]:
         v = as_float(table.column(key))
         v = v[first:end] if order is None else v[rows]
         missing = np.isnan(v)
@@ -107,24 +110,43 @@ def reduce_history(table: pa.Table, keys: Sequence[str], *, x: str = "step", buc
             vmin[empty] = np.nan
             vmax[empty] = np.nan
             last = np.where(empty, np.nan, v[np.maximum(last_at, 0)])
-        arrays += [_arrow.from_numpy(last), _arrow.from_numpy(vmin), _arrow.from_numpy(vmax)]
+        return [_arrow.from_numpy(last), _arrow.from_numpy(vmin), _arrow.from_numpy(vmax)]
+
+    keys = table.column_names[len(X_AXES):]
+    for key, got in zip(keys, _pool.map_ordered(one, keys)):  # NumPy's reductions release the GIL
+        arrays += got
         names += [key, f"{key}:min", f"{key}:max"]
     return pa.table(arrays, names=names).replace_schema_metadata({"reduced": "1"})
+
+
+CHUNKS_MAX = 16
+"""A live history extended by appended tails is made one chunk again past this many."""
 
 
 def history_table(explorer: Explorer, entity: str, reader: RunReader) -> tuple[Any, pa.Table]:
     """The run's whole history and its stamp, kept in the explorer's cache until the run
     changes: a live run's chart polls often, and most polls find nothing new (the stamp is the
-    reader's part counts or last step, cheap index reads; see :func:`_stamp`)."""
+    reader's part counts or last step, cheap index reads; see :func:`_stamp`). A reader that
+    offers ``history_delta`` (the server's) is asked only for the rows stored since the cached
+    read, which it appends: a live run's read costs what is new, not the whole run."""
     key = ("history", entity, reader.project, reader.id)
     with explorer.cache.computing(key):
         stamp = _stamp(reader)
         cached = explorer.cache.get(key)
         if cached is not None and stamp is not None and cached[0] == stamp:
-            return cached
-        table = reader.history().combine_chunks()  # one chunk per column: columns read as NumPy without copies
+            return cached[0], cached[1]
+        delta = getattr(reader, "history_delta", None)
+        mark = None
+        if callable(delta):
+            mark, table, whole = delta(cached[2] if cached is not None else None)
+            if not whole and cached is not None:
+                table = combine_history([cached[1], table])
+        else:
+            table = reader.history()
+        if table.num_rows and table.column(0).num_chunks > (1 if mark is None else CHUNKS_MAX):
+            table = table.combine_chunks()  # one chunk per column: columns read as NumPy without copies
         if stamp is not None:
-            explorer.cache.put(key, (stamp, table), table.nbytes)
+            explorer.cache.put(key, (stamp, table, mark), table.nbytes)
         return stamp, table
 
 

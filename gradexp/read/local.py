@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
+from gradexp.core import pool as _pool
 from gradexp.core.errors import CorruptPartError, CorruptPartWarning, KeyNotFoundError, RunNotFoundError
 from gradexp.core.history import BASE_COLUMNS, combine_history, select_keys
 from gradexp.core.layout import CONFIG_JSON, HISTORY, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, TENSORS, is_locked, read_json
@@ -141,15 +142,17 @@ class StoredRun(RecordFields, TensorMedia):
         return read_json(self.dir / PROVENANCE_JSON, {})
 
     def _stream_table(self, stream: str) -> pa.Table:
-        tables = []
-        for path, info in _format.iter_frames(self._parts(stream), _format.KIND_HISTORY):
+        def load(item: tuple[Path, _format.FrameInfo]) -> pa.Table | CorruptPartError:
             try:
-                raw = _format.read_frame(path, info)
+                return pa.Table.from_batches([_arrow.history_batch(_format.read_frame(*item))])
             except CorruptPartError as e:
-                self._report(e.path, e.offset, e.reason)
-                continue
-            batch = _arrow.history_batch(raw)
-            tables.append(pa.Table.from_batches([batch]))
+                return e
+        tables = []
+        for got in _pool.map_ordered(load, list(_format.iter_frames(self._parts(stream), _format.KIND_HISTORY))):
+            if isinstance(got, CorruptPartError):
+                self._report(got.path, got.offset, got.reason)
+            else:
+                tables.append(got)
         return combine_history(tables)
 
     def last_step(self) -> int | None:

@@ -18,9 +18,13 @@ from sqlalchemy.engine import Engine
 
 from gradexp.core import arrow as _arrow
 from gradexp.core import format as _format
+from gradexp.core import pool as _pool
 from gradexp.core.history import combine_history, write_history_parquet
 from gradexp.server import db
 from gradexp.server.store import Store
+
+__all__ = ["COMPACT_AT", "Mark", "finalize", "from_parquet", "part_tables", "read", "read_marked", "read_tail",
+           "to_parquet"]
 
 COMPACT_AT = 32
 
@@ -46,28 +50,84 @@ def from_parquet(data: bytes) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
+Mark = tuple[int, int]
+"""What a read of a live history covered: (its highest history part seq, how many history
+parts it had at or below that seq). See :func:`read_tail`."""
+
+
 def read(engine: Engine, store: Store, pk: int, *, address: tuple[int, int, str]) -> pa.Table:
     """The run's history, combined in write order and merged by step."""
+    return read_marked(engine, store, pk, address=address)[0]
+
+
+def _decoded(store: Store, parts: list[dict]) -> list[list[pa.Table]]:
+    """The history frames of each part, fetched and decoded on the shared pool."""
+    return _pool.map_ordered(lambda p: part_tables(store.get(p["object_key"]), p["object_key"]), parts)
+
+
+def _compact_run(parts: list[dict], done: int) -> int:
+    """How many parts after seq ``done`` follow it with no gap (the ones a segment may take):
+    a part still missing (uploaded late, out of order) must not end up behind a segment, where
+    no read would look for it."""
+    n = 0
+    while n < len(parts) and parts[n]["seq"] == done + 1 + n:
+        n += 1
+    return n
+
+
+def read_marked(engine: Engine, store: Store, pk: int, *,
+                address: tuple[int, int, str]) -> tuple[pa.Table, Mark | None]:
+    """:func:`read`, and the :data:`Mark` of what it read (None once the history is final)."""
     with engine.connect() as conn:
         final = conn.execute(db.sa.select(db.runs.c.history_object).where(db.runs.c.id == pk)).scalar()
         if final:
-            return from_parquet(store.get(final))
+            return from_parquet(store.get(final)), None
         segs = db.history_segments(conn, pk)
         parts = db.history_parts(conn, pk)
     done = segs[-1]["last_seq"] if segs else -1
     tail = [p for p in parts if p["seq"] > done]
     pieces = [from_parquet(store.get(s["object_key"])) for s in segs]
-    per_part = [part_tables(store.get(p["object_key"]), p["object_key"]) for p in tail]
+    per_part = _decoded(store, tail)
     tail_tables = [t for tables in per_part for t in tables]
-    # Compact only parts with no gap before them: a part still missing (uploaded late, out of
-    # order) must not end up behind a segment, where no read would look for it.
-    n = 0
-    while n < len(tail) and tail[n]["seq"] == done + 1 + n:
-        n += 1
+    n = _compact_run(tail, done)
     if n >= COMPACT_AT:
         _write_segment(engine, store, pk, address, tail[0]["seq"], tail[n - 1]["seq"],
                        [t for tables in per_part[:n] for t in tables])
-    return combine_history(pieces + tail_tables)
+    return combine_history(pieces + tail_tables), _mark(parts)
+
+
+def _mark(parts: list[dict]) -> Mark:
+    return (parts[-1]["seq"], len(parts)) if parts else (-1, 0)
+
+
+def read_tail(engine: Engine, store: Store, pk: int, mark: Mark, *,
+              address: tuple[int, int, str]) -> tuple[pa.Table, Mark] | None:
+    """The rows of the history parts stored since a read that gave ``mark``, combined (to
+    append to what that read gave, last write winning), and the new mark: a live chart's
+    read costs the parts that are new, however long the run. None when appending would not
+    give what a full read gives now: the history was made final, or a part at or below the
+    mark's seq came late (then read it all again). Compaction goes on as in :func:`read`,
+    reading only the parts it compacts."""
+    last, count = mark
+    with engine.connect() as conn:
+        final = conn.execute(db.sa.select(db.runs.c.history_object).where(db.runs.c.id == pk)).scalar()
+        if final:
+            return None
+        segs = db.history_segments(conn, pk)
+        parts = db.history_parts(conn, pk)
+    if sum(1 for p in parts if p["seq"] <= last) != count:
+        return None
+    new = [p for p in parts if p["seq"] > last]
+    done = segs[-1]["last_seq"] if segs else -1
+    tail = [p for p in parts if p["seq"] > done]
+    n = _compact_run(tail, done)
+    compact = tail[:n] if n >= COMPACT_AT else []
+    wanted = {p["seq"]: p for p in compact + new}
+    got = dict(zip(wanted, _decoded(store, list(wanted.values()))))
+    if compact:
+        _write_segment(engine, store, pk, address, compact[0]["seq"], compact[-1]["seq"],
+                       [t for p in compact for t in got[p["seq"]]])
+    return combine_history([t for p in new for t in got[p["seq"]]]), _mark(parts)
 
 
 def _write_segment(engine: Engine, store: Store, pk: int, address: tuple[int, int, str], first: int,

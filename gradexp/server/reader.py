@@ -27,6 +27,7 @@ from gradexp.core.history import combine_history, select_keys
 from gradexp.core.streams import CONSOLE, SYSTEM, ConsoleLine, console_lines
 from gradexp.read.reader import RecordFields
 from gradexp.server import db, history
+from gradexp.server.history import Mark
 from gradexp.server.store import Store
 
 __all__ = ["OWN_BATCH_BYTES", "ROWS_BATCH_BYTES", "ROWS_SCHEMA", "FrameRef", "ServerRun", "rows_ipc"]
@@ -196,6 +197,20 @@ class ServerRun(RecordFields):
         table = history.read(self.engine, self.store, self.pk,
                              address=(self.entity_id, self.project_pk, self.id))
         return select_keys(table, keys, self.id)
+
+    def history_delta(self, mark: Mark | None) -> tuple[Mark | None, pa.Table, bool]:
+        """For a reader kept while a run goes live: ``(mark, table, whole)``. With ``mark``
+        None, or when the parts stored since ``mark`` cannot simply extend what was read then
+        (the history was made final, a part came late), the whole history (``whole`` True);
+        else only the rows stored since, to append to what was read then (last write wins,
+        :func:`gradexp.core.history.combine_history`). Pass the returned mark next time."""
+        address = (self.entity_id, self.project_pk, self.id)
+        if mark is not None:
+            tail = history.read_tail(self.engine, self.store, self.pk, mark, address=address)
+            if tail is not None:
+                return tail[1], tail[0], False
+        table, new = history.read_marked(self.engine, self.store, self.pk, address=address)
+        return new, table, True
 
     def keys(self) -> list[str]:
         names = dict.fromkeys(n for n in self.history().column_names if n not in _BASE_COLUMNS)

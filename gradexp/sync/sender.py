@@ -42,6 +42,9 @@ from gradexp.core.limits import exit_code_for_record
 from gradexp.core.streams import CONSOLE, FATAL, PROVENANCE_JSON, SYSTEM
 
 UPLOADED_LOG = "uploaded.log"
+IDLE_WAIT = 0.1
+"""Online, the sender looks for newly sealed parts this often (a directory listing and a few
+``stat`` calls): it is part of the time a logged step takes to show in a live chart."""
 DONE_MARK = "#finished"
 HEARTBEAT = 30.0
 
@@ -633,7 +636,7 @@ def _serve(hello: dict[str, Any], run_dir: Path, side: _Recorders) -> None:
             side.close(console_wait=5.0)
             _crashed(up, side)
             return
-        side.wake.wait(0.2)
+        side.wake.wait(IDLE_WAIT)
         side.wake.clear()
 
 

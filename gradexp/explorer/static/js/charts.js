@@ -9,7 +9,7 @@ import { api, arrow, el, runContext, seg, showError } from "./common.js";
 const ctx = runContext();
 const COLORS = ["#2a5db0", "#d9480f", "#2b8a3e", "#862e9c", "#c2255c", "#1098ad", "#e67700", "#5c940d"];
 const HEIGHT = 200;
-const LIVE_MS = 500;
+const LIVE_MS = 250;  // a live chart's poll: most find nothing new (the server answers from its cache)
 
 const params = new URLSearchParams(location.search);
 const compared = (params.get("compare") || "").split(",").filter((r) => r && r !== ctx.run);
@@ -71,11 +71,21 @@ function historyUrl(run, keys, extra = {}) {
   return `${run.base}/history?${q}`;
 }
 
-async function loadRun(run, buckets) {
-  run.info = await api(run.base);
-  const keys = run.info.history_keys;
-  run.data = keys.length ? seriesOf(await arrow(historyUrl(run, keys, { buckets })), keys) : null;
-  run.lastStep = run.data && run.data.step.length ? run.data.step[run.data.step.length - 1] : null;
+/** Merge the series of `keys` from an Arrow history table into the run's data. */
+function addSeries(run, table, keys) {
+  const got = seriesOf(table, keys);
+  if (!run.data) {
+    run.data = got;
+  } else {
+    // A later batch of the same finished run: its x is the same; each key keeps its own anyway.
+    for (const k of keys) if (got.keys[k]) run.data.keys[k] = { ...got.keys[k], x: got.x };
+  }
+  run.lastStep = run.data.step.length ? run.data.step[run.data.step.length - 1] : null;
+}
+
+async function fetchSeries(run, keys, buckets) {
+  const wanted = keys.filter((k) => run.info.history_keys.includes(k));
+  if (wanted.length) addSeries(run, await arrow(historyUrl(run, wanted, { buckets })), wanted);
 }
 
 function smooth(values, alpha) {
@@ -105,14 +115,15 @@ function plotData(key, chart) {
     const d = chart.zoom ? chart.zoom.data.get(run.id) : run.data;
     const s = d && d.keys[key];
     if (!s) { tables.push([[], [], [], []]); continue; }
-    const none = s.min ? null : d.x.map(() => null);
-    tables.push([d.x, positive(smooth(s.v, alpha)), positive(s.min || none), positive(s.max || none)]);
+    const x = s.x || d.x;
+    const none = s.min ? null : x.map(() => null);
+    tables.push([x, positive(smooth(s.v, alpha)), positive(s.min || none), positive(s.max || none)]);
   }
   if (tables.length === 1) return tables[0];
   return uPlot.join(tables);
 }
 
-function makePlot(key, chart) {
+function makePlot(key, chart, width = chartWidth()) {
   const series = [{ label: ui.x.value === "_timestamp" ? "time" : ui.x.value }];
   const bands = [];
   runs.forEach((run, i) => {
@@ -123,7 +134,7 @@ function makePlot(key, chart) {
     bands.push({ series: [3 * i + 3, 3 * i + 2], fill: `${run.color}33` });
   });
   const opts = {
-    width: chartWidth(), height: HEIGHT, series, bands,
+    width, height: HEIGHT, series, bands,
     legend: { show: true, live: true },
     scales: { x: { time: ui.x.value === "_timestamp" }, y: ui.log.checked ? { distr: 3 } : {} },
     axes: [{}, { size: 64 }],  // room for labels such as "10,000" and "1.5e-7"
@@ -132,6 +143,7 @@ function makePlot(key, chart) {
   };
   if (chart.plot) chart.plot.destroy();
   chart.plot = new uPlot(opts, plotData(key, chart), chart.canvas);
+  Object.assign(chart.canvas.style, { width: "", minHeight: "" });  // the plot has its room now (and resizes)
   // The legend names each run once: its min/max band series have no row of their own.
   chart.plot.root.querySelectorAll(".u-legend .u-series").forEach((row, i) => {
     if (i > 0 && (i - 1) % 3 !== 0) row.hidden = true;
@@ -154,7 +166,7 @@ function mark(key, chart) {
 
 function redraw(key) {
   const chart = charts.get(key);
-  if (!chart) return;
+  if (!chart || !chart.plot) return;
   chart.plot.setData(plotData(key, chart), true);
   mark(key, chart);
 }
@@ -186,6 +198,7 @@ function group(key) {
   return i > 0 ? key.slice(0, i) : "";
 }
 
+/** Lay out one (empty) box per key, grouped; the plots are made by draw(). */
 function build() {
   for (const c of charts.values()) c.plot && c.plot.destroy();
   charts.clear();
@@ -196,10 +209,12 @@ function build() {
     groups.get(group(k)).push(k);
   }
   const sections = [];
+  const width = chartWidth();
   for (const [name, ks] of [...groups.entries()].sort((a, b) => (a[0] === "" ? -1 : a[0].localeCompare(b[0])))) {
     const grid = el("div", { class: "gx-chart-grid" });
     for (const k of ks) {
       const canvas = el("div", { class: "gx-chart-canvas" });
+      Object.assign(canvas.style, { width: `${width}px`, minHeight: `${HEIGHT}px` });  // the plot's room
       const box = el("div", { class: "gx-chart", dataset: { key: k } }, el("div", { class: "gx-chart-title" }, k), canvas);
       grid.append(box);
       charts.set(k, { box, canvas, plot: null, zoom: null });
@@ -209,8 +224,13 @@ function build() {
   }
   if (!keys.length) sections.push(el("p", { class: "gx-muted", id: "charts-empty" }, "No scalars logged yet."));
   ui.root.replaceChildren(...sections);
-  for (const [k, c] of charts) makePlot(k, c);
   applyFilter();
+}
+
+/** Make the plots of `keys` (all of them by default). */
+function draw(keys = [...charts.keys()]) {
+  const width = chartWidth();  // once: reading it after a plot went in would lay the page out again
+  for (const k of keys) makePlot(k, charts.get(k), width);
 }
 
 function applyFilter() {
@@ -221,10 +241,63 @@ function applyFilter() {
   }
 }
 
+/** Resolves once what was drawn so far is on the screen: uPlot renders in a microtask after
+ * it is given data, the browser paints at its next frame. The page's marks are set after it. */
+const painted = () => new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
+
+/** Keys whose boxes are on the first screen (laid out, not filtered out). */
+function onScreen() {
+  const bottom = window.innerHeight || document.documentElement.clientHeight;
+  return [...charts].filter(([, c]) => !c.box.hidden && c.box.getBoundingClientRect().top < bottom).map(([k]) => k);
+}
+
+let loading = 0;  // the latest loadAll's ticket: an older one stops where it is
+let busy = 0;  // loads under way: the live poll waits for them
 async function loadAll() {
+  busy++;
+  try {
+    await load(++loading);
+  } finally {
+    busy--;
+  }
+}
+
+async function load(ticket) {
   const buckets = chartWidth();
-  await Promise.all(runs.map((r) => loadRun(r, buckets)));
-  build();
+  await Promise.all(runs.map(async (r) => { r.info = await api(r.base); }));
+  if (ticket !== loading) return;
+  for (const r of runs) { r.data = null; r.lastStep = null; }
+  const keys = () => [...charts.keys()];
+  if (runs.some((r) => r.info.status === "running")) {
+    // Live: every key in one answer per run (two answers could end at different steps), and
+    // the charts replaced only once it is here.
+    const all = [...new Set(runs.flatMap((r) => r.info.history_keys))];
+    await Promise.all(runs.map((r) => fetchSeries(r, all, buckets)));
+    if (ticket !== loading) return;
+    build();
+    draw();
+    await painted();
+    performance.mark("gx-first-charts-drawn");
+  } else {
+    // Ended: lay the boxes out, ask for the first screen's charts, then for the rest (the
+    // server reduces them in that order), and draw each as it comes.
+    build();
+    const first = onScreen();
+    const rest = keys().filter((k) => !first.includes(k));
+    const firstDone = Promise.all(runs.map((r) => fetchSeries(r, first, buckets)));
+    const restDone = rest.length ? Promise.all(runs.map((r) => fetchSeries(r, rest, buckets))) : null;
+    await firstDone;
+    if (ticket !== loading) return;
+    draw(first);
+    await painted();
+    performance.mark("gx-first-charts-drawn");
+    if (restDone) {
+      await restDone;
+      if (ticket !== loading) return;
+      draw(rest);
+      await painted();
+    }
+  }
   document.getElementById("chart-compare").textContent =
     runs.length > 1 ? `comparing ${runs.map((r) => (r.info && r.info.name) || r.id).join(", ")}` : "";
   document.body.dataset.chartsReady = "1";
@@ -242,6 +315,7 @@ function append(run, table) {
   extend(d.step, tail.step);
   for (const k of keys) {
     const s = d.keys[k], t = tail.keys[k];
+    if (s.x && s.x !== d.x) extend(s.x, tail.x);
     extend(s.v, t.v);
     if (s.min) {
       extend(s.min, t.v);
@@ -269,7 +343,7 @@ async function pollRun(run) {
 
 let polling = false;
 async function poll() {
-  if (polling || document.hidden || runs.some((r) => !r.info)) return;
+  if (polling || busy || document.hidden || runs.some((r) => !r.info)) return;
   polling = true;
   try {
     const got = await Promise.all(runs.map(pollRun));
@@ -283,14 +357,15 @@ async function poll() {
 }
 
 ui.x.addEventListener("change", () => loadAll().catch(showError));
-ui.log.addEventListener("change", build);
+ui.log.addEventListener("change", () => draw());
 ui.smooth.addEventListener("input", () => { for (const k of charts.keys()) redraw(k); });
 ui.filter.addEventListener("input", applyFilter);
 let resizeTimer = null;
 window.addEventListener("resize", () => {
   clearTimeout(resizeTimer);
   resizeTimer = setTimeout(() => {
-    for (const c of charts.values()) c.plot && c.plot.setSize({ width: chartWidth(), height: HEIGHT });
+    const width = chartWidth();
+    for (const c of charts.values()) c.plot && c.plot.setSize({ width, height: HEIGHT });
   }, 200);
 });
 

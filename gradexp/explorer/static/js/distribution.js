@@ -42,6 +42,7 @@ function build() {
   ui.quant = el("div", { class: "gx-dist-quantiles" });
   ui.histTitle = el("h3", {}, "");
   ui.bars = el("canvas", { class: "gx-hist-bars", "aria-label": "histogram at the step" });
+  ui.stripNames = el("div", { class: "gx-hist-strip-names" });
   ui.histReadout = el("div", { class: "gx-readout" });
   ui.histTable = el("div", { class: "gx-hist-table" });
   const stripLabels = el("div", { class: "gx-dist-strip-labels" }, ...STRIPS.map(([, l]) => el("span", {}, l)));
@@ -56,7 +57,7 @@ function build() {
         el("div", { class: "gx-dist-plot" }, el("span"), ui.axis),
         ui.readout),
       el("div", { class: "gx-dist-side" }, el("div", { class: "gx-muted" }, "quantiles over steps (exact)"), ui.quant)),
-    el("div", { class: "gx-dist-hist" }, ui.histTitle, ui.bars, ui.histReadout, ui.histTable));
+    el("div", { class: "gx-dist-hist" }, ui.histTitle, ui.bars, ui.stripNames, ui.histReadout, ui.histTable));
   ui.scale.addEventListener("change", () => { state.scale = ui.scale.value; reload(); });
   ui.bins.addEventListener("change", () => { state.bins = Number(ui.bins.value); reload(); });
   for (const c of [ui.heat, ui.strips]) {
@@ -209,14 +210,20 @@ function drawQuantiles(d) {
     bands: [[9, 1], [8, 2], [7, 3], [6, 4]].map(([hi, lo], i) => ({ series: [hi, lo], fill: `rgba(76,110,245,${0.06 + 0.06 * i})` })),
     axes: [{}, { size: 64 }],  // room for labels such as "39,000" and "1.5e-7" (the default clipped them)
     legend: { live: true },
-    hooks: { draw: [(u) => markStep(u)] },
+    // Off the chart, the legend shows the values at the selected step (else the last), not "--".
+    hooks: { draw: [(u) => markStep(u)], setCursor: [(u) => { if (u.cursor.idx == null) stepLegend(u); }] },
   };
   if (plot) plot.destroy();
   plot = new uPlot(opts, [x, ...series], ui.quant);
+  stepLegend(plot);
   plot.over.addEventListener("click", () => {
     const i = plot.cursor.idx;
     if (i !== null && i !== undefined && state.d) setStep(state.key, state.d.steps[i]);
   });
+}
+
+function stepLegend(u) {
+  if (state.d && state.d.n) u.setLegend({ idx: stepIndex(state.d) }, false);
 }
 
 function markStep(u) {
@@ -250,8 +257,18 @@ function showStep() {
   const i = stepIndex(d);
   ui.marker.hidden = false;
   ui.marker.style.left = `${((d.col[i] + 0.5) / d.cols) * 100}%`;
-  if (plot) plot.redraw(false, false);
+  if (plot) {
+    plot.redraw(false, false);
+    if (plot.cursor.idx == null) stepLegend(plot);
+  }
   drawBars(d, i);
+}
+
+/** Where the step histogram's parts sit, in canvas pixels: the bins from 0, then a gap, then
+ * one bar per strip (NaN, +Inf, -Inf, zero), wide enough for its name. */
+function barsLayout(bins) {
+  const bin = 8, gap = 40, strip = 64;
+  return { bin, gap, strip, strips: bins * bin + gap, width: bins * bin + gap + STRIPS.length * strip };
 }
 
 function drawBars(d, i) {
@@ -259,26 +276,37 @@ function drawBars(d, i) {
   const counts = Array.from(d.counts.subarray(i * d.bins, (i + 1) * d.bins));
   ui.histTitle.textContent = `Histogram at step ${step} (exact, same bins)`;
   ui.bars.dataset.step = String(step);
-  const w = 2 * d.bins + 40, h = 140;
-  ui.bars.width = w * 4;
-  ui.bars.height = h * 2;
+  const L = barsLayout(d.bins);
+  ui.bars.width = L.width;
+  ui.bars.height = 280;  // drawn at half size, as the bins' canvas pixels
   const g = ui.bars.getContext("2d");
   g.clearRect(0, 0, ui.bars.width, ui.bars.height);
   const max = counts.reduce((m, c) => Math.max(m, c), 1);
-  const bw = (ui.bars.width * 0.86) / d.bins;
+  const base = ui.bars.height;
+  const top = base - 20;
   g.fillStyle = "#4c6ef5";
   counts.forEach((c, b) => {
-    const bh = (c / max) * (ui.bars.height - 20);
-    g.fillRect(b * bw, ui.bars.height - bh, Math.max(1, bw - 1), bh);
+    const bh = (c / max) * top;
+    g.fillRect(b * L.bin, base - bh, Math.max(1, L.bin - 1), bh);
   });
-  const sx = ui.bars.width * 0.88, sw = (ui.bars.width * 0.12) / STRIPS.length;
+  // NaN, +Inf, -Inf and zero counts of the step, right of the bins, each named under its bar
+  // (as text below the canvas, which is stretched to the page's width; zero in purple: those
+  // values are also in their bin).
+  const sx = L.strips, sw = L.strip;
   const smax = Math.max(1, ...STRIPS.map(([n]) => d.strips[n][i]), max);
+  g.fillStyle = "#adb5bd";
+  g.fillRect(L.strips - L.gap / 2, 0, 2, base);
   STRIPS.forEach(([n], k) => {
     const c = d.strips[n][i];
-    const bh = (c / smax) * (ui.bars.height - 20);
+    const bh = (c / smax) * top;
     g.fillStyle = n === "zero" ? "#862e9c" : "#e03131";
-    g.fillRect(sx + k * sw, ui.bars.height - bh, Math.max(1, sw - 2), bh);
+    g.fillRect(sx + k * sw + 4, base - bh, sw - 8, bh);
   });
+  ui.stripNames.replaceChildren(...STRIPS.map(([n, label], k) => {
+    const name = el("span", { dataset: { strip: n } }, label);
+    name.style.left = `${((sx + (k + 0.5) * sw) / L.width) * 100}%`;  // under its bar
+    return name;
+  }));
   ui.bars.dataset.drawn = "1";
   const rows = counts.map((c, b) => el("tr", {}, el("td", {}, exact(d.edges[b])), el("td", {}, exact(d.edges[b + 1])),
     el("td", { class: "gx-count" }, String(c))));
@@ -296,12 +324,12 @@ function hoverBars(e) {
   const cell = d && cellAt(ui.bars, e);
   if (!cell) return;
   const i = stepIndex(d);
-  const frac = cell.x / ui.bars.width;
-  if (frac < 0.86) {
-    const b = Math.min(d.bins - 1, Math.floor((frac / 0.86) * d.bins));
+  const L = barsLayout(d.bins);
+  if (cell.x < L.strips - L.gap) {
+    const b = Math.min(d.bins - 1, Math.floor(cell.x / L.bin));
     ui.histReadout.textContent = `[${exact(d.edges[b])}, ${exact(d.edges[b + 1])}${b === d.bins - 1 ? "]" : ")"} · count ${d.counts[i * d.bins + b]}`;
-  } else if (frac >= 0.88) {
-    const k = Math.min(STRIPS.length - 1, Math.floor(((frac - 0.88) / 0.12) * STRIPS.length));
+  } else if (cell.x >= L.strips) {
+    const k = Math.min(STRIPS.length - 1, Math.floor((cell.x - L.strips) / L.strip));
     ui.histReadout.textContent = `${STRIPS[k][1]}: ${d.strips[STRIPS[k][0]][i]}`;
   }
 }

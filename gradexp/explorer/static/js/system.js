@@ -33,6 +33,7 @@ function draw(table) {
   const keys = table.schema.fields.map((f) => f.name).filter((n) => n.startsWith("system/")).sort();
   root.hidden = keys.length === 0;
   const x = numbers(table.getChild("_timestamp").toArray());
+  const w = width();  // once: reading it after a plot went in would lay the page out again
   for (const key of keys) {
     const y = numbers(table.getChild(key).toArray());
     let entry = plots.get(key);
@@ -41,7 +42,7 @@ function draw(table) {
       const box = el("div", { class: "gx-chart", dataset: { key } }, el("div", { class: "gx-chart-title" }, key), canvas);
       grid.append(box);
       const plot = new uPlot({
-        width: width(), height: HEIGHT, scales: { x: { time: true } }, axes: [{}, { size: 80 }],
+        width: w, height: HEIGHT, scales: { x: { time: true } }, axes: [{}, { size: 80 }],
         series: [{ label: "time" }, { label: key.slice("system/".length), stroke: "#5c940d", width: 1.5, spanGaps: true,
                                       points: { show: false } }],
       }, [x, y], canvas);
@@ -73,7 +74,8 @@ filter.addEventListener("input", applyFilter);
 // Drawn while the tab was hidden, a chart took the page's width: fit it to the grid once shown.
 document.addEventListener("gx:tab", (e) => {
   if (e.detail.tab === "charts") requestAnimationFrame(() => {
-    for (const { plot } of plots.values()) plot.setSize({ width: width(), height: HEIGHT });
+    const w = width();
+    for (const { plot } of plots.values()) plot.setSize({ width: w, height: HEIGHT });
   });
 });
 load().catch(showError);
