@@ -211,6 +211,67 @@ def test_a_programs_own_signal_handler_is_left_alone(tmp_path):
     assert meta["status"] == "finished" and "signal" not in meta
 
 
+# -- the sender process: spawned in init() without subprocess ------------------------------------------
+
+def test_output_written_right_after_init_by_a_process_that_dies_at_once_is_shown_and_recorded(tmp_path):
+    proc = trainer(tmp_path, """
+        import os, signal
+        import gradexp
+
+        gradexp.init("p", id="r", system_metrics=False, code=False)
+        os.write(1, b"last words\\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    code, terminal = finished(proc)
+    assert code == -signal.SIGKILL
+    assert terminal == "last words\n"  # the sender held the pipe before init() returned
+    run_json = tmp_path / "runs" / "p" / "r" / "run.json"
+    wait_for(lambda: json.loads(run_json.read_text())["status"] == "crashed", "run marked crashed", timeout=60)
+    assert [x.text for x in gradexp.Api(dir=tmp_path / "runs").run("p/r").console()] == ["last words"]
+
+
+def test_init_spawns_the_sender_without_importing_subprocess(tmp_path):
+    # subprocess (with locale and signal's enums) cost init() tens of ms on a busy machine
+    proc = trainer(tmp_path, """
+        import sys
+        import gradexp
+
+        run = gradexp.init("p", id="r")
+        loaded = "subprocess" in sys.modules
+        run.finish()
+        print("subprocess imported:", loaded)
+    """)
+    code, terminal = finished(proc)
+    assert code == 0 and terminal == "subprocess imported: False\n", terminal
+
+
+def test_the_sender_holds_none_of_the_trainers_descriptors_but_the_ones_handed_to_it(tmp_path):
+    proc = trainer(tmp_path, """
+        import os
+        import gradexp
+
+        r, w = os.pipe()
+        os.set_inheritable(w, True)  # the program's own, inheritable (as from a launcher)
+        run = gradexp.init("p", id="r", system_metrics=False, code=False)
+        pid = run._sender.proc.pid
+        held = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:  # closed meanwhile
+                pass
+        console = {os.readlink(f"/proc/self/fd/{c.read}") for c in run._sender._capture.channels}
+        print("holds the program's pipe:", os.readlink(f"/proc/self/fd/{w}") in held)
+        print("holds the console pipe:", console <= held)
+        print("console pipe inheritable here:", any(os.get_inheritable(c.read) for c in run._sender._capture.channels))
+        run.finish()
+    """)
+    code, terminal = finished(proc)
+    assert code == 0, terminal
+    assert terminal.splitlines() == ["holds the program's pipe: False", "holds the console pipe: True",
+                                     "console pipe inheritable here: False"]
+
+
 def test_carriage_returns_collapse_as_a_terminal_shows_them():
     from gradexp.sync.console import LineCutter
 

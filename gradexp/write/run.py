@@ -362,8 +362,9 @@ class Run:
 
         Spawned here, not by a thread: output written right after ``init()`` must reach the
         terminal even if the process dies a moment later, so the sender holds the console
-        pipe before ``init()`` returns. Before the writer starts, whose thread's pyarrow
-        import would compete for the GIL with ``subprocess`` and the fork."""
+        pipe before ``init()`` returns. ``posix_spawn`` makes that cheap (no ``subprocess``
+        import, no wait for the child to run); before the writer starts, whose thread's
+        pyarrow import would compete for the GIL."""
         from gradexp.write.sender_process import Sender
         from gradexp.write.signals import SignalWatch
 
