@@ -211,7 +211,7 @@ def test_a_programs_own_signal_handler_is_left_alone(tmp_path):
     assert meta["status"] == "finished" and "signal" not in meta
 
 
-# -- the sender process: spawned in init() without subprocess ------------------------------------------
+# -- the sender process: spawned in init() without subprocess, not waited for after finish() --------------
 
 def test_output_written_right_after_init_by_a_process_that_dies_at_once_is_shown_and_recorded(tmp_path):
     proc = trainer(tmp_path, """
@@ -270,6 +270,39 @@ def test_the_sender_holds_none_of_the_trainers_descriptors_but_the_ones_handed_t
     assert code == 0, terminal
     assert terminal.splitlines() == ["holds the program's pipe: False", "holds the console pipe: True",
                                      "console pipe inheritable here: False"]
+
+
+def test_a_sender_that_outlives_finish_is_reaped_once_it_exits(tmp_path):
+    # finish() does not wait for the sender process to exit (only for it to have recorded and
+    # finished the run); one that stays on, showing a child's output, must not be left a zombie
+    # in a process that goes on (a notebook running one run after another).
+    go = tmp_path / "go"
+    proc = trainer(tmp_path, f"""
+        import os, subprocess, sys, time
+        import gradexp
+
+        run = gradexp.init("p", id="r", system_metrics=False, code=False)
+        child = subprocess.Popen([sys.executable, "-c", "import os, time\\n"
+                                  "while not os.path.exists({str(go)!r}): time.sleep(0.05)"])
+        pid = run._sender.proc.pid
+        run.finish()
+        open({str(go)!r}, "w").close()  # the child, and with it the sender, may end now
+        child.wait()
+        deadline = time.monotonic() + 60
+        state = "?"
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{{pid}}/stat") as f:
+                    state = f.read().rpartition(")")[2].split()[0]
+            except FileNotFoundError:
+                state = "reaped"
+                break
+            time.sleep(0.05)
+        print("sender:", state)
+    """)
+    code, terminal = finished(proc)
+    assert code == 0 and terminal == "sender: reaped\n", terminal
+    assert gradexp.Api(dir=tmp_path / "runs").run("p/r").status == "finished"
 
 
 def test_carriage_returns_collapse_as_a_terminal_shows_them():

@@ -281,11 +281,12 @@ class Sender:
         finished = self.last("done") is not None
         if not done:
             out.write(self._why(timeout) + "\n")
-        if not finished:
+        if not finished:  # stuck, or gone: end it
             self.proc.terminate()
-        if self.proc.wait(1 if finished else 5) is None and not finished:
-            self.proc.kill()
-        # else: done, and still showing the output of child processes that outlive the run
+            if self.proc.wait(5) is None:
+                self.proc.kill()
+        # Done: not waited for. It exits by itself (once child processes that outlive the run
+        # have stopped printing through it) and the event reader reaps it.
         try:
             self._commands.close()
         except OSError:
