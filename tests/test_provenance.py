@@ -305,6 +305,24 @@ def test_a_sender_that_outlives_finish_is_reaped_once_it_exits(tmp_path):
     assert gradexp.Api(dir=tmp_path / "runs").run("p/r").status == "finished"
 
 
+def test_a_run_that_finishes_at_once_has_its_console_a_system_sample_and_provenance(tmp_path):
+    # finish() of a run shorter than the sender's start-up waits for all three
+    proc = trainer(tmp_path, """
+        import gradexp
+
+        run = gradexp.init("p", id="r")
+        print("the only line")
+        run.finish()
+    """)
+    code, terminal = finished(proc)
+    assert code == 0 and terminal == "the only line\n", terminal
+    run = gradexp.Api(dir=tmp_path / "runs").run("p/r")
+    assert [x.text for x in run.console()] == ["the only line"]
+    assert run.system().num_rows >= 1
+    assert run.provenance["packages"]["numpy"] == np.__version__
+    assert run.provenance["program"]["path"] == str(tmp_path / "train.py")
+
+
 def test_carriage_returns_collapse_as_a_terminal_shows_them():
     from gradexp.sync.console import LineCutter
 
