@@ -323,6 +323,30 @@ def test_a_run_that_finishes_at_once_has_its_console_a_system_sample_and_provena
     assert run.provenance["program"]["path"] == str(tmp_path / "train.py")
 
 
+def test_packages_are_what_importlib_metadata_reads(tmp_path):
+    from importlib import metadata
+
+    from gradexp.core.provenance import distributions
+
+    site = tmp_path / "site"
+    wheel = site / "fake_pkg-1.2.3.dist-info"
+    wheel.mkdir(parents=True)
+    (wheel / "METADATA").write_text("Metadata-Version: 2.1\nName: Fake-Pkg\nVersion: 1.2.3\nSummary: s\n\n"
+                                    "Name: not-the-name\nVersion: 9.9\n")  # the description
+    egg = site / "old_egg.egg-info"
+    egg.mkdir()
+    (egg / "PKG-INFO").write_text("Metadata-Version: 1.0\nVersion: 0.1\nName: old-egg\n\nlong\n")
+    path = [str(site), *sys.path]
+    expected: dict[str, str] = {}
+    for dist in metadata.distributions(path=path):
+        name = dist.metadata["Name"]
+        if name and name not in expected:
+            expected[name] = dist.version
+    got = distributions(path)
+    assert got["Fake-Pkg"] == "1.2.3" and got["old-egg"] == "0.1"
+    assert got == expected and list(got) == sorted(expected, key=str.lower)
+
+
 def test_carriage_returns_collapse_as_a_terminal_shows_them():
     from gradexp.sync.console import LineCutter
 
