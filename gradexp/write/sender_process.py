@@ -235,17 +235,21 @@ class Sender:
         return (f"gradexp: the upload did not finish within {timeout:.0f} s (finish_timeout); what is left "
                 f"stays in {self.run_dir}.\n  Upload it with: {sync}")
 
-    def stop_recording(self, *, timeout: float) -> None:
+    def stop_recording(self) -> None:
         """Stop console capture and have the sender write the last console lines and system
-        metrics (so they are complete once run.json says the run ended)."""
+        metrics; :meth:`wait_recorded` waits for it (so they are complete once run.json says
+        the run ended). Apart, so that the trainer flushes its own rows meanwhile."""
         with self._changed:
             self._finishing = True
         if self._signals is not None:
             self._signals.stop()
         if self._capture is not None:
             self._capture.stop()
-        if not self._command("stop"):
-            return
+        self._command("stop")
+
+    def wait_recorded(self, *, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) for the sender to have done what
+        :meth:`stop_recording` asked, or to be gone."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while self.last("recorded", "exit") is None and (left := deadline - time.monotonic()) > 0:
