@@ -11,7 +11,14 @@ Two configurations, alternated so drift on a shared machine hits both alike:
 - ``off``: ``console=False, code=False, system_metrics=False`` (no sender process offline).
 
 Reported per configuration: median over the samples of init() time, log() p50 and p99,
-and finish() time.  ``--quick``: 3 samples each (default 7).
+and finish() time, and every sample's figures.  ``--quick``: 3 samples each (default 7).
+
+``--pause S`` waits S seconds between the loop and ``finish()``: the loop above lasts well
+under a second, shorter than the sender process's start-up, whose end such a run's
+``finish()`` waits for; a run of a few seconds shows what ``finish()`` costs once it has
+started. ``--repo DIR`` (repeatable) times the given source trees instead of this one, one
+sample of each tree and configuration in turn (before and after a change, in one loop, so
+drift on a shared machine hits both alike).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +57,7 @@ for i, d in enumerate(dicts[200:]):
     t = pc()
     log(d)
     ns[i] = pc() - t
+time.sleep(float(sys.argv[3]))
 t3 = time.perf_counter()
 run.finish()
 t4 = time.perf_counter()
@@ -62,10 +71,10 @@ CONFIGS = {
 }
 
 
-def sample(name: str, base: Path) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CONFIGS[name]), str(base)], capture_output=True,
-                       text=True, timeout=600, env=env, cwd=base)
+def sample(name: str, base: Path, *, repo: Path = REPO, pause: float = 0.0) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)}
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CONFIGS[name]), str(base), str(pause)],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=base)
     line = [x for x in p.stderr.splitlines() if x.startswith("@@")]
     if p.returncode != 0 or not line:
         raise RuntimeError(f"{name}: {p.stderr[-500:]}")
@@ -75,16 +84,27 @@ def sample(name: str, base: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pause", type=float, default=0.0, metavar="S", help="seconds between the loop and finish()")
+    ap.add_argument("--repo", type=Path, action="append", metavar="DIR",
+                    help="a source tree to time (repeatable; default: this checkout)")
     args = ap.parse_args()
     n = 3 if args.quick else 7
-    got: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
+    repos: list[Path] = args.repo or [REPO]
+    got: dict[str, list[dict[str, float]]] = {f"{r}:{c}" if len(repos) > 1 else c: [] for r in repos for c in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
-        sample("on", Path(tmp))  # warm-up: page cache, byte-code
+        for repo in repos:
+            sample("on", Path(tmp), repo=repo)  # warm-up: page cache, byte-code
         for _ in range(n):
-            for name in CONFIGS:
-                got[name].append(sample(name, Path(tmp)))
-    out = {name: {k: statistics.median(s[k] for s in samples) for k in samples[0]} for name, samples in got.items()}
+            for repo in repos:
+                for name in CONFIGS:
+                    key = f"{repo}:{name}" if len(repos) > 1 else name
+                    got[key].append(sample(name, Path(tmp), repo=repo, pause=args.pause))
+    out: dict[str, Any] = {name: {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+                           for name, samples in got.items()}
+    for name, samples in got.items():
+        out[name]["all"] = {k: [round(s[k], 6) for s in samples] for k in samples[0]}
     out["samples"] = n
+    out["pause_s"] = args.pause
     print(json.dumps(out, indent=2))
 
 

@@ -211,6 +211,142 @@ def test_a_programs_own_signal_handler_is_left_alone(tmp_path):
     assert meta["status"] == "finished" and "signal" not in meta
 
 
+# -- the sender process: spawned in init() without subprocess, not waited for after finish() --------------
+
+def test_output_written_right_after_init_by_a_process_that_dies_at_once_is_shown_and_recorded(tmp_path):
+    proc = trainer(tmp_path, """
+        import os, signal
+        import gradexp
+
+        gradexp.init("p", id="r", system_metrics=False, code=False)
+        os.write(1, b"last words\\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    code, terminal = finished(proc)
+    assert code == -signal.SIGKILL
+    assert terminal == "last words\n"  # the sender held the pipe before init() returned
+    run_json = tmp_path / "runs" / "p" / "r" / "run.json"
+    wait_for(lambda: json.loads(run_json.read_text())["status"] == "crashed", "run marked crashed", timeout=60)
+    assert [x.text for x in gradexp.Api(dir=tmp_path / "runs").run("p/r").console()] == ["last words"]
+
+
+def test_init_spawns_the_sender_without_importing_subprocess(tmp_path):
+    # subprocess (with locale and signal's enums) cost init() tens of ms on a busy machine
+    proc = trainer(tmp_path, """
+        import sys
+        import gradexp
+
+        run = gradexp.init("p", id="r")
+        loaded = "subprocess" in sys.modules
+        run.finish()
+        print("subprocess imported:", loaded)
+    """)
+    code, terminal = finished(proc)
+    assert code == 0 and terminal == "subprocess imported: False\n", terminal
+
+
+def test_the_sender_holds_none_of_the_trainers_descriptors_but_the_ones_handed_to_it(tmp_path):
+    proc = trainer(tmp_path, """
+        import os
+        import gradexp
+
+        r, w = os.pipe()
+        os.set_inheritable(w, True)  # the program's own, inheritable (as from a launcher)
+        run = gradexp.init("p", id="r", system_metrics=False, code=False)
+        pid = run._sender.proc.pid
+        held = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:  # closed meanwhile
+                pass
+        console = {os.readlink(f"/proc/self/fd/{c.read}") for c in run._sender._capture.channels}
+        print("holds the program's pipe:", os.readlink(f"/proc/self/fd/{w}") in held)
+        print("holds the console pipe:", console <= held)
+        print("console pipe inheritable here:", any(os.get_inheritable(c.read) for c in run._sender._capture.channels))
+        run.finish()
+    """)
+    code, terminal = finished(proc)
+    assert code == 0, terminal
+    assert terminal.splitlines() == ["holds the program's pipe: False", "holds the console pipe: True",
+                                     "console pipe inheritable here: False"]
+
+
+def test_a_sender_that_outlives_finish_is_reaped_once_it_exits(tmp_path):
+    # finish() does not wait for the sender process to exit (only for it to have recorded and
+    # finished the run); one that stays on, showing a child's output, must not be left a zombie
+    # in a process that goes on (a notebook running one run after another).
+    go = tmp_path / "go"
+    proc = trainer(tmp_path, f"""
+        import os, subprocess, sys, time
+        import gradexp
+
+        run = gradexp.init("p", id="r", system_metrics=False, code=False)
+        child = subprocess.Popen([sys.executable, "-c", "import os, time\\n"
+                                  "while not os.path.exists({str(go)!r}): time.sleep(0.05)"])
+        pid = run._sender.proc.pid
+        run.finish()
+        open({str(go)!r}, "w").close()  # the child, and with it the sender, may end now
+        child.wait()
+        deadline = time.monotonic() + 60
+        state = "?"
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{{pid}}/stat") as f:
+                    state = f.read().rpartition(")")[2].split()[0]
+            except FileNotFoundError:
+                state = "reaped"
+                break
+            time.sleep(0.05)
+        print("sender:", state)
+    """)
+    code, terminal = finished(proc)
+    assert code == 0 and terminal == "sender: reaped\n", terminal
+    assert gradexp.Api(dir=tmp_path / "runs").run("p/r").status == "finished"
+
+
+def test_a_run_that_finishes_at_once_has_its_console_a_system_sample_and_provenance(tmp_path):
+    # finish() of a run shorter than the sender's start-up waits for all three
+    proc = trainer(tmp_path, """
+        import gradexp
+
+        run = gradexp.init("p", id="r")
+        print("the only line")
+        run.finish()
+    """)
+    code, terminal = finished(proc)
+    assert code == 0 and terminal == "the only line\n", terminal
+    run = gradexp.Api(dir=tmp_path / "runs").run("p/r")
+    assert [x.text for x in run.console()] == ["the only line"]
+    assert run.system().num_rows >= 1
+    assert run.provenance["packages"]["numpy"] == np.__version__
+    assert run.provenance["program"]["path"] == str(tmp_path / "train.py")
+
+
+def test_packages_are_what_importlib_metadata_reads(tmp_path):
+    from importlib import metadata
+
+    from gradexp.core.provenance import distributions
+
+    site = tmp_path / "site"
+    wheel = site / "fake_pkg-1.2.3.dist-info"
+    wheel.mkdir(parents=True)
+    (wheel / "METADATA").write_text("Metadata-Version: 2.1\nName: Fake-Pkg\nVersion: 1.2.3\nSummary: s\n\n"
+                                    "Name: not-the-name\nVersion: 9.9\n")  # the description
+    egg = site / "old_egg.egg-info"
+    egg.mkdir()
+    (egg / "PKG-INFO").write_text("Metadata-Version: 1.0\nVersion: 0.1\nName: old-egg\n\nlong\n")
+    path = [str(site), *sys.path]
+    expected: dict[str, str] = {}
+    for dist in metadata.distributions(path=path):
+        name = dist.metadata["Name"]
+        if name and name not in expected:
+            expected[name] = dist.version
+    got = distributions(path)
+    assert got["Fake-Pkg"] == "1.2.3" and got["old-egg"] == "0.1"
+    assert got == expected and list(got) == sorted(expected, key=str.lower)
+
+
 def test_carriage_returns_collapse_as_a_terminal_shows_them():
     from gradexp.sync.console import LineCutter
 

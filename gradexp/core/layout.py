@@ -35,6 +35,10 @@ SYSTEM = "system"
 STREAMS = (HISTORY, TENSORS, CONSOLE, SYSTEM)
 """The part streams of a run: ``parts/<stream>-<seq>.gxp`` (console and system metrics are
 written by the sender process, the others by the writer thread)."""
+FATAL = "fatal"
+"""The signal channel of fatal errors (trainer to sender): faulthandler's text names the
+signal (``Segmentation fault``). Here, not in :mod:`gradexp.core.streams`, so that
+``init()`` does not import that module (its ``NamedTuple`` costs ms to build)."""
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Entity, project and run ids (JSON Schema form, where ``$`` ends the input): safe in URLs,

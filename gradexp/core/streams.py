@@ -16,14 +16,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from gradexp.core.layout import CONSOLE, SYSTEM
+from gradexp.core.layout import CONSOLE, FATAL, SYSTEM
 
 __all__ = ["CONSOLE", "FATAL", "PROVENANCE_JSON", "SIDE_STREAMS", "SYSTEM", "ConsoleLine", "console_lines"]
 
 SIDE_STREAMS = (CONSOLE, SYSTEM)
-FATAL = "fatal"
-"""The signal channel of fatal errors (trainer to sender): faulthandler's text names the
-signal (``Segmentation fault``)."""
 PROVENANCE_JSON = "provenance.json"
 """Git state, entry point and installed distributions, written by the sender process."""
 

@@ -32,14 +32,16 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradexp.core import format as _format
-from gradexp.core.client import Client
 from gradexp.core.errors import ApiError
 from gradexp.core.layout import CONFIG_JSON, LOCK, PARTS, RUN_JSON, SUMMARY_JSON, read_json, write_json
 from gradexp.core.limits import exit_code_for_record
 from gradexp.core.streams import CONSOLE, FATAL, PROVENANCE_JSON, SYSTEM
+
+if TYPE_CHECKING:  # imported where used: an offline run's sender never loads the HTTP stack
+    from gradexp.core.client import Client
 
 UPLOADED_LOG = "uploaded.log"
 IDLE_WAIT = 0.1
@@ -398,6 +400,8 @@ class _Recorders:
                 [(name, read, term) for name, read, term in hello["console"]],
                 StreamWriter(run_dir / PARTS, CONSOLE, start, part_max_age=age),
                 flush_interval=float(hello.get("flush_interval") or 1.0), log=_log)
+        if hello.get("console") or hello.get("system_interval"):
+            threading.Thread(target=_warm_arrow, name="gradexp-warm-up", daemon=True).start()
         threading.Thread(target=self._read_commands, name="gradexp-commands", daemon=True).start()
         self._signal_text: dict[str, bytes] = {}
         self._signals_done = threading.Event()
@@ -473,10 +477,7 @@ class _Recorders:
     def _collect_code(self, code: dict[str, Any]) -> None:
         from gradexp.core.provenance import collect
 
-        try:  # background work: on Linux niceness is per thread (and git inherits it)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
+        _background()  # git inherits it
         try:
             write_json(self.run_dir / PROVENANCE_JSON, collect(code.get("program") or {}, code.get("sys_path") or []))
         except Exception as e:  # best effort: the run goes on without it
@@ -507,6 +508,26 @@ class _Recorders:
         if self.system is not None:
             self.system.close()
         self.code_done.wait(60.0)
+
+
+def _background() -> None:
+    """Run the calling thread at nice 10 (on Linux niceness is per thread): work the sender
+    does ahead of need must not take CPU from the trainer on a busy machine."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
+def _warm_arrow() -> None:
+    """Build one throwaway frame of text and figures, as the console and system streams write
+    them, in the background while the trainer runs: pyarrow's import and first use
+    (``pyarrow.compute``, for text) otherwise fall on the first write, which for a run shorter
+    than the flush or sampling interval is the last one, inside the trainer's ``finish()``."""
+    _background()
+    from gradexp.core import arrow as _arrow
+
+    _arrow.history_ipc(_arrow.rows_to_batch([0], [0.0], 0.0, [{"text": "", "figure": 0.0}], {}))
 
 
 STACK_MAX_BYTES = 256 << 10
@@ -614,6 +635,8 @@ def _mark_ended(side: _Recorders, *, recover: bool) -> dict[str, Any]:
 
 
 def _serve(hello: dict[str, Any], run_dir: Path, side: _Recorders) -> None:
+    from gradexp.core.client import Client
+
     client = Client(hello["host"], hello["api_key"], on_retry=_log)
     entity = hello.get("entity") or client.json("GET", "/viewer")["entity"]
     up = Uploader(run_dir, client, entity, report=_warn)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from dataclasses import dataclass
 
 __all__ = ["Capture"]
 
@@ -28,19 +27,25 @@ sender has not read yet waits there, and a writer blocks only once it is full.""
 _F_SETPIPE_SZ = 1031
 
 
-@dataclass
 class _Channel:
-    name: str
-    fds: tuple[int, ...]
-    """The descriptors redirected into this pipe (1, 2 or both)."""
-    read: int
-    """This process's copy of the pipe's read end: kept open so a write never fails with
-    EPIPE if the sender dies; drained to the terminal then."""
-    original: int
-    """A duplicate of where ``fds`` pointed before: where the sender writes the bytes on to."""
-    saved: tuple[int, ...]
-    """Duplicates of each of ``fds`` as they were, to put back at :meth:`Capture.stop`."""
-    pipe_ino: int
+    """One pipe (a plain class: ``@dataclass`` builds its methods with ``exec`` at import, ms
+    that ``init()`` would pay)."""
+
+    __slots__ = ("fds", "name", "original", "pipe_ino", "read", "saved")
+
+    def __init__(self, name: str, fds: tuple[int, ...], read: int, original: int, saved: tuple[int, ...],
+                 pipe_ino: int) -> None:
+        self.name = name
+        self.fds = fds
+        """The descriptors redirected into this pipe (1, 2 or both)."""
+        self.read = read
+        """This process's copy of the pipe's read end: kept open so a write never fails with
+        EPIPE if the sender dies; drained to the terminal then."""
+        self.original = original
+        """A duplicate of where ``fds`` pointed before: where the sender writes the bytes on to."""
+        self.saved = saved
+        """Duplicates of each of ``fds`` as they were, to put back at :meth:`Capture.stop`."""
+        self.pipe_ino = pipe_ino
 
 
 class Capture:

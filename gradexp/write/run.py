@@ -362,8 +362,9 @@ class Run:
 
         Spawned here, not by a thread: output written right after ``init()`` must reach the
         terminal even if the process dies a moment later, so the sender holds the console
-        pipe before ``init()`` returns. Before the writer starts, whose thread's pyarrow
-        import would compete for the GIL with ``subprocess`` and the fork."""
+        pipe before ``init()`` returns. ``posix_spawn`` makes that cheap (no ``subprocess``
+        import, no wait for the child to run); before the writer starts, whose thread's
+        pyarrow import would compete for the GIL."""
         from gradexp.write.sender_process import Sender
         from gradexp.write.signals import SignalWatch
 
@@ -669,6 +670,8 @@ class Run:
             self._exception = _uncaught[-1]
         errors: list[str] = []
         assert self._writer is not None and self.dir is not None  # only a disabled run has none
+        if self._sender is not None:  # its last console lines and system sample, while the writer flushes
+            self._sender.stop_recording()
         self._writer.flush(fsync=True, close=True)  # never raises: a failure is kept in .error
         if self._writer.error is not None:  # warned about when it happened
             errors.append(f"the background writer failed: {self._writer.error!r}")
@@ -679,7 +682,7 @@ class Run:
         except Exception as e:  # a full disk, or a summary value assigned that JSON cannot hold
             errors.append(f"could not save {SUMMARY_JSON}: {e!r}")
         if self._sender is not None:
-            self._sender.stop_recording(timeout=min(self.settings.finish_timeout, 30.0))
+            self._sender.wait_recorded(timeout=min(self.settings.finish_timeout, 30.0))
         now = time.time()
         self._meta.update(status="failed" if exit_code or errors else "finished", exit_code=exit_code,
                           finished_at=now, runtime=now - self.start_time)

@@ -3,13 +3,18 @@
 Online runs upload through it; every run (offline too) has it record the console, sample
 system metrics and collect the code's provenance, unless all three are switched off. Kept
 apart from ``_service`` so that ``import gradexp`` never imports requests.
+
+Spawned with :func:`os.posix_spawn` (a vfork and exec in the C library), not
+:mod:`subprocess`: ``init()`` neither imports ``subprocess`` (with ``locale``, tens of
+ms on a busy machine) nor waits for the child to run; the child holds the console pipes
+from the moment it exists, so output written right after ``init()`` reaches the terminal
+even if the trainer dies at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -20,6 +25,92 @@ if TYPE_CHECKING:
     from gradexp.core.settings import Settings
     from gradexp.write.console import Capture
     from gradexp.write.signals import SignalWatch
+
+__all__ = ["Sender", "SenderProcess"]
+
+
+class SenderProcess:
+    """The sender's process id and, once it has exited, its exit status (as :mod:`subprocess`
+    gives it: ``-N`` for signal N). Reaped by the thread that reads the sender's events."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._lock = threading.Lock()
+        self._exited = threading.Event()
+
+    def reap(self) -> None:
+        """Wait for the process to exit and collect its status (so no zombie is left)."""
+        try:
+            os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)  # a zombie keeps its pid: kill() stays safe
+            with self._lock:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped by someone else (SIGCHLD ignored, os.wait() in the program)
+            pass
+        finally:
+            self._exited.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit status, once the process has exited within ``timeout`` seconds; else None."""
+        self._exited.wait(timeout)
+        return self.returncode
+
+    def terminate(self) -> None:
+        import signal
+
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        import signal
+
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        with self._lock:
+            if self.returncode is None and not self._exited.is_set():
+                try:
+                    os.kill(self.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+
+def _spawn(argv: list[str], env: dict[str, str], *, stdin: int, stdout: int, stderr: int,
+          pass_fds: list[int]) -> int:
+    """Start ``argv`` in a new session with ``stdin``, ``stdout`` and ``stderr`` as its
+    descriptors 0-2 and ``pass_fds`` under their own numbers; no other descriptor of this
+    process (as :mod:`subprocess` does with ``close_fds``). Returns its pid."""
+    actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
+                                      (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    keep = {0, 1, 2, *pass_fds}
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in keep]
+    for fd in pass_fds:
+        os.set_inheritable(fd, True)
+    try:
+        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+    finally:
+        for fd in pass_fds:
+            os.set_inheritable(fd, False)
+
+
+def _inheritable_fds() -> list[int]:
+    """This process's descriptors above 2 that a child would inherit (the program's own)."""
+    try:
+        names = os.listdir("/dev/fd")
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return found
 
 
 class Sender:
@@ -51,23 +142,41 @@ class Sender:
             "flush_interval": settings.flush_interval, "part_max_age": settings.part_max_age,
             "entity": entity,
         }
-        log = open(run_dir / "sender.log", "ab")
         env = dict(os.environ)
         env.pop("GRADEXP_API_KEY", None)  # the key travels over the pipe, not in the environment
+        cmd_read, cmd_write = os.pipe()  # commands to the sender: its stdin
+        ev_read, ev_write = os.pipe()  # its events: its stdout
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gradexp.sync.sender"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=log, env=env, start_new_session=True, close_fds=True, text=True, bufsize=1,
-                pass_fds=[fd for c in channels for fd in (c.read, c.original)] + [fd for _, fd in watched])
+            log = os.open(run_dir / "sender.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+            try:
+                pid = _spawn([sys.executable, "-m", "gradexp.sync.sender"], env, stdin=cmd_read, stdout=ev_write,
+                             stderr=log, pass_fds=[fd for c in channels for fd in (c.read, c.original)]
+                             + [fd for _, fd in watched])
+            finally:
+                os.close(log)
+        except BaseException:
+            os.close(cmd_write)
+            os.close(ev_read)
+            raise
         finally:
-            log.close()
+            os.close(cmd_read)
+            os.close(ev_write)
+        self.proc = SenderProcess(pid)
         if signals is not None:
             signals.handed_over()
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(hello) + "\n")
-        self.proc.stdin.flush()
-        threading.Thread(target=self._read, args=(self.proc.stdout,), name="gradexp-sender-events",
+        self._commands = open(cmd_write, "w", encoding="utf-8")
+        self._command(json.dumps(hello))
+        threading.Thread(target=self._read, args=(open(ev_read, encoding="utf-8"),), name="gradexp-sender-events",
                          daemon=True).start()
+
+    def _command(self, line: str) -> bool:
+        """Send one line to the sender; False if it is gone."""
+        try:
+            self._commands.write(line + "\n")
+            self._commands.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+        return True
 
     def _read(self, out: TextIO) -> None:
         for line in out:
@@ -78,6 +187,7 @@ class Sender:
             with self._changed:
                 self.events.append(event)
                 self._changed.notify_all()
+        out.close()
         with self._changed:
             self.events.append({"event": "exit"})
             self._changed.notify_all()
@@ -85,6 +195,7 @@ class Sender:
         if self._capture is not None and not finishing:
             # The sender died under a live run: output must not wait on a pipe nobody reads.
             self._capture.abandon()
+        self.proc.reap()
 
     def entity(self, *, timeout: float) -> str | None:
         """The entity the run is registered under, once the sender has registered it (None if
@@ -124,21 +235,21 @@ class Sender:
         return (f"gradexp: the upload did not finish within {timeout:.0f} s (finish_timeout); what is left "
                 f"stays in {self.run_dir}.\n  Upload it with: {sync}")
 
-    def stop_recording(self, *, timeout: float) -> None:
+    def stop_recording(self) -> None:
         """Stop console capture and have the sender write the last console lines and system
-        metrics (so they are complete once run.json says the run ended)."""
+        metrics; :meth:`wait_recorded` waits for it (so they are complete once run.json says
+        the run ended). Apart, so that the trainer flushes its own rows meanwhile."""
         with self._changed:
             self._finishing = True
         if self._signals is not None:
             self._signals.stop()
         if self._capture is not None:
             self._capture.stop()
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write("stop\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return
+        self._command("stop")
+
+    def wait_recorded(self, *, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) for the sender to have done what
+        :meth:`stop_recording` asked, or to be gone."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while self.last("recorded", "exit") is None and (left := deadline - time.monotonic()) > 0:
@@ -151,12 +262,7 @@ class Sender:
             self._finishing = True
         if self._capture is not None:
             self._capture.stop()
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(f"finish {exit_code}\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
+        self._command(f"finish {exit_code}")
         deadline = time.monotonic() + timeout
         shown = 0.0
         with self._changed:
@@ -179,17 +285,14 @@ class Sender:
         finished = self.last("done") is not None
         if not done:
             out.write(self._why(timeout) + "\n")
-        if not finished:
+        if not finished:  # stuck, or gone: end it
             self.proc.terminate()
-        try:
-            self.proc.wait(1 if finished else 5)
-        except subprocess.TimeoutExpired:
-            if not finished:
+            if self.proc.wait(5) is None:
                 self.proc.kill()
-            # else: done, and still showing the output of child processes that outlive the run
-        if self.proc.stdin:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
+        # Done: not waited for. It exits by itself (once child processes that outlive the run
+        # have stopped printing through it) and the event reader reaps it.
+        try:
+            self._commands.close()
+        except OSError:
+            pass
         return done

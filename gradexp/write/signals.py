@@ -18,7 +18,7 @@ import faulthandler
 import os
 import signal
 
-from gradexp.core.streams import FATAL
+from gradexp.core.layout import FATAL
 
 __all__ = ["FATAL", "SignalWatch"]
 
