@@ -69,7 +69,7 @@ def _summarize_rows(stacked: np.ndarray) -> list[dict[str, Any]]:
     lo = x.min(axis=1)  # exact, in the input's values; NaN anywhere makes it NaN
     hi = x.max(axis=1)
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-        return [summarize(a) for a in stacked]  # rare: per-row masking
+        return [_summarize_row(r) for r in x]  # rare: only the rows with NaN or inf are masked
     # One float64 copy serves every statistic and then, in place, the bin indices (which
     # stay float until the one cast bincount needs): 3 passes fewer than before, no intp temp.
     w = x.astype(np.float64)
