@@ -118,3 +118,17 @@ def test_long_rows_equal_the_reference(dtype: type, rows: int) -> None:
     _check((1000 + rng.standard_normal((rows, 1000)) * 0.1).astype(np.float64).astype(dtype))
     _check(np.full((rows, 3000), 7, dtype))
     _check(1e8 + rng.standard_normal((rows, 1000)))  # float64: E[x^2] - mean^2 would be off by ~1
+
+
+@SETTINGS
+@given(_stacked())
+def test_history_cells_are_the_same_with_and_without_null_rows(stacked: np.ndarray) -> None:
+    """The history's summary column of fully logged, finite rows (built per field) equals
+    the general build's (taken when a row is missing)."""
+    from gradexp.core.arrow import summaries_array
+
+    items = summarize_rows(stacked)
+    got = summaries_array(items)
+    want = summaries_array([*items, None]).slice(0, len(items))
+    assert got.to_pylist() == want.to_pylist()
+    assert got.equals(want)
