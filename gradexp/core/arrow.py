@@ -207,6 +207,8 @@ def _read_batch(raw: np.ndarray) -> pa.RecordBatch:
 
 def summaries_array(items: Sequence[dict[str, Any] | None]) -> pa.Array:
     """The history cells of a tensor key: a summary struct per row (null where not logged)."""
+    if items and all(s is not None and s["mean"] is not None for s in items):
+        return _full_summaries_array(items)  # type: ignore[arg-type]
     present = np.fromiter((s is not None for s in items), bool, len(items))
     rows = [s if s is not None else _NULL_SUMMARY for s in items]
     children = []
@@ -227,6 +229,23 @@ def summaries_array(items: Sequence[dict[str, Any] | None]) -> pa.Array:
         children.append(from_numpy(data, valid, field.type))
     mask = None if present.all() else from_numpy(~present)
     return pa.StructArray.from_arrays(children, fields=list(SUMMARY_TYPE), mask=mask)
+
+
+def _full_summaries_array(items: Sequence[dict[str, Any]]) -> pa.Array:
+    """``summaries_array`` when every row is logged and has finite values (so no field is
+    null and every histogram has ``HIST_BINS`` counts): a NumPy array per field, not the
+    per-value null checks; a third of the time for one row (the writer's usual batch)."""
+    children = []
+    for field in SUMMARY_TYPE:
+        if field.name == "hist":
+            offsets = np.arange(len(items) + 1, dtype=np.int32) * HIST_BINS
+            flat = np.array([s["hist"] for s in items], np.int64).reshape(-1)
+            children.append(pa.Array.from_buffers(field.type, len(items), [None, pa.py_buffer(offsets)],
+                                                  children=[from_numpy(flat)]))
+        else:
+            dtype = np.int64 if field.type == pa.int64() else np.float64
+            children.append(from_numpy(np.array([s[field.name] for s in items], dtype), None, field.type))
+    return pa.StructArray.from_arrays(children, fields=list(SUMMARY_TYPE))
 
 
 _NULL_SUMMARY: dict[str, Any] = {f.name: (None if f.name != "hist" else []) for f in SUMMARY_TYPE}

@@ -54,32 +54,79 @@ def summarize(arr: np.ndarray) -> dict[str, Any]:
 def _summarize_rows(stacked: np.ndarray) -> list[dict[str, Any]]:
     """Summaries of many small tensors at once (``stacked`` is ``(rows, *shape)``).
 
-    Vectorised over rows, so the writer's Python work per small tensor stays near
-    zero: that work holds the GIL the training loop also needs.
+    Vectorised over rows when they are many and short, so the writer's Python work per
+    small tensor stays near zero (that work holds the GIL the training loop also needs);
+    one row at a time when they are few or long, where NumPy's reductions along an axis
+    cost twice those of a contiguous row. Either way in float64, as exact as before.
     """
     rows = stacked.shape[0]
-    x = _as_real(stacked.reshape(rows, -1)).astype(np.float64)
+    x = _as_real(stacked.reshape(rows, -1))
     n = x.shape[1]
     if n == 0:
         return [dict(_EMPTY) for _ in range(rows)]
-    if not np.isfinite(x).all():
-        return [summarize(a) for a in stacked]  # rare: per-row masking
-    lo = x.min(axis=1)
+    if rows == 1 or n >= _ROW_AT_A_TIME:
+        return [_summarize_row(r) for r in x]
+    lo = x.min(axis=1)  # exact, in the input's values; NaN anywhere makes it NaN
     hi = x.max(axis=1)
-    mean = x.mean(axis=1)
-    std = x.std(axis=1)
-    norm = np.sqrt(np.einsum("ij,ij->i", x, x))
-    zero_frac = (n - np.count_nonzero(x, axis=1)) / n
-    span = hi - lo
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        return [_summarize_row(r) for r in x]  # rare: only the rows with NaN or inf are masked
+    # One float64 copy serves every statistic and then, in place, the bin indices (which
+    # stay float until the one cast bincount needs): 3 passes fewer than before, no intp temp.
+    w = x.astype(np.float64)
+    total = w.sum(axis=1)
+    sq = np.einsum("ij,ij->i", w, w)
+    zero_frac = (n - np.count_nonzero(w, axis=1)) / n
+    mean = total / n
+    var = sq / n - mean * mean
+    close = var < 1e-3 * mean * mean  # E[x^2] - mean^2 cancels: two-pass for those rows
+    if close.any():
+        var[close] = w[close].var(axis=1)
+    span = hi.astype(np.float64) - lo
     scale = np.divide(HIST_BINS, span, out=np.zeros_like(span), where=span > 0)
-    bins = ((x - lo[:, None]) * scale[:, None]).astype(np.intp)
-    np.clip(bins, 0, HIST_BINS - 1, out=bins)
-    bins += (np.arange(rows) * HIST_BINS)[:, None]
-    hist = np.bincount(bins.reshape(-1), minlength=rows * HIST_BINS).reshape(rows, HIST_BINS)
-    cols = zip(lo.tolist(), hi.tolist(), mean.tolist(), std.tolist(), norm.tolist(),
-               zero_frac.tolist(), hist.tolist())
+    np.subtract(w, lo[:, None], out=w)
+    np.multiply(w, scale[:, None], out=w)
+    np.minimum(w, HIST_BINS - 1, out=w)  # the last bin includes max
+    w += (np.arange(rows) * HIST_BINS)[:, None]
+    hist = np.bincount(w.reshape(-1).astype(np.intp), minlength=rows * HIST_BINS).reshape(rows, HIST_BINS)
+    cols = zip(lo.tolist(), hi.tolist(), mean.tolist(), np.sqrt(np.maximum(var, 0.0)).tolist(),
+               np.sqrt(sq).tolist(), zero_frac.tolist(), hist.tolist())
     return [{"count": n, "nonfinite": 0, "zero_frac": z, "mean": m, "std": sd, "min": a, "max": b,
              "norm": nm, "hist": h} for a, b, m, sd, nm, z, h in cols]
+
+
+_ROW_AT_A_TIME = 2048
+"""Row length from which ``summarize_rows`` takes one row at a time (measured crossover)."""
+
+
+def _summarize_row(x: np.ndarray) -> dict[str, Any]:
+    """Summary of one small 1-D row (values as ``_as_real`` gives them), in float64.
+
+    A dozen NumPy calls on one widened copy, which then becomes the bin indices in
+    place: half the fixed cost of the vectorised path for a single row.
+    """
+    w = x.astype(np.float64)
+    lo = float(w.min())
+    hi = float(w.max())
+    if not math.isfinite(hi - lo):  # NaN or inf somewhere
+        return _summarize(x)
+    n = w.size
+    total = float(w.sum())
+    sq = float(np.einsum("i,i->", w, w))  # np.dot: 10x this for 18k elements here
+    zeros = int(np.count_nonzero(w == 0)) if lo <= 0.0 <= hi else 0
+    mean = total / n
+    var = sq / n - mean * mean
+    if var < 1e-3 * mean * mean:  # E[x^2] - mean^2 cancels: two-pass
+        var = float(w.var())
+    if hi > lo:
+        np.subtract(w, lo, out=w)
+        np.multiply(w, HIST_BINS / (hi - lo), out=w)
+        np.minimum(w, HIST_BINS - 1, out=w)  # the last bin includes max
+        hist = np.bincount(w.astype(np.intp), minlength=HIST_BINS).tolist()
+    else:
+        hist = [0] * HIST_BINS
+        hist[0] = n
+    return {"count": n, "nonfinite": 0, "zero_frac": zeros / n, "mean": mean,
+            "std": math.sqrt(max(var, 0.0)), "min": lo, "max": hi, "norm": math.sqrt(sq), "hist": hist}
 
 
 _BLOCK = 1 << 18
