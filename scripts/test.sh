@@ -6,6 +6,12 @@
 # gradexp servers on loopback, and Debian's headless Chromium (driven by Playwright from
 # the test extra; Playwright never downloads a browser here). Screenshots of the sign-in
 # pages land in test-artifacts/screenshots/. Extra arguments go to pytest.
+#
+# pytest runs in three worker processes (pytest-xdist, from the test extra): most tests wait on
+# child processes, servers and a browser rather than compute, so three workers finish sooner than
+# two even on two cores. --dist loadfile keeps each test file on one worker, so a file's
+# module-scoped servers start once; each worker starts the session services it needs itself
+# (throwaway instances on free ports, tests/services.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +35,4 @@ python -m pip install -q -e '.[test]'
 python -m ruff check gradexp tests benchmarks
 python -m mypy gradexp
 lint-imports
-exec python -m pytest "$@"
+exec python -m pytest -n 3 --dist loadfile "$@"

@@ -69,3 +69,18 @@ def chromium():
 
 
 CHROMIUM = "/usr/bin/chromium"
+
+
+# -- order: the longest files first ------------------------------------------------------------
+
+LONGEST_FIRST = ("test_faults.py", "test_api_validation.py", "test_resync.py", "test_migrations.py",
+                 "test_accounts.py", "test_streaming.py", "test_parts_store.py", "test_roundtrip.py",
+                 "test_kill_load.py")
+"""Files that take minutes (summed test durations of a parallel run, 2026-12-01). scripts/test.sh
+hands whole files to its workers in collection order: started last, one of these would leave
+the other workers idle while it runs."""
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order

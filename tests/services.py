@@ -363,13 +363,40 @@ class GradexpServer:
         assert key.startswith("gx_") and "\n" not in key, key
         return key
 
+    # The users most tests need are made in this process, with the functions the admin commands
+    # call: a CLI run costs an interpreter start and the server's imports (~2 s of CPU). The
+    # commands themselves are tested through the CLI (create_user, create_key, cli:
+    # test_accounts.py, test_cli.py), and so is a release's own CLI (test_migrations.py).
+
     def user_with_key(self, name: str) -> str:
-        self.create_user(name)
-        return self.create_key(name)
+        """A new user and an API key of it."""
+        from gradexp.server import db
+
+        with self._database() as engine:
+            db.create_user(engine, name)
+            return db.create_key(engine, name)
 
     def user_with_password(self, name: str, password: str) -> None:
-        self.create_user(name)
-        self.cli("set-password", name, "--password-stdin", input=password + "\n")
+        from gradexp.server import accounts, db
+
+        with self._database() as engine:
+            db.create_user(engine, name)
+            accounts.set_password(engine, name, password)
+
+    @contextlib.contextmanager
+    def _database(self) -> Iterator[Any]:
+        """The server's database (made when it is the embedded SQLite file), migrated."""
+        from gradexp.server import db
+
+        if self.db_url is None:
+            assert self.data_dir is not None
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = db.connect(self.db_url or f"sqlite:///{self.data_dir / 'gradexp.db'}")
+        try:
+            db.migrate(engine)
+            yield engine
+        finally:
+            engine.dispose()
 
     def start(self, *, wait: bool = True) -> GradexpServer:
         assert self.proc is None or self.proc.poll() is not None, "already running"

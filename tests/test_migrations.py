@@ -91,7 +91,8 @@ def test_a_database_of_the_release_before_alembic_is_upgraded_in_place(old_relea
     with monkeypatch.context() as m:  # the old release: its server, its CLI, its client
         m.setenv("PYTHONPATH", str(old_release))
         old = GradexpServer(tmp_path / "old", db_url=db_url, store_url=str(store))
-        key = old.user_with_key("u")
+        old.create_user("u")  # by the old release's CLI, on the schema it makes
+        key = old.create_key("u")
         old.start()
         try:
             old_python(old_release, f"""
