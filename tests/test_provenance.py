@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -595,3 +596,38 @@ def test_gradexp_logs_prints_the_console_and_follows_a_live_run(tmp_path):
     r = subprocess.run(cmd[:5] + ["--dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env(),
                        timeout=60)
     assert r.returncode == 0 and r.stdout == "first\nsecond\n", r.stderr
+
+
+# -- the sender's life after the trainer ------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["exit", "SIGTERM"])
+def test_the_sender_gives_up_sender_linger_seconds_after_the_trainer_died(tmp_path, how):
+    # Online against a host that never answers: once the trainer has died without finish(),
+    # its sender keeps trying for sender_linger seconds, then exits, saying so, and leaves the
+    # rest to `gradexp sync` -- it must not stay on the machine for good (one did, for hours).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    proc = trainer(tmp_path, f"""
+        import os
+        import gradexp
+
+        run = gradexp.init("p", id="r", mode="online", host="http://127.0.0.1:{port}", api_key="gx_" + "k" * 43,
+                           entity="someone", finish_timeout=1, sender_linger=3, code=False, system_metrics=False)
+        print("sender", run._sender.proc.pid, flush=True)
+        run.log({{"loss": 1.0}})
+        if {how == "exit"!r}:
+            os._exit(3)
+        os.kill(os.getpid(), 15)
+    """)
+    code, terminal = finished(proc)
+    assert code in (3, -15), terminal
+    pid = int(next(line for line in terminal.splitlines() if line.startswith("sender ")).split()[1])
+    t0 = time.monotonic()
+    while Path(f"/proc/{pid}").exists() and time.monotonic() - t0 < 90:
+        time.sleep(0.2)
+    gone_after = time.monotonic() - t0
+    assert not Path(f"/proc/{pid}").exists(), f"the sender still runs {gone_after:.0f} s after the trainer ended"
+    log = (tmp_path / "runs" / "p" / "r" / "sender.log").read_text()
+    assert "gave up uploading 3 s after the training process ended (sender_linger)" in log, log
+    assert "gradexp sync" in log, log

@@ -28,6 +28,10 @@ class Settings:
     api_key: str = dataclasses.field(default="", repr=False)
     finish_timeout: float = 120.0
     """Seconds ``finish()`` waits for the upload before leaving the rest for ``gradexp sync``."""
+    sender_linger: float = 3600.0
+    """Online: seconds the sender process keeps trying to upload once the training process has
+    died without ``finish()`` (a server that is down, say); then it exits and ``gradexp sync``
+    uploads the rest. (``finish()`` itself waits ``finish_timeout`` at most.)"""
     live_interval: float = 0.5
     """Online: history parts are sealed, and so uploaded, at least this often."""
     flush_interval: float = 1.0
@@ -65,7 +69,8 @@ class Settings:
         if self.precision not in PRECISIONS:
             raise InvalidValueError(f"precision must be one of fp32, fp16, bf16 (or '' for the logged "
                                     f"dtype); got {self.precision!r}")
-        for name in ("flush_interval", "part_max_age", "live_interval", "finish_timeout", "system_interval"):
+        for name in ("flush_interval", "part_max_age", "live_interval", "finish_timeout", "sender_linger",
+                     "system_interval"):
             if not getattr(self, name) > 0:
                 raise InvalidValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         for name in ("queue_max_bytes", "queue_max_rows", "part_max_bytes", "workers"):

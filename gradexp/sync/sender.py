@@ -381,6 +381,8 @@ class _Recorders:
         self.run_dir = run_dir
         self.pid: int | None = hello.get("pid")
         self.commands: list[str] = []
+        self.trainer_done = threading.Event()
+        """Set once the trainer is gone (its end of our stdin closed): nobody waits on us then."""
         self.told: str | None = None
         """The last command taken (``finish N`` or ``eof``), once one was."""
         self.wake = threading.Event()
@@ -433,6 +435,7 @@ class _Recorders:
             self.wake.set()
         self.ended_at = time.time()
         self.commands.append("eof")
+        self.trainer_done.set()
         self.wake.set()
 
     def _watch_exit(self, pid: int) -> None:
@@ -638,6 +641,8 @@ def _serve(hello: dict[str, Any], run_dir: Path, side: _Recorders) -> None:
     from gradexp.core.client import Client
 
     client = Client(hello["host"], hello["api_key"], on_retry=_log)
+    threading.Thread(target=_linger, args=(side, client, float(hello.get("linger") or 3600.0)),
+                     name="gradexp-linger", daemon=True).start()
     entity = hello.get("entity") or client.json("GET", "/viewer")["entity"]
     up = Uploader(run_dir, client, entity, report=_warn)
     registered = False
@@ -661,6 +666,16 @@ def _serve(hello: dict[str, Any], run_dir: Path, side: _Recorders) -> None:
             return
         side.wake.wait(IDLE_WAIT)
         side.wake.clear()
+
+
+def _linger(side: _Recorders, client: Client, seconds: float) -> None:
+    """Once the trainer is gone, keep trying for ``seconds`` (a server that is down, say), then
+    end every request and retry wait: the rest is left to ``gradexp sync``. (A trainer that
+    calls finish() ends its sender itself after ``finish_timeout``.)"""
+    side.trainer_done.wait()
+    if not client.stop.wait(seconds):
+        _log(f"gave up uploading {seconds:.0f} s after the training process ended (sender_linger)")
+        client.stop.set()
 
 
 def _finish(up: Uploader, status: str, code: int | None) -> None:

@@ -140,7 +140,7 @@ class Sender:
             "system_interval": settings.system_interval if settings.system_metrics else None,
             "code": {"program": program, "sys_path": sys.path} if program is not None else None,
             "flush_interval": settings.flush_interval, "part_max_age": settings.part_max_age,
-            "entity": entity,
+            "entity": entity, "linger": settings.sender_linger,
         }
         env = dict(os.environ)
         env.pop("GRADEXP_API_KEY", None)  # the key travels over the pipe, not in the environment
