@@ -349,6 +349,66 @@ def test_accounts_on_every_backend(engine):
 
 # -- whole servers ---------------------------------------------------------------------------------
 
+def test_a_part_upload_that_fails_after_its_row_is_retried_into_a_whole_part(db_url, tmp_path, monkeypatch):
+    """A part upload whose database transaction fails after the part's row went in (the server
+    killed, the database locked for longer than its timeout) leaves nothing of the part: the
+    sender's retry stores it with every frame. On SQLite the row used to be committed on its own
+    (Python's sqlite3 let the savepoint around it commit), so the retry met an "identical part,
+    already stored" without frames, the finish's part counts matched, and a tensor step was
+    gone from a run the sender reported synced."""
+    import uvicorn
+
+    from gradexp.core.client import Client
+    from gradexp.server.app import create_app
+    from gradexp.sync.sender import sync
+
+    with gradexp.init("p", id="r", dir=tmp_path / "runs", part_max_bytes=2048, console=False, code=False,
+                      system_metrics=False) as run:
+        for s in range(30):
+            run.log(values(s))
+            if s % 10 == 9:
+                run.flush()
+    local = gradexp.Api().run(run.dir)
+    assert sum(p.name.startswith("tensors-") for p in (run.dir / "parts").glob("*.gxp")) >= 2
+
+    app = create_app(db_url=db_url, store_url=str(tmp_path / "objects"), access_log=False)
+    engine = app.state.server.engine
+    db.create_user(engine, "u")
+    key = db.create_key(engine, "u")
+    failed: list[tuple[str, int]] = []
+    add_part = db.add_part
+
+    def add_part_then_fail_once(conn, pk, stream, seq, *args, **kw):
+        added = add_part(conn, pk, stream, seq, *args, **kw)
+        if added and stream == "tensors" and not failed:
+            failed.append((stream, seq))
+            raise sa.exc.OperationalError("INSERT INTO frames ...", {}, Exception("database is locked"))
+        return added
+
+    monkeypatch.setattr(db, "add_part", add_part_then_fail_once)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: srv.started or not thread.is_alive(), "the server started", timeout=30, interval=0.02)
+        url = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+        retries: list[str] = []
+        assert sync(run.dir, Client(url, key, on_retry=retries.append), "u", report=retries.append) != (0, False)
+        assert failed and retries and "503" in retries[0], (failed, retries)  # the failure was met and retried
+        remote = gradexp.Api(host=url, api_key=key).run("u/p/r")
+        assert remote.status == "finished"
+        assert sorted(remote.tensor_keys()) == sorted(local.tensor_keys())
+        for k in local.tensor_keys():
+            assert remote.steps(k) == local.steps(k), k
+            for s in local.steps(k):
+                assert same_bits(remote.tensor(k, s), local.tensor(k, s)), (k, s)
+        assert_uploaded_exactly_once(db_url, "u", "p", "r", run.dir)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        engine.dispose()
+
+
 def log_online(server: GradexpServer, key: str, tmp_path, run_id: str, n: int):
     """An online run in this process; returns (run, remote view) once the server has every row."""
     run = gradexp.init("rt", id=run_id, dir=tmp_path / "runs", host=server.url, api_key=key, finish_timeout=90)

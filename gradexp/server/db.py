@@ -215,6 +215,19 @@ def connect(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @sa.event.listens_for(engine, "savepoint")
+        def _savepoint_inside_a_transaction(conn: Connection, _: Any) -> None:
+            # Python's sqlite3 opens a transaction only before INSERT, UPDATE or DELETE, so a
+            # SAVEPOINT that comes first opens one of its own, and its RELEASE commits it: what
+            # the outer transaction did after that (a part's frames after its row) was no longer
+            # undone with it. A server killed, or a database locked, between the two left a part
+            # without frames that a retried upload found "already stored" (a tensor step lost).
+            # BEGIN first makes the savepoint nest inside the outer transaction, as it does on
+            # the other databases.
+            dbapi = conn.connection.driver_connection
+            if dbapi is not None and not dbapi.in_transaction:
+                dbapi.execute("BEGIN")
     return engine
 
 
