@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gradexp.core.arrow import HIST_BINS
-from gradexp.core.stats import summarize_rows
+from gradexp.core.stats import summarize, summarize_rows
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REL = 1e-9
@@ -42,7 +42,7 @@ def _reference(row: np.ndarray) -> dict:
     vals = f.tolist()
     mean = math.fsum(vals) / m
     lo, hi = min(vals), max(vals)
-    if hi > lo:
+    if hi > lo and math.isfinite(HIST_BINS / (hi - lo)):  # a subnormal span: all in bin 0
         idx = np.minimum(((f - lo) * (HIST_BINS / (hi - lo))).astype(np.int64), HIST_BINS - 1)
         hist = np.bincount(idx, minlength=HIST_BINS).tolist()
     else:
@@ -132,3 +132,16 @@ def test_history_cells_are_the_same_with_and_without_null_rows(stacked: np.ndarr
     want = summaries_array([*items, None]).slice(0, len(items))
     assert got.to_pylist() == want.to_pylist()
     assert got.equals(want)
+
+
+@pytest.mark.parametrize("n", [2, 4096])  # the vectorised path and the row-at-a-time path
+def test_a_subnormal_span_puts_every_value_in_the_first_bin_as_large_tensors_do(n):
+    # max - min = 5e-324: HIST_BINS / span is inf, and (x - min) * inf was NaN for x == min,
+    # which cast to a negative bin and made bincount raise inside the writer.
+    row = np.where(np.arange(n) % 2 == 0, 0.0, 5e-324)
+    stacked = np.stack([row, row + 1.0, row])
+    got = summarize_rows(stacked)
+    for g in (got[0], got[2]):
+        assert g["hist"] == [n] + [0] * (HIST_BINS - 1) == summarize(row)["hist"]
+    assert got[1]["hist"] == [n] + [0] * (HIST_BINS - 1)  # 1.0 + 5e-324 == 1.0: one value
+    _check(stacked)

@@ -83,6 +83,7 @@ def _summarize_rows(stacked: np.ndarray) -> list[dict[str, Any]]:
         var[close] = w[close].var(axis=1)
     span = hi.astype(np.float64) - lo
     scale = np.divide(HIST_BINS, span, out=np.zeros_like(span), where=span > 0)
+    scale[~np.isfinite(scale)] = 0.0  # a subnormal span: all in the first bin, as in _bin_counts
     np.subtract(w, lo[:, None], out=w)
     np.multiply(w, scale[:, None], out=w)
     np.minimum(w, HIST_BINS - 1, out=w)  # the last bin includes max
@@ -117,7 +118,7 @@ def _summarize_row(x: np.ndarray) -> dict[str, Any]:
     var = sq / n - mean * mean
     if var < 1e-3 * mean * mean:  # E[x^2] - mean^2 cancels: two-pass
         var = float(w.var())
-    if hi > lo:
+    if hi > lo and math.isfinite(HIST_BINS / (hi - lo)):  # else a subnormal span: as _bin_counts, bin 0
         np.subtract(w, lo, out=w)
         np.multiply(w, HIST_BINS / (hi - lo), out=w)
         np.minimum(w, HIST_BINS - 1, out=w)  # the last bin includes max
