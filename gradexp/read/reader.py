@@ -124,22 +124,21 @@ class RecordFields:
         return self.meta.get("job_type")
 
 
+class _Framed(Protocol):
+    def steps(self, key: str) -> list[int]: ...
+    def _frame(self, key: str, step: int) -> tuple[np.ndarray, dict[bytes, bytes]]: ...
+
+
 class TensorMedia:
     """Dimension labels and media of a tensor, for readers that decode a step's frame with
-    its field metadata (``_frame``)."""
+    its field metadata (``_frame``) and list a key's steps (``steps``)."""
 
-    def steps(self, key: str) -> list[int]:
-        raise NotImplementedError
-
-    def _frame(self, key: str, step: int) -> tuple[np.ndarray, dict[bytes, bytes]]:
-        raise NotImplementedError
-
-    def dims(self, key: str, step: int | None = None) -> tuple[str, ...] | None:
+    def dims(self: _Framed, key: str, step: int | None = None) -> tuple[str, ...] | None:
         """The dimension labels tensor ``key`` was logged with (at ``step``, default its last
         step), or None if it has none."""
         return _media.labels(self._frame(key, self.steps(key)[-1] if step is None else step)[1])
 
-    def media(self, key: str, step: int) -> Any:
+    def media(self: _Framed, key: str, step: int) -> Any:
         """What was logged under ``key`` at ``step``: a :class:`gradexp.Histogram`,
         :class:`gradexp.Image` or :class:`gradexp.Table` as logged, else the tensor."""
         return _media.from_frame(*self._frame(key, step))
