@@ -251,6 +251,13 @@ function onScreen() {
   return [...charts].filter(([, c]) => !c.box.hidden && c.box.getBoundingClientRect().top < bottom).map(([k]) => k);
 }
 
+/** Tell the tab's other panels (System) that the first screen's charts are drawn, or failed. */
+function announceFirstCharts() {
+  if (document.body.dataset.firstCharts === "1") return;
+  document.body.dataset.firstCharts = "1";
+  document.dispatchEvent(new CustomEvent("gx:first-charts"));
+}
+
 let loading = 0;  // the latest loadAll's ticket: an older one stops where it is
 let busy = 0;  // loads under way: the live poll waits for them
 async function loadAll() {
@@ -278,19 +285,22 @@ async function load(ticket) {
     draw();
     await painted();
     performance.mark("gx-first-charts-drawn");
+    announceFirstCharts();
   } else {
-    // Ended: lay the boxes out, ask for the first screen's charts, then for the rest (the
-    // server reduces them in that order), and draw each as it comes.
+    // Ended: lay the boxes out, ask for the first screen's charts, then for the rest, and
+    // draw each as it comes.
     build();
     const first = onScreen();
     const rest = keys().filter((k) => !first.includes(k));
-    const firstDone = Promise.all(runs.map((r) => fetchSeries(r, first, buckets)));
-    const restDone = rest.length ? Promise.all(runs.map((r) => fetchSeries(r, rest, buckets))) : null;
-    await firstDone;
+    await Promise.all(runs.map((r) => fetchSeries(r, first, buckets)));
     if (ticket !== loading) return;
+    // The rest is asked for now, not with the first: reduced alone (2 cores), the first screen's
+    // answer came ~0.1 s sooner; the server reduces the rest while the browser draws.
+    const restDone = rest.length ? Promise.all(runs.map((r) => fetchSeries(r, rest, buckets))) : null;
     draw(first);
     await painted();
     performance.mark("gx-first-charts-drawn");
+    announceFirstCharts();
     if (restDone) {
       await restDone;
       if (ticket !== loading) return;
@@ -369,5 +379,5 @@ window.addEventListener("resize", () => {
   }, 200);
 });
 
-loadAll().catch(showError);
+loadAll().catch(showError).finally(announceFirstCharts);
 setInterval(poll, LIVE_MS);

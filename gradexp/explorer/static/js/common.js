@@ -36,6 +36,13 @@ export function runContext() {
            csrf: d.csrf || null };
 }
 
+/** Resolves once the Charts tab drew its first screen (or gave up): panels below it wait, so
+ * the first charts are not drawn after theirs (the page has one main thread). */
+export function firstChartsShown() {
+  if (document.body.dataset.firstCharts === "1") return Promise.resolve();
+  return new Promise((resolve) => document.addEventListener("gx:first-charts", () => resolve(), { once: true }));
+}
+
 /** Listen for the step every panel shows: fn({key, step}). */
 export function onStep(fn) {
   document.addEventListener("gx:step", (e) => fn(e.detail));
