@@ -4,7 +4,7 @@
 // shows); a drag zooms and re-fetches the range (exactly, once it fits the chart's pixels).
 // While a run is live the charts poll only the rows after its last step (?since=).
 import uPlot from "/_x/static/vendor/uplot/uPlot.esm.js";
-import { api, arrow, el, runContext, seg, showError } from "./common.js";
+import { arrow, el, runContext, runInfo, seg, showError } from "./common.js";
 
 const ctx = runContext();
 const COLORS = ["#2a5db0", "#d9480f", "#2b8a3e", "#862e9c", "#c2255c", "#1098ad", "#e67700", "#5c940d"];
@@ -271,7 +271,7 @@ async function loadAll() {
 
 async function load(ticket) {
   const buckets = chartWidth();
-  await Promise.all(runs.map(async (r) => { r.info = await api(r.base); }));
+  await Promise.all(runs.map(async (r) => { r.info = await runInfo(r.base); }));
   if (ticket !== loading) return;
   for (const r of runs) { r.data = null; r.lastStep = null; }
   const keys = () => [...charts.keys()];
@@ -343,7 +343,7 @@ async function pollRun(run) {
   const names = table.schema.fields.map((f) => f.name).filter((n) => !["step", "_runtime", "_timestamp"].includes(n));
   if (names.some((n) => !run.info.history_keys.includes(n))) return { changed: false, reload: true };  // a new key
   if (table.numRows === 0) {  // quiet: has it ended?
-    run.info = { ...run.info, status: (await api(run.base)).status };
+    run.info = { ...run.info, status: (await runInfo(run.base)).status };
     return { changed: false, reload: false };
   }
   append(run, table);
