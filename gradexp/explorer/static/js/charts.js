@@ -24,7 +24,7 @@ const ui = {
   log: document.getElementById("chart-log"),
   smooth: document.getElementById("chart-smooth"),
   filter: document.getElementById("chart-filter"),
-  root: document.getElementById("charts"),
+  root: document.getElementById("chart-boxes"),
 };
 
 function chartWidth() {
