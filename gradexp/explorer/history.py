@@ -179,9 +179,11 @@ class FinalColumns:
         self.file = file
         self.schema: pa.Schema = file.schema_arrow  # (its empty_table() would import pandas: 0.3 s)
         meta = file.metadata
-        self.nbytes = file.metadata.serialized_size + sum(
-            meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        """Upper bound of the memory it comes to hold: every column decoded."""
+        groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+        stored = sum(g.column(j).total_compressed_size for g in groups for j in range(g.num_columns))
+        decoded = max(sum(g.total_byte_size for g in groups), 8 * meta.num_rows * meta.num_columns)
+        self.nbytes = meta.serialized_size + stored + decoded
+        """The memory it comes to hold, estimated: the file as stored and every column decoded."""
         self._columns: dict[str, pa.ChunkedArray] = {}
         self._lock = threading.Lock()
 
