@@ -49,3 +49,38 @@ def test_first_screen_charts_come_first_and_every_chart_is_drawn(ui, chromium):
     assert marks[0] <= marks[1]
     w.check()
     context.close()
+
+
+def test_the_rest_is_asked_for_once_the_first_screen_is_answered(ui, chromium):
+    """Asked for together, the two answers were reduced at once on the server's two cores and
+    the first came later; the rest is asked for once the first screen's answer is in."""
+    context = chromium.new_context(viewport={"width": 1280, "height": 700})
+    w = Watched(context)
+    events: list[tuple[str, str]] = []
+    w.page.on("request", lambda r: urlsplit(r.url).path.endswith("/history") and events.append(("asked", r.url)))
+    w.page.on("requestfinished",
+              lambda r: urlsplit(r.url).path.endswith("/history") and events.append(("answered", r.url)))
+    w.open(ui.url)
+    w.open(ui.base + "/local/many/m1#charts")
+    charts_ready(w.page)
+    asked = [u for what, u in events if what == "asked"]
+    assert len(asked) == 2, events
+    first, rest = asked
+    assert events.index(("answered", first)) < events.index(("asked", rest)), events
+    w.check()
+    context.close()
+
+
+def test_the_first_screen_is_the_screen_the_page_shows(ui, chromium):
+    """The address's #charts picks the tab and does not scroll the page: the first screen the
+    charts choose is the one shown when they are drawn (the page used to be scrolled to an
+    element named "charts" at a moment that raced the choice)."""
+    for _ in range(3):
+        context = chromium.new_context(viewport={"width": 1280, "height": 700})
+        w = Watched(context)
+        w.open(ui.url)
+        w.open(ui.base + "/local/many/m1#charts")
+        charts_ready(w.page)
+        assert w.page.evaluate("scrollY") == 0
+        w.check()
+        context.close()

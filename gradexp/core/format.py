@@ -176,20 +176,26 @@ def encode_frame(kind: int, raw: memoryview | bytes, *, key: str = "", step_min:
 
 
 def decode_payload(info: FrameInfo, payload: bytes | memoryview, path: str = "?", *,
-                   reuse: bool = False) -> np.ndarray:
+                   reuse: bool = False, into: np.ndarray | None = None) -> np.ndarray:
     """Decompress (and unshuffle) a frame payload into a writable uint8 array.
 
     With ``reuse`` the result lives in a per-thread buffer, valid until the thread's next
     such call: a reader going through many frames then touches no fresh memory per frame
     (faulting in 4 MB took ~1.2 of the ~14 ms a 1M-float32 step cost the distribution view).
     Frames over :data:`REUSE_MAX_BYTES` decode into fresh memory all the same: a thread keeps
-    its buffers for good.
+    its buffers for good. With ``into`` (a uint8 array of ``info.raw`` bytes) it decodes
+    there: many frames kept together decode into slices of one allocation (see
+    ``StoredRun``), not one fresh allocation each.
     """
     shuffled = info.filter == FILTER_SHUFFLE
-    reuse = reuse and info.raw <= REUSE_MAX_BYTES
+    reuse = reuse and info.raw <= REUSE_MAX_BYTES and into is None
+    if into is not None and into.size != info.raw:
+        raise ValueError(f"into has {into.size} bytes; the frame decodes to {info.raw}")
     # A shuffled payload decodes into a reused buffer, unshuffled into the caller's own memory.
     if shuffled:
         out = scratch("decoded", info.raw)
+    elif into is not None:
+        out = into
     else:
         out = scratch("frame", info.raw) if reuse else np.empty(info.raw, dtype=np.uint8)
     try:
@@ -200,7 +206,7 @@ def decode_payload(info: FrameInfo, payload: bytes | memoryview, path: str = "?"
         raise CorruptPartError(path, info.offset, f"frame decodes to {n} bytes, header says {info.raw}")
     if not shuffled:
         return out
-    return unshuffle(out, info.elem, out=scratch("frame", info.raw) if reuse else None)
+    return unshuffle(out, info.elem, out=scratch("frame", info.raw) if reuse else into)
 
 
 def parse_header(buf: bytes | memoryview | mmap.mmap, offset: int, size: int) -> FrameInfo | None:
@@ -417,9 +423,10 @@ def _resync(mm: mmap.mmap, start: int, size: int) -> int:
         pos += 1
 
 
-def read_frame(path: Path, info: FrameInfo, *, reuse: bool = False) -> np.ndarray:
+def read_frame(path: Path, info: FrameInfo, *, reuse: bool = False, into: np.ndarray | None = None) -> np.ndarray:
     """One range read of the frame's payload, decoded (``reuse``: into per-thread buffers,
-    valid until the thread's next such call; see :func:`decode_payload`)."""
+    valid until the thread's next such call; ``into``: into that array; see
+    :func:`decode_payload`)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -439,7 +446,7 @@ def read_frame(path: Path, info: FrameInfo, *, reuse: bool = False) -> np.ndarra
         os.close(fd)
     if len(payload) != info.stored:
         raise CorruptPartError(str(path), info.offset, "part is shorter than its index says")
-    return decode_payload(info, payload, str(path), reuse=reuse)
+    return decode_payload(info, payload, str(path), reuse=reuse, into=into)
 
 
 def list_parts(folder: Path, stream: str | None = None) -> list[Path]:

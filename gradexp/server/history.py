@@ -23,8 +23,8 @@ from gradexp.core.history import combine_history, write_history_parquet
 from gradexp.server import db
 from gradexp.server.store import Store
 
-__all__ = ["COMPACT_AT", "Mark", "finalize", "from_parquet", "part_tables", "read", "read_marked", "read_tail",
-           "to_parquet"]
+__all__ = ["COMPACT_AT", "Mark", "final_file", "finalize", "from_parquet", "part_tables", "read", "read_marked",
+           "read_tail", "to_parquet"]
 
 COMPACT_AT = 32
 
@@ -48,6 +48,14 @@ def to_parquet(table: pa.Table) -> bytes:
 
 def from_parquet(data: bytes) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
+
+
+def final_file(engine: Engine, store: Store, pk: int) -> pq.ParquetFile | None:
+    """The history once it was made final (:func:`finalize`), as a Parquet file to read column
+    by column: the object is fetched, nothing of it is decoded yet. None before it is final."""
+    with engine.connect() as conn:
+        final = conn.execute(db.sa.select(db.runs.c.history_object).where(db.runs.c.id == pk)).scalar()
+    return pq.ParquetFile(pa.BufferReader(store.get(final))) if final else None
 
 
 Mark = tuple[int, int]

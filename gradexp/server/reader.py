@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from sqlalchemy.engine import Engine
 
 from gradexp.core import arrow as _arrow
@@ -197,6 +198,12 @@ class ServerRun(RecordFields):
         table = history.read(self.engine, self.store, self.pk,
                              address=(self.entity_id, self.project_pk, self.id))
         return select_keys(table, keys, self.id)
+
+    def final_history(self) -> pq.ParquetFile | None:
+        """Once the run ended and its history was made final: that history as one Parquet file,
+        whose schema and columns can be read each alone (a chart decodes only the columns it
+        draws); None before. The same rows as :meth:`history`."""
+        return history.final_file(self.engine, self.store, self.pk)
 
     def history_delta(self, mark: Mark | None) -> tuple[Mark | None, pa.Table, bool]:
         """For a reader kept while a run goes live: ``(mark, table, whole)``. With ``mark``

@@ -23,6 +23,21 @@ export async function api(path, opts = {}) {
   return res.json();
 }
 
+const inFlight = new Map();
+
+/** The run's JSON (GET `path`): callers while a request for it is under way share that request.
+ * Every module of a run page asks for the run as it starts; a cold server answered those
+ * one after another (~0.15 s each), and the charts' request came second. */
+export function runInfo(path) {
+  if (!inFlight.has(path)) {
+    const got = api(path);
+    inFlight.set(path, got);
+    const done = () => inFlight.delete(path);
+    got.then(done, done);
+  }
+  return inFlight.get(path);
+}
+
 /** Fetch an Arrow IPC stream as an apache-arrow Table. */
 export async function arrow(path, opts = {}) {
   const res = await fetchOk(path, opts);
@@ -34,6 +49,13 @@ export function runContext() {
   const d = document.body.dataset;
   return { entity: d.entity, project: d.project, run: d.run, apiBase: d.apiBase, readOnly: d.readOnly === "true",
            csrf: d.csrf || null };
+}
+
+/** Resolves once the Charts tab drew its first screen (or gave up): panels below it wait, so
+ * the first charts are not drawn after theirs (the page has one main thread). */
+export function firstChartsShown() {
+  if (document.body.dataset.firstCharts === "1") return Promise.resolve();
+  return new Promise((resolve) => document.addEventListener("gx:first-charts", () => resolve(), { once: true }));
 }
 
 /** Listen for the step every panel shows: fn({key, step}). */

@@ -1,7 +1,7 @@
 // The Console tab: the run's stdout and stderr as the terminal showed them, one line per
 // console line, appended as text nodes (never parsed as HTML). While the run goes the tab
 // asks only for the lines after those it shows (?since=N).
-import { api, el, runContext, showError } from "./common.js";
+import { api, el, runContext, runInfo, showError } from "./common.js";
 
 const ctx = runContext();
 const LIVE_MS = 1000;
@@ -16,7 +16,7 @@ async function load() {
   busy = true;
   try {
     // The status first: lines written before a run ended are all there once it reads as ended.
-    const info = await api(ctx.apiBase);
+    const info = await runInfo(ctx.apiBase);
     const got = await api(`${ctx.apiBase}/console?since=${next}`);
     status = info.status;
     const stick = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;

@@ -2,7 +2,7 @@
 // statistic per (layer, step) as a heatmap, one glance for the whole model. Rows are the
 // tensor keys in key order, columns the steps. A click opens that tensor at that step in
 // the Tensors tab (selectTensor + setStep).
-import { api, arrow, el, runContext, selectTensor, setStep, showError } from "./common.js";
+import { arrow, el, runContext, runInfo, selectTensor, setStep, showError } from "./common.js";
 import {
   EMPTY, MISSING, alarm, cellAt, columns, compact, drawLegend, ensureCss, exact, numbers, sequential,
 } from "./colormap.js";
@@ -54,7 +54,7 @@ if (root) {
 
 async function show() {
   if (state.prefix === null) {
-    const info = await api(ctx.apiBase);
+    const info = await runInfo(ctx.apiBase);
     const keys = info.tensor_keys || [];
     const tops = [...new Set(keys.filter((k) => k.includes("/")).map((k) => k.split("/")[0] + "/"))];
     ui.prefixes.replaceChildren(...tops.map((t) => el("option", { value: t })));

@@ -1,6 +1,6 @@
 // The run page: tabs, the header (name, status) and the Overview tab (metadata, config,
 // summary; name, tags and notes edited in place where the catalog allows).
-import { api, badge, el, flatten, fmtDuration, fmtTime, fmtValue, runContext, showError } from "./common.js";
+import { api, badge, el, flatten, fmtDuration, fmtTime, fmtValue, runContext, runInfo, showError } from "./common.js";
 
 const ctx = runContext();
 const TABS = ["overview", "charts", "tensors", "flow", "console"];
@@ -136,7 +136,7 @@ document.getElementById("edit-save").addEventListener("click", async () => {
     if (ctx.csrf) headers["X-CSRF-Token"] = ctx.csrf;
     await api(ctx.apiBase, { method: "PATCH", headers, body: JSON.stringify(body) });
     editing = false;
-    await refresh();
+    await refresh({ fresh: true });
     state.textContent = "saved";
   } catch (err) {
     state.textContent = "not saved";
@@ -144,8 +144,8 @@ document.getElementById("edit-save").addEventListener("click", async () => {
   }
 });
 
-async function refresh() {
-  const info = await api(ctx.apiBase);
+async function refresh({ fresh = false } = {}) {
+  const info = await (fresh ? api(ctx.apiBase) : runInfo(ctx.apiBase));  // fresh: not a request sent before a save
   fill(info);
   return info;
 }

@@ -3,7 +3,7 @@
 // run's metric charts. A live run's figures are re-read every few seconds (a sample every
 // 10 s by default: the table stays small).
 import uPlot from "/_x/static/vendor/uplot/uPlot.esm.js";
-import { api, arrow, el, runContext, showError } from "./common.js";
+import { arrow, el, firstChartsShown, runContext, runInfo, showError } from "./common.js";
 
 const ctx = runContext();
 const HEIGHT = 160;
@@ -65,8 +65,9 @@ function applyFilter() {
 
 let status = null;
 async function load() {
-  const [table, info] = await Promise.all([arrow(`${ctx.apiBase}/system`), api(ctx.apiBase)]);
+  const [table, info] = await Promise.all([arrow(`${ctx.apiBase}/system`), runInfo(ctx.apiBase)]);
   status = info.status;
+  await firstChartsShown();  // below the metrics' charts: drawn after the first screen of them
   draw(table);
 }
 

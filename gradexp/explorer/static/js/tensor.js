@@ -6,7 +6,7 @@
 // [i0, i1, ..., in-1] sits at sum(ik * strides[k]) with strides[k] = prod(shape[k+1:]); every view
 // below reads values through `offsetOf` / the same strides and nothing else.
 
-import { api, arrow, runContext, onStep, setStep, onTensor, selectTensor } from './common.js';
+import { api, arrow, runContext, runInfo, onStep, setStep, onTensor, selectTensor } from './common.js';
 
 const STYLE = new URL('../css/tensor.css', import.meta.url).href;
 const CACHE_SIZE = 8;          // tensors kept in memory: stepping back and forth stays warm
@@ -676,7 +676,7 @@ function start() {
     if (busy || document.hidden) return;
     busy = true;
     try {
-      if (running === null || polls++ % 10 === 0) running = (await api(ctx.apiBase)).status === 'running';
+      if (running === null || polls++ % 10 === 0) running = (await runInfo(ctx.apiBase)).status === 'running';
       if (!running) return;
       const known = list.count(current);
       const items = await list.refresh();
