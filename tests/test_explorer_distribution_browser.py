@@ -141,6 +141,11 @@ def test_compare_steps_and_runs(page, ui):
     _open_tensor(page, base, ids[0])
     page.fill("#panel-compare input[aria-label='step A']", "4")
     page.fill("#panel-compare input[aria-label='step B']", "2")
+    # a step chosen elsewhere (the scrubber, a live run's newest step, the view's load
+    # finishing) must not overwrite what the user typed
+    page.evaluate("k => document.dispatchEvent(new CustomEvent('gx:step', {detail: {key: k, step: 9}}))", KEY)
+    assert page.input_value("#panel-compare input[aria-label='step A']") == "4"
+    assert page.input_value("#panel-compare input[aria-label='step B']") == "2"
     page.click("#panel-compare button:text('a − b')")
     page.wait_for_selector("canvas.gx-diff-heatmap[data-drawn]")
     d = logged[4].astype(np.float64) - logged[2].astype(np.float64)

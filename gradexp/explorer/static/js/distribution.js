@@ -358,6 +358,7 @@ function buildCompare() {
     el("div", { class: "gx-toolbar" }, el("span", {}, "the same tensor in run"), cmp.run, cmp.runGo),
     cmp.runStats);
   cmp.heat.hidden = true;
+  for (const input of [cmp.a, cmp.b]) input.addEventListener("input", () => { cmpPinned = true; });
   cmp.go.addEventListener("click", () => diff().catch(showError));
   cmp.runGo.addEventListener("click", () => compareRuns().catch(showError));
   cmp.heat.addEventListener("mousemove", hoverDiff);
@@ -368,9 +369,12 @@ function buildCompare() {
   }).catch(showError);
 }
 
+// Steps A and B follow the selected step (and the step before it) until the user types
+// one: then they are the user's for this tensor, kept through loads and live updates.
+let cmpPinned = false;
 function followStep() {
   const d = state.d;
-  if (!box || !d || !d.n) return;
+  if (!box || !d || !d.n || cmpPinned) return;
   const i = stepIndex(d);
   cmp.a.value = String(d.steps[i]);
   cmp.b.value = String(d.steps[Math.max(0, i - 1)]);
@@ -466,6 +470,7 @@ onTensor(({ key }) => {
   if (!key || key === state.key) return;
   state.key = key;
   state.d = null;
+  cmpPinned = false;
   if (ui.title) ui.title.textContent = key;
   if (root) load(key).then(followStep).catch(showError);
 });
