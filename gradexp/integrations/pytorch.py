@@ -9,9 +9,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import operator
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -105,8 +106,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if to_local is None else to_local().detach()
 
 
-def _spec(t: torch.Tensor) -> _Spec:
-    return t.dtype, t.shape, t.device
+_spec = cast(Callable[[torch.Tensor], _Spec], operator.attrgetter("dtype", "shape", "device"))
+"""A tensor's :data:`_Spec` (an attrgetter: one C call per tensor, at every step)."""
+
+
+def _grad_specs(grads: list[torch.Tensor | None]) -> tuple[_Spec | None, ...]:
+    """Each gradient's spec, None for a parameter without one."""
+    try:
+        return tuple(map(_spec, grads))  # type: ignore[arg-type]  # None raises AttributeError
+    except AttributeError:
+        return tuple([None if g is None else _spec(g) for g in grads])
 
 
 class _Slabs:
@@ -179,6 +188,8 @@ class _Layout:
         """``params``, ``updates``: an optimizer step's slots for the values before the step
         (copied then, with the gradients after them) and for its updates (filled after it)."""
         self.keys = list(keys)
+        self.keyset = frozenset(keys)
+        self.registered: Keys | None = None  # the run's key registry, once it holds these keys
         self.params, self.updates = params, updates
         groups: dict[tuple[torch.device, bool], list[int]] = {}
         for i, (dtype, shape, device) in enumerate(specs):
@@ -195,16 +206,23 @@ class _Layout:
                 where[i] = (g, (_numpy_dtype(dtype), tuple(shape), off))
         self._where = where
         self._events = [self.devices.index(s.device) if s.device.type == "cuda" else None for s, _ in self.slabs]
+        # the slabs' views, concatenated, into the order of the keys
+        slab_order = [i for _, idx in self.slabs for i in idx]
+        position = {i: n for n, i in enumerate(slab_order)}
+        self._order = operator.itemgetter(*[position[i] for i in range(len(specs))]) if specs else None
 
     def lease(self) -> _Lease:
         memory = []
-        dsts: list[torch.Tensor] = [None] * len(self.keys)  # type: ignore[list-item]
-        for slabs, idx in self.slabs:
-            exporter, views = slabs.lease()
+        views: list[torch.Tensor] = []
+        for slabs, _ in self.slabs:
+            exporter, vs = slabs.lease()
             memory.append(exporter)
-            for i, v in zip(idx, views):
-                dsts[i] = v
-        return _Lease(self, memory, dsts)
+            views += vs
+        order = self._order
+        if order is None:
+            return _Lease(self, memory, [])
+        dsts = order(views)
+        return _Lease(self, memory, list(dsts) if len(views) > 1 else [dsts])
 
 
 class _Lease:
@@ -228,18 +246,47 @@ class _Lease:
                 dst.copy_(t, non_blocking=t.device.type == "cuda")
 
     def hand(self, out: Prepared) -> None:
-        """Add a view per slot to ``out``, the copies into them all issued; on CUDA, an
-        event per device recorded now, which the views' first reader waits for."""
+        """Add the slots to ``out``, as one :class:`_Capture`, the copies into them all issued;
+        on CUDA, an event per device recorded now, which the views' first reader waits for."""
         layout = self.layout
-        events: list[Any] = []
-        for device in layout.devices:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            events.append(event)
-        ready = [None if e is None else events[e] for e in layout._events]
-        memory = self.memory
-        out.tensors.update(zip(layout.keys, [_Captured(memory[g], slot, ready[g]) for g, slot in layout._where]))
+        if layout.devices:
+            events: list[Any] = []
+            for device in layout.devices:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                events.append(event)
+            ready = [None if e is None else events[e] for e in layout._events]
+        else:
+            ready = None
+        out.bundles += (_Capture(layout, self.memory, ready),)
         out.nbytes += layout.nbytes
+
+
+class _Capture:
+    """One capture's tensors on their way to the writer, as one item (a
+    :class:`~gradexp.write.values.Bundle`): the writer thread makes their placeholders."""
+
+    __slots__ = ("layout", "memory", "ready")
+
+    def __init__(self, layout: _Layout, memory: list[Any], ready: list[Any] | None) -> None:
+        self.layout = layout
+        self.memory = memory
+        self.ready = ready
+
+    @property
+    def keys(self) -> list[str]:
+        return self.layout.keys
+
+    @property
+    def keyset(self) -> frozenset[str]:
+        return self.layout.keyset
+
+    def items(self) -> Iterable[tuple[str, Tensor]]:
+        memory, ready = self.memory, self.ready
+        where = self.layout._where
+        if ready is None:
+            return zip(self.layout.keys, [_Captured(memory[g], slot, None) for g, slot in where])
+        return zip(self.layout.keys, [_Captured(memory[g], slot, ready[g]) for g, slot in where])
 
 
 def _placement(p: Any, rank: int) -> str | None:
@@ -326,9 +373,9 @@ class _Watch:
         params = self._params()
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
         kinds = self.kinds
-        psig = tuple([_spec(p) for p in params])
+        psig = tuple(map(_spec, params))
         grads = self._grads() if "grad" in kinds and closure is None else None
-        gsig = None if grads is None else tuple([None if g is None else _spec(g) for g in grads])
+        gsig = None if grads is None else _grad_specs(grads)
         layout = self._layouts.get((psig, gsig)) or self._main_layout(psig, gsig)
         # One copy call for everything known now: parameters, gradients (unless a closure
         # will make them) and, for updates, the values before the step. Those are, on the
@@ -387,7 +434,7 @@ class _Watch:
 
     def _capture_grads(self) -> Prepared:
         grads = self._grads()
-        gsig = tuple([None if g is None else _spec(g) for g in grads])
+        gsig = _grad_specs(grads)
         present = [g for g in grads if g is not None]
         layout = self._layout(("grad", gsig), lambda: (
             [k for k, s in zip(self.keys["grad"], gsig) if s is not None], [s for s in gsig if s is not None]))
@@ -410,7 +457,9 @@ class _Watch:
             updates = lease.dsts[layout.updates]
             with torch.no_grad():
                 if layout.cpu:
-                    # straight into the updates' host slots: no copy besides this one pass
+                    # straight into the updates' host slots: one pass over memory (a copy of
+                    # the values after, then _foreach_sub_, is two calls but a pass more:
+                    # ~30% slower in the training loop, measured)
                     before = lease.dsts[layout.params]
                     for a, b, u in zip(after, before, updates):
                         torch.sub(a, b, out=u)
@@ -463,6 +512,11 @@ class _Watch:
             self._shards = {}
         kinds = keys.kinds
         new = {k: TENSOR for k in p.tensors if k not in kinds}
+        for b in p.bundles:
+            layout = cast(_Capture, b).layout
+            if layout.registered is not keys:  # once per layout: keys are never unregistered
+                new.update((k, TENSOR) for k in layout.keys if k not in kinds)
+                layout.registered = keys
         new.update((k, TEXT) for k in p.scalars if k not in kinds)
         if new:
             keys.add(new)

@@ -460,7 +460,7 @@ class Writer:
             q.popleft()
             self._held_rows += 1
             tsum: dict[str, Any] = {}
-            for key, t in p.tensors.items():
+            for key, t in p.tensor_items() if p.bundles else p.tensors.items():
                 tsum[key] = self._add_tensor(key, step, t)
             self._rows.append((step, ts, p.scalars, tsum))  # not a cached local: writing swaps it
             if len(self._rows) >= _HISTORY_MAX_ROWS:
