@@ -4,11 +4,13 @@ Each sample is a fresh interpreter (``python -c``) that times ``import gradexp``
 ``init()``, then 200 untimed and 20,000 timed ``run.log()`` calls of 10 scalars (each
 call timed with ``perf_counter_ns``, dicts built first, as in bench_log_scalars), a
 ``print()`` every 100 steps (a training loop's progress line), then ``finish()``.
-Two configurations, alternated so drift on a shared machine hits both alike:
+Five configurations, alternated so drift on a shared machine hits all alike:
 
 - ``on``: the defaults (console captured, code collected, system metrics) with
   ``system_interval=0.5`` (20x the default rate, so sampling happens during the loop);
-- ``off``: ``console=False, code=False, system_metrics=False`` (no sender process offline).
+- ``off``: ``console=False, code=False, system_metrics=False`` (no sender process offline);
+- ``console``, ``code``, ``system``: one of the three on (system metrics at the same
+  rate), the other two off: what each costs alone (each needs the sender process).
 
 Reported per configuration: median over the samples of init() time, log() p50 and p99,
 and finish() time, and every sample's figures.  ``--quick``: 3 samples each (default 7).
@@ -68,6 +70,9 @@ sys.stderr.write("@@" + json.dumps({"init_s": t2 - t1, "p50_us": float(np.percen
 CONFIGS = {
     "on": {"system_interval": 0.5},
     "off": {"console": False, "code": False, "system_metrics": False},
+    "console": {"code": False, "system_metrics": False},
+    "code": {"console": False, "system_metrics": False},
+    "system": {"console": False, "code": False, "system_interval": 0.5},
 }
 
 
@@ -87,16 +92,22 @@ def main() -> None:
     ap.add_argument("--pause", type=float, default=0.0, metavar="S", help="seconds between the loop and finish()")
     ap.add_argument("--repo", type=Path, action="append", metavar="DIR",
                     help="a source tree to time (repeatable; default: this checkout)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), metavar="A,B",
+                    help=f"which configurations, comma-separated (default: {','.join(CONFIGS)})")
     args = ap.parse_args()
+    configs = args.configs.split(",")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configuration {unknown[0]!r}; known: {', '.join(CONFIGS)}")
     n = 3 if args.quick else 7
     repos: list[Path] = args.repo or [REPO]
-    got: dict[str, list[dict[str, float]]] = {f"{r}:{c}" if len(repos) > 1 else c: [] for r in repos for c in CONFIGS}
+    got: dict[str, list[dict[str, float]]] = {f"{r}:{c}" if len(repos) > 1 else c: [] for r in repos for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for repo in repos:
             sample("on", Path(tmp), repo=repo)  # warm-up: page cache, byte-code
         for _ in range(n):
             for repo in repos:
-                for name in CONFIGS:
+                for name in configs:
                     key = f"{repo}:{name}" if len(repos) > 1 else name
                     got[key].append(sample(name, Path(tmp), repo=repo, pause=args.pause))
     out: dict[str, Any] = {name: {k: statistics.median(s[k] for s in samples) for k in samples[0]}

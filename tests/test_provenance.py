@@ -231,6 +231,66 @@ def test_output_written_right_after_init_by_a_process_that_dies_at_once_is_shown
     assert [x.text for x in gradexp.Api(dir=tmp_path / "runs").run("p/r").console()] == ["last words"]
 
 
+def test_a_trainer_that_dies_inside_init_before_the_senders_start_up_still_has_its_output_shown(tmp_path):
+    # The sender's interpreter waits on a gate that init() opens as it returns; a trainer
+    # killed before that (here: while its writer starts) must not leave it waiting.
+    proc = trainer(tmp_path, """
+        import os, signal
+        import gradexp
+        from gradexp.write import writer
+
+        def dies(*args, **kwargs):
+            os.write(1, b"last words\\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        writer.Writer.__init__ = dies
+        gradexp.init("p", id="r", system_metrics=False, code=False)
+    """)
+    code, terminal = finished(proc)
+    assert code == -signal.SIGKILL
+    assert terminal == "last words\n"
+    run_json = tmp_path / "runs" / "p" / "r" / "run.json"
+    wait_for(lambda: json.loads(run_json.read_text())["status"] == "crashed", "run marked crashed", timeout=60)
+    assert [x.text for x in gradexp.Api(dir=tmp_path / "runs").run("p/r").console()] == ["last words"]
+
+
+def test_a_process_forked_before_the_senders_start_up_does_not_hold_it_back(tmp_path):
+    # A child forked inside init() (as a data loader's workers may be, right after it)
+    # inherits the gate; the sender must start all the same, not once that child exits.
+    proc = trainer(tmp_path, """
+        import os, signal, time
+        import gradexp
+        from gradexp.write import writer
+
+        start = writer.Writer.__init__
+        forked = []
+
+        def forks_first(self, *args, **kwargs):
+            pid = os.fork()
+            if pid == 0:  # keeps every descriptor but the terminal's, as a worker would
+                os.close(1)
+                os.close(2)
+                time.sleep(120)
+                os._exit(0)
+            forked.append(pid)
+            start(self, *args, **kwargs)
+
+        writer.Writer.__init__ = forks_first
+        run = gradexp.init("p", id="r", system_metrics=False, code=False)
+        t = time.monotonic()
+        print("hello", flush=True)
+        run.finish()
+        os.kill(forked[0], signal.SIGKILL)
+        os.waitpid(forked[0], 0)
+        print(f"finish took {time.monotonic() - t:.0f} s", file=os.fdopen(os.dup(1), "w"))
+    """)
+    code, terminal = finished(proc)
+    lines = terminal.splitlines()
+    assert code == 0 and lines[0] == "hello", terminal
+    assert float(lines[1].split()[2]) < 30, terminal  # the forked child lives 120 s
+    assert [x.text for x in gradexp.Api(dir=tmp_path / "runs").run("p/r").console()] == ["hello"]
+
+
 def test_init_spawns_the_sender_without_importing_subprocess(tmp_path):
     # subprocess (with locale and signal's enums) cost init() tens of ms on a busy machine
     proc = trainer(tmp_path, """

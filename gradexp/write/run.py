@@ -352,8 +352,16 @@ class Run:
             self._start_sender()
         from gradexp.write.writer import Writer
 
-        self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary,
-                              first_seq=first_seq)
+        # The sender's start-up waits until the writer has its imports: both at once, on a
+        # machine with few cores, made init() wait for the CPU.
+        release = self._sender.release if self._sender is not None else None
+        try:
+            self._writer = Writer(self.dir / PARTS, settings, self.start_time, self._save_summary,
+                                  first_seq=first_seq, on_ready=release)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
 
     def _start_sender(self) -> None:
         """A separate process: uploads never make the training loop wait, it records the console

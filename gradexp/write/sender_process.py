@@ -9,6 +9,13 @@ Spawned with :func:`os.posix_spawn` (a vfork and exec in the C library), not
 ms on a busy machine) nor waits for the child to run; the child holds the console pipes
 from the moment it exists, so output written right after ``init()`` reaches the terminal
 even if the trainer dies at once.
+
+The child is a ``/bin/sh`` that waits on a gate pipe before it execs Python: the
+interpreter's start-up and the sender's imports (~0.3 s of CPU here) would otherwise run
+while ``init()`` starts the writer, whose thread imports pyarrow, and on a machine with
+few cores ``init()`` would wait for the CPU. :meth:`Sender.release` opens the gate once
+the writer has its imports; a trainer that dies first closes it, so the sender still
+starts and drains the console.
 """
 
 from __future__ import annotations
@@ -79,18 +86,23 @@ class SenderProcess:
 
 
 def _spawn(argv: list[str], env: dict[str, str], *, stdin: int, stdout: int, stderr: int,
-          pass_fds: list[int]) -> int:
+          pass_fds: list[int], gate: int) -> int:
     """Start ``argv`` in a new session with ``stdin``, ``stdout`` and ``stderr`` as its
     descriptors 0-2 and ``pass_fds`` under their own numbers; no other descriptor of this
-    process (as :mod:`subprocess` does with ``close_fds``). Returns its pid."""
+    process (as :mod:`subprocess` does with ``close_fds``). ``argv`` is exec'ed once a line
+    or end of file comes out of the pipe whose read end is ``gate``. Returns its pid."""
+    keep = {0, 1, 2, *pass_fds}
+    # dash redirects single-digit descriptors only: the gate goes to one 3-9 leaves free.
+    at = next(fd for fd in range(3, 10) if fd not in keep)
     actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
                                       (os.POSIX_SPAWN_DUP2, stderr, 2)]
-    keep = {0, 1, 2, *pass_fds}
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in keep]
+    actions.append((os.POSIX_SPAWN_DUP2, gate, at))
+    argv = ["/bin/sh", "-c", f'read -r _ <&{at}; exec {at}<&-; exec "$@"', "gradexp-sender", *argv]
     for fd in pass_fds:
         os.set_inheritable(fd, True)
     try:
-        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+        return os.posix_spawn("/bin/sh", argv, env, file_actions=actions, setsid=True)
     finally:
         for fd in pass_fds:
             os.set_inheritable(fd, False)
@@ -146,21 +158,24 @@ class Sender:
         env.pop("GRADEXP_API_KEY", None)  # the key travels over the pipe, not in the environment
         cmd_read, cmd_write = os.pipe()  # commands to the sender: its stdin
         ev_read, ev_write = os.pipe()  # its events: its stdout
+        gate_read, self._gate = os.pipe()  # see release()
         try:
             log = os.open(run_dir / "sender.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
             try:
                 pid = _spawn([sys.executable, "-m", "gradexp.sync.sender"], env, stdin=cmd_read, stdout=ev_write,
                              stderr=log, pass_fds=[fd for c in channels for fd in (c.read, c.original)]
-                             + [fd for _, fd in watched])
+                             + [fd for _, fd in watched], gate=gate_read)
             finally:
                 os.close(log)
         except BaseException:
             os.close(cmd_write)
             os.close(ev_read)
+            os.close(self._gate)
             raise
         finally:
             os.close(cmd_read)
             os.close(ev_write)
+            os.close(gate_read)
         self.proc = SenderProcess(pid)
         if signals is not None:
             signals.handed_over()
@@ -168,6 +183,16 @@ class Sender:
         self._command(json.dumps(hello))
         threading.Thread(target=self._read, args=(open(ev_read, encoding="utf-8"),), name="gradexp-sender-events",
                          daemon=True).start()
+
+    def release(self) -> None:
+        """Let the sender's interpreter start (once the trainer's own start-up is done)."""
+        with self._changed:
+            gate, self._gate = self._gate, -1
+        if gate >= 0:
+            try:
+                os.write(gate, b"\n")  # a process forked meanwhile holds the gate open too
+            finally:
+                os.close(gate)
 
     def _command(self, line: str) -> bool:
         """Send one line to the sender; False if it is gone."""

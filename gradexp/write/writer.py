@@ -190,9 +190,12 @@ class Writer:
     """Background writer of one run's part files."""
 
     def __init__(self, parts_dir: Path, settings: Settings, start_time: float,
-                 on_flush: Callable[[], None], *, first_seq: dict[str, int] | None = None) -> None:
+                 on_flush: Callable[[], None], *, first_seq: dict[str, int] | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
         """``first_seq``: the sequence number of each stream's first part (a resumed run
-        continues after its parts)."""
+        continues after its parts). ``on_ready`` is called on the writer's thread once it has
+        imported what writing needs (or failed to): work that would compete with that for
+        the CPU waits for it."""
         self._dir = parts_dir
         self._s = settings
         self._b = Budget.of(settings)
@@ -245,6 +248,7 @@ class Writer:
         self._max_age = {HISTORY: settings.live_interval if live else settings.part_max_age,
                          TENSORS: settings.part_max_age}
         self._ready = threading.Event()  # the writer has imported what writing needs
+        self._on_ready = on_ready
         self._thread = threading.Thread(target=self._main, name="gradexp-writer", daemon=True)
         self._thread.start()
 
@@ -380,10 +384,13 @@ class Writer:
             # stays light, and the first flush (or a quick finish()) does not pay for it.
             # pyarrow.compute (casts: string columns, the index at a seal) takes 0.2 s more,
             # a second or more on a busy machine: not in the middle of a write.
-            import pyarrow.compute  # noqa: F401
+            try:
+                import pyarrow.compute  # noqa: F401
 
-            from gradexp.core import arrow, stats  # noqa: F401
-
+                from gradexp.core import arrow, stats  # noqa: F401
+            finally:
+                if self._on_ready is not None:
+                    self._on_ready()
             self._ready.set()
             while True:
                 self._wake.wait(self._sleep())
