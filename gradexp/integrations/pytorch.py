@@ -118,14 +118,19 @@ def _grad_specs(grads: list[torch.Tensor | None]) -> tuple[_Spec | None, ...]:
         return tuple([None if g is None else _spec(g) for g in grads])
 
 
+_Slab = tuple[np.ndarray, list[torch.Tensor]]
+"""One buffer for a capture's tensors of one size class: its memory and a torch view per tensor."""
+
+
 class _Slabs:
     """Host memory for one fixed list of tensors of one device.
 
-    Each lease takes a slab (one buffer holding every tensor, pinned on CUDA) and an
-    exporter object over it, through which the writer's NumPy views are made; once the
-    writer has dropped the last of them, the exporter dies and the slab comes back here.
-    So a steady loop copies into memory it has touched before (fresh pages cost more than
-    the copy) and builds no torch views after its first steps.
+    Each lease takes a slab (one buffer holding every tensor, pinned on CUDA). The writer
+    thread makes its NumPy views through an exporter object over it (:meth:`export`); once
+    the writer has dropped the last of them, the exporter dies and the slab comes back here.
+    A slab never exported (a capture no ``log()`` took) comes back when it is dropped. So a
+    steady loop copies into memory it has touched before (fresh pages cost more than the
+    copy) and builds no torch views after its first steps.
     """
 
     def __init__(self, specs: Sequence[_Spec], device: torch.device) -> None:
@@ -140,11 +145,11 @@ class _Slabs:
         self.nbytes = sum(sizes)
         self._total = max(total, 1)
         self._exporter = ctypes.c_char * self._total
-        self._free: list[tuple[np.ndarray, list[torch.Tensor]]] = []
+        self._free: list[_Slab] = []
         self._keep = max(2, _KEEP_IDLE_BYTES // self._total)
-        self._lent: dict[int, tuple[weakref.ref, tuple[np.ndarray, list[torch.Tensor]]]] = {}
+        self._lent: dict[int, tuple[weakref.ref, _Slab]] = {}
 
-    def _new(self) -> tuple[np.ndarray, list[torch.Tensor]]:
+    def _new(self) -> _Slab:
         flat = torch.empty(self._total, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         dsts = [flat[off:].view(dtype)[:numel].view(shape)
                 for off, (dtype, shape, numel) in zip(self.offsets, self._torch)]
@@ -153,22 +158,28 @@ class _Slabs:
     def _returned(self, ref: weakref.ref) -> None:
         """The writer dropped a lease's last view (runs on whichever thread did)."""
         _, slab = self._lent.pop(id(ref))
+        self.give_back(slab)
+
+    def give_back(self, slab: _Slab) -> None:
+        """Take back a slab nothing reads any more."""
         if len(self._free) < self._keep:
             self._free.append(slab)
 
-    def lease(self) -> tuple[Any, list[torch.Tensor]]:
-        """A slab: the exporter to view it through (it comes back once that dies) and its
-        torch views, to copy into."""
+    def lease(self) -> _Slab:
+        """A slab: its memory and its torch views, to copy into."""
         try:
-            slab = self._free.pop()
+            return self._free.pop()
         except IndexError:
-            slab = self._new()
-        memory, dsts = slab
+            return self._new()
+
+    def export(self, slab: _Slab) -> Any:
+        """An exporter over a leased slab's memory, to make NumPy views through (on the writer
+        thread): the slab comes back once it dies."""
         # an ndarray is a buffer, but numpy's stubs say so only from Python 3.12 on (PEP 688)
-        exporter = self._exporter.from_buffer(memory)  # type: ignore[arg-type]
+        exporter = self._exporter.from_buffer(slab[0])  # type: ignore[arg-type]
         ref = weakref.ref(exporter, self._returned)  # kept here until it fires
         self._lent[id(ref)] = (ref, slab)
-        return exporter, dsts
+        return exporter
 
 
 class _Layout:
@@ -212,27 +223,23 @@ class _Layout:
         self._order = operator.itemgetter(*[position[i] for i in range(len(specs))]) if specs else None
 
     def lease(self) -> _Lease:
-        memory = []
-        views: list[torch.Tensor] = []
-        for slabs, _ in self.slabs:
-            exporter, vs = slabs.lease()
-            memory.append(exporter)
-            views += vs
+        slabs = [s.lease() for s, _ in self.slabs]
         order = self._order
         if order is None:
-            return _Lease(self, memory, [])
+            return _Lease(self, slabs, [])
+        views = slabs[0][1] if len(slabs) == 1 else [v for _, vs in slabs for v in vs]
         dsts = order(views)
-        return _Lease(self, memory, list(dsts) if len(views) > 1 else [dsts])
+        return _Lease(self, slabs, list(dsts) if len(views) > 1 else [dsts])
 
 
 class _Lease:
     """One capture's slots: torch views to copy into, then :meth:`hand` for the writer."""
 
-    __slots__ = ("layout", "memory", "dsts")
+    __slots__ = ("layout", "slabs", "dsts")
 
-    def __init__(self, layout: _Layout, memory: list[Any], dsts: list[torch.Tensor]) -> None:
+    def __init__(self, layout: _Layout, slabs: list[_Slab], dsts: list[torch.Tensor]) -> None:
         self.layout = layout
-        self.memory = memory
+        self.slabs = slabs
         self.dsts = dsts
 
     def copy(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
@@ -258,20 +265,28 @@ class _Lease:
             ready = [None if e is None else events[e] for e in layout._events]
         else:
             ready = None
-        out.bundles += (_Capture(layout, self.memory, ready),)
+        out.bundles += (_Capture(layout, self.slabs, ready),)
         out.nbytes += layout.nbytes
 
 
 class _Capture:
     """One capture's tensors on their way to the writer, as one item (a
-    :class:`~gradexp.write.values.Bundle`): the writer thread makes their placeholders."""
+    :class:`~gradexp.write.values.Bundle`): the writer thread makes their placeholders,
+    and the exporters they view the slabs through. Dropped unread (no ``log()`` took it),
+    it gives its slabs back."""
 
-    __slots__ = ("layout", "memory", "ready")
+    __slots__ = ("layout", "slabs", "ready", "_memory")
 
-    def __init__(self, layout: _Layout, memory: list[Any], ready: list[Any] | None) -> None:
+    def __init__(self, layout: _Layout, slabs: list[_Slab], ready: list[Any] | None) -> None:
         self.layout = layout
-        self.memory = memory
+        self.slabs = slabs
         self.ready = ready
+        self._memory: list[Any] | None = None
+
+    def __del__(self) -> None:
+        if self._memory is None:
+            for (s, _), slab in zip(self.layout.slabs, self.slabs):
+                s.give_back(slab)
 
     @property
     def keys(self) -> list[str]:
@@ -282,7 +297,10 @@ class _Capture:
         return self.layout.keyset
 
     def items(self) -> Iterable[tuple[str, Tensor]]:
-        memory, ready = self.memory, self.ready
+        memory = self._memory
+        if memory is None:
+            memory = self._memory = [s.export(slab) for (s, _), slab in zip(self.layout.slabs, self.slabs)]
+        ready = self.ready
         where = self.layout._where
         if ready is None:
             return zip(self.layout.keys, [_Captured(memory[g], slot, None) for g, slot in where])
@@ -375,7 +393,9 @@ class _Watch:
         kinds = self.kinds
         psig = tuple(map(_spec, params))
         grads = self._grads() if "grad" in kinds and closure is None else None
-        gsig = None if grads is None else _grad_specs(grads)
+        # a gradient has its parameter's shape and device (autograd and the .grad setter see
+        # to it), not always its dtype (grad_dtype)
+        gsig = None if grads is None else tuple([None if g is None else g.dtype for g in grads])
         layout = self._layouts.get((psig, gsig)) or self._main_layout(psig, gsig)
         # One copy call for everything known now: parameters, gradients (unless a closure
         # will make them) and, for updates, the values before the step. Those are, on the
@@ -405,7 +425,7 @@ class _Watch:
             return args, {**kwargs, "closure": closure_then_capture}
         return (args[0], closure_then_capture, *args[2:]), kwargs
 
-    def _main_layout(self, psig: tuple[_Spec, ...], gsig: tuple[_Spec | None, ...] | None) -> _Layout:
+    def _main_layout(self, psig: tuple[_Spec, ...], gsig: tuple[torch.dtype | None, ...] | None) -> _Layout:
         """Slots of a step's capture, those filled before the step first: parameters (or,
         on the CPU not logging those, the values before the step in the updates' slots),
         gradients, then updates."""
@@ -420,8 +440,8 @@ class _Watch:
             specs += psig
         pslots = slice(0, len(keys))
         if gsig is not None:
-            keys += [k for k, s in zip(self.keys["grad"], gsig) if s is not None]
-            specs += [s for s in gsig if s is not None]
+            keys += [k for k, g in zip(self.keys["grad"], gsig) if g is not None]
+            specs += [(g, shape, device) for g, (_, shape, device) in zip(gsig, psig) if g is not None]
         if before_in_updates:
             uslots = pslots
         elif "update" in kinds:
