@@ -386,9 +386,10 @@ class _Watch:
 
     def pre_step(self, opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._capture = None
-        if not self._due(self._steps) or self.run._finished:
+        # (the steady loop's path: a few calls each step, on caches the step itself has cooled)
+        if (self._steps % self.log_freq if self.when is None else not self.when()) or self.run._finished:
             return None
-        params = self._params()
+        params = [_local(p) for p in self._ps] if self._sharded else self._ps
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
         kinds = self.kinds
         psig = tuple(map(_spec, params))
@@ -406,10 +407,14 @@ class _Watch:
         srcs = list(params) if layout.params.stop else []
         if gsig is not None:
             srcs += [g for g in grads if g is not None]  # type: ignore[union-attr]
-        with torch.no_grad():
+        grad_mode = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad(), without a context object per step
+        try:
             lease.copy(lease.dsts[:len(srcs)], srcs)
             if "update" in kinds and not layout.cpu:
                 step.before = [p.clone() for p in params]
+        finally:
+            torch._C._set_grad_enabled(grad_mode)
         if "grad" not in kinds or closure is None:
             return None
 
@@ -473,9 +478,11 @@ class _Watch:
         lease = step.lease
         layout = lease.layout
         if layout.updates.stop:
-            after = self._params()
+            after = [_local(p) for p in self._ps] if self._sharded else self._ps
             updates = lease.dsts[layout.updates]
-            with torch.no_grad():
+            grad_mode = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
+            try:
                 if layout.cpu:
                     # straight into the updates' host slots: one pass over memory (a copy of
                     # the values after, then _foreach_sub_, is two calls but a pass more:
@@ -485,6 +492,8 @@ class _Watch:
                         torch.sub(a, b, out=u)
                 else:
                     lease.copy(updates, torch._foreach_sub(after, step.before))
+            finally:
+                torch._C._set_grad_enabled(grad_mode)
         cap = Prepared()
         lease.hand(cap)
         if step.closure_grads is not None:
