@@ -163,6 +163,29 @@ def test_watch_follows_dtype_changes_and_missing_gradients():
     assert stored.tensor("param/0.weight", 7).dtype == np.float64
 
 
+def test_gradients_in_a_dtype_of_their_own_are_kept_in_it():
+    # A gradient has its parameter's shape and device, but not always its dtype
+    # (Tensor.grad_dtype): the hooks' layout must follow the gradients' dtypes too.
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = gradexp.init("watch")
+    gradexp.watch(model, opt, log="all")
+    weight = model[0].weight
+    grads = {}
+    for step, (x, y) in enumerate(batches(4)):
+        opt.zero_grad()  # (set_to_none: a gradient's dtype may change only while it is None)
+        weight.grad_dtype = torch.float64 if step in (1, 2) else None
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads[step] = weight.grad.clone()
+        opt.step()
+        gradexp.log({"loss": 1.0})
+    gradexp.finish()
+    stored = gradexp.Api().run(run.dir)
+    for step, grad in grads.items():
+        assert grad.dtype == (torch.float64 if step in (1, 2) else torch.float32)
+        assert same_bits(stored.tensor("grad/0.weight", step), grad), step
+
+
 @pytest.mark.parametrize("log", ["updates", "parameters"])
 def test_updates_or_parameters_alone(log):
     model = cnn()
