@@ -79,6 +79,51 @@ def test_watch_all_keeps_exactly_what_the_step_used():
     assert rows[4]["grad/0.weight"] is None
 
 
+def test_watched_tensors_merge_into_the_row_as_logged_ones_do():
+    # A capture joins the row of the next log(): the caller's own tensor under a watched key
+    # wins in that call; in rows kept open with commit=False, what a later call brings (a
+    # capture or the caller's own tensor) replaces what an earlier one brought.
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = gradexp.init("watch")
+    gradexp.watch(model, opt, log="gradients")
+    mine = torch.full((8, 1, 3, 3), 7.0)
+    grads = []
+    data = batches(4)
+
+    def step() -> None:
+        x, y = next(data)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        opt.step()
+
+    step()
+    gradexp.log({"loss": 1.0, "grad/0.weight": mine})  # step 0: the caller's tensor wins
+    step()
+    gradexp.log({"a": 1.0}, commit=False)  # step 1: the first capture ...
+    step()
+    gradexp.log({"b": 2.0}, commit=False)  # ... and a later one, which replaces it
+    gradexp.log({"grad/2.weight": mine})  # then the caller's own, over the capture
+    gradexp.log({"grad/6.weight": mine}, commit=False)  # step 2: the caller's own, then ...
+    step()
+    gradexp.log({"loss": 3.0})  # ... a capture in a later call, which replaces it
+    gradexp.finish()
+
+    stored = gradexp.Api().run(run.dir)
+    rows = {r["step"]: r for r in stored.history().to_pylist()}
+    assert sorted(rows) == [0, 1, 2] and rows[1]["a"] == 1.0 and rows[1]["b"] == 2.0
+    assert same_bits(stored.tensor("grad/0.weight", 0), mine)
+    assert same_bits(stored.tensor("grad/2.weight", 1), mine)
+    for n in names(model):
+        if n != "0.weight":
+            assert same_bits(stored.tensor(f"grad/{n}", 0), grads[0][n]), n
+        if n != "2.weight":
+            assert same_bits(stored.tensor(f"grad/{n}", 1), grads[2][n]), n
+        assert same_bits(stored.tensor(f"grad/{n}", 2), grads[3][n]), n
+        assert stored.steps(f"grad/{n}") == [0, 1, 2]
+
+
 def test_watch_follows_dtype_changes_and_missing_gradients():
     # The hooks lay out host memory once per distinct set of dtypes, shapes and gradients
     # present: a model cast mid-run, and a layer left out of some steps, must still be
@@ -116,6 +161,29 @@ def test_watch_follows_dtype_changes_and_missing_gradients():
             else:
                 assert step not in stored.steps(f"grad/{n}"), (n, step)
     assert stored.tensor("param/0.weight", 7).dtype == np.float64
+
+
+def test_gradients_in_a_dtype_of_their_own_are_kept_in_it():
+    # A gradient has its parameter's shape and device, but not always its dtype
+    # (Tensor.grad_dtype): the hooks' layout must follow the gradients' dtypes too.
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = gradexp.init("watch")
+    gradexp.watch(model, opt, log="all")
+    weight = model[0].weight
+    grads = {}
+    for step, (x, y) in enumerate(batches(4)):
+        opt.zero_grad()  # (set_to_none: a gradient's dtype may change only while it is None)
+        weight.grad_dtype = torch.float64 if step in (1, 2) else None
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads[step] = weight.grad.clone()
+        opt.step()
+        gradexp.log({"loss": 1.0})
+    gradexp.finish()
+    stored = gradexp.Api().run(run.dir)
+    for step, grad in grads.items():
+        assert grad.dtype == (torch.float64 if step in (1, 2) else torch.float32)
+        assert same_bits(stored.tensor("grad/0.weight", step), grad), step
 
 
 @pytest.mark.parametrize("log", ["updates", "parameters"])

@@ -9,9 +9,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import operator
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -105,18 +106,31 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if to_local is None else to_local().detach()
 
 
-def _spec(t: torch.Tensor) -> _Spec:
-    return t.dtype, t.shape, t.device
+_spec = cast(Callable[[torch.Tensor], _Spec], operator.attrgetter("dtype", "shape", "device"))
+"""A tensor's :data:`_Spec` (an attrgetter: one C call per tensor, at every step)."""
+
+
+def _grad_specs(grads: list[torch.Tensor | None]) -> tuple[_Spec | None, ...]:
+    """Each gradient's spec, None for a parameter without one."""
+    try:
+        return tuple(map(_spec, grads))  # type: ignore[arg-type]  # None raises AttributeError
+    except AttributeError:
+        return tuple([None if g is None else _spec(g) for g in grads])
+
+
+_Slab = tuple[np.ndarray, list[torch.Tensor]]
+"""One buffer for a capture's tensors of one size class: its memory and a torch view per tensor."""
 
 
 class _Slabs:
     """Host memory for one fixed list of tensors of one device.
 
-    Each lease takes a slab (one buffer holding every tensor, pinned on CUDA) and an
-    exporter object over it, through which the writer's NumPy views are made; once the
-    writer has dropped the last of them, the exporter dies and the slab comes back here.
-    So a steady loop copies into memory it has touched before (fresh pages cost more than
-    the copy) and builds no torch views after its first steps.
+    Each lease takes a slab (one buffer holding every tensor, pinned on CUDA). The writer
+    thread makes its NumPy views through an exporter object over it (:meth:`export`); once
+    the writer has dropped the last of them, the exporter dies and the slab comes back here.
+    A slab never exported (a capture no ``log()`` took) comes back when it is dropped. So a
+    steady loop copies into memory it has touched before (fresh pages cost more than the
+    copy) and builds no torch views after its first steps.
     """
 
     def __init__(self, specs: Sequence[_Spec], device: torch.device) -> None:
@@ -131,11 +145,11 @@ class _Slabs:
         self.nbytes = sum(sizes)
         self._total = max(total, 1)
         self._exporter = ctypes.c_char * self._total
-        self._free: list[tuple[np.ndarray, list[torch.Tensor]]] = []
+        self._free: list[_Slab] = []
         self._keep = max(2, _KEEP_IDLE_BYTES // self._total)
-        self._lent: dict[int, tuple[weakref.ref, tuple[np.ndarray, list[torch.Tensor]]]] = {}
+        self._lent: dict[int, tuple[weakref.ref, _Slab]] = {}
 
-    def _new(self) -> tuple[np.ndarray, list[torch.Tensor]]:
+    def _new(self) -> _Slab:
         flat = torch.empty(self._total, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         dsts = [flat[off:].view(dtype)[:numel].view(shape)
                 for off, (dtype, shape, numel) in zip(self.offsets, self._torch)]
@@ -144,22 +158,28 @@ class _Slabs:
     def _returned(self, ref: weakref.ref) -> None:
         """The writer dropped a lease's last view (runs on whichever thread did)."""
         _, slab = self._lent.pop(id(ref))
+        self.give_back(slab)
+
+    def give_back(self, slab: _Slab) -> None:
+        """Take back a slab nothing reads any more."""
         if len(self._free) < self._keep:
             self._free.append(slab)
 
-    def lease(self) -> tuple[Any, list[torch.Tensor]]:
-        """A slab: the exporter to view it through (it comes back once that dies) and its
-        torch views, to copy into."""
+    def lease(self) -> _Slab:
+        """A slab: its memory and its torch views, to copy into."""
         try:
-            slab = self._free.pop()
+            return self._free.pop()
         except IndexError:
-            slab = self._new()
-        memory, dsts = slab
+            return self._new()
+
+    def export(self, slab: _Slab) -> Any:
+        """An exporter over a leased slab's memory, to make NumPy views through (on the writer
+        thread): the slab comes back once it dies."""
         # an ndarray is a buffer, but numpy's stubs say so only from Python 3.12 on (PEP 688)
-        exporter = self._exporter.from_buffer(memory)  # type: ignore[arg-type]
+        exporter = self._exporter.from_buffer(slab[0])  # type: ignore[arg-type]
         ref = weakref.ref(exporter, self._returned)  # kept here until it fires
         self._lent[id(ref)] = (ref, slab)
-        return exporter, dsts
+        return exporter
 
 
 class _Layout:
@@ -179,6 +199,8 @@ class _Layout:
         """``params``, ``updates``: an optimizer step's slots for the values before the step
         (copied then, with the gradients after them) and for its updates (filled after it)."""
         self.keys = list(keys)
+        self.keyset = frozenset(keys)
+        self.registered: Keys | None = None  # the run's key registry, once it holds these keys
         self.params, self.updates = params, updates
         groups: dict[tuple[torch.device, bool], list[int]] = {}
         for i, (dtype, shape, device) in enumerate(specs):
@@ -195,26 +217,29 @@ class _Layout:
                 where[i] = (g, (_numpy_dtype(dtype), tuple(shape), off))
         self._where = where
         self._events = [self.devices.index(s.device) if s.device.type == "cuda" else None for s, _ in self.slabs]
+        # the slabs' views, concatenated, into the order of the keys
+        slab_order = [i for _, idx in self.slabs for i in idx]
+        position = {i: n for n, i in enumerate(slab_order)}
+        self._order = operator.itemgetter(*[position[i] for i in range(len(specs))]) if specs else None
 
     def lease(self) -> _Lease:
-        memory = []
-        dsts: list[torch.Tensor] = [None] * len(self.keys)  # type: ignore[list-item]
-        for slabs, idx in self.slabs:
-            exporter, views = slabs.lease()
-            memory.append(exporter)
-            for i, v in zip(idx, views):
-                dsts[i] = v
-        return _Lease(self, memory, dsts)
+        slabs = [s.lease() for s, _ in self.slabs]
+        order = self._order
+        if order is None:
+            return _Lease(self, slabs, [])
+        views = slabs[0][1] if len(slabs) == 1 else [v for _, vs in slabs for v in vs]
+        dsts = order(views)
+        return _Lease(self, slabs, list(dsts) if len(views) > 1 else [dsts])
 
 
 class _Lease:
     """One capture's slots: torch views to copy into, then :meth:`hand` for the writer."""
 
-    __slots__ = ("layout", "memory", "dsts")
+    __slots__ = ("layout", "slabs", "dsts")
 
-    def __init__(self, layout: _Layout, memory: list[Any], dsts: list[torch.Tensor]) -> None:
+    def __init__(self, layout: _Layout, slabs: list[_Slab], dsts: list[torch.Tensor]) -> None:
         self.layout = layout
-        self.memory = memory
+        self.slabs = slabs
         self.dsts = dsts
 
     def copy(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
@@ -228,18 +253,58 @@ class _Lease:
                 dst.copy_(t, non_blocking=t.device.type == "cuda")
 
     def hand(self, out: Prepared) -> None:
-        """Add a view per slot to ``out``, the copies into them all issued; on CUDA, an
-        event per device recorded now, which the views' first reader waits for."""
+        """Add the slots to ``out``, as one :class:`_Capture`, the copies into them all issued;
+        on CUDA, an event per device recorded now, which the views' first reader waits for."""
         layout = self.layout
-        events: list[Any] = []
-        for device in layout.devices:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            events.append(event)
-        ready = [None if e is None else events[e] for e in layout._events]
-        memory = self.memory
-        out.tensors.update(zip(layout.keys, [_Captured(memory[g], slot, ready[g]) for g, slot in layout._where]))
+        if layout.devices:
+            events: list[Any] = []
+            for device in layout.devices:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                events.append(event)
+            ready = [None if e is None else events[e] for e in layout._events]
+        else:
+            ready = None
+        out.bundles += (_Capture(layout, self.slabs, ready),)
         out.nbytes += layout.nbytes
+
+
+class _Capture:
+    """One capture's tensors on their way to the writer, as one item (a
+    :class:`~gradexp.write.values.Bundle`): the writer thread makes their placeholders,
+    and the exporters they view the slabs through. Dropped unread (no ``log()`` took it),
+    it gives its slabs back."""
+
+    __slots__ = ("layout", "slabs", "ready", "_memory")
+
+    def __init__(self, layout: _Layout, slabs: list[_Slab], ready: list[Any] | None) -> None:
+        self.layout = layout
+        self.slabs = slabs
+        self.ready = ready
+        self._memory: list[Any] | None = None
+
+    def __del__(self) -> None:
+        if self._memory is None:
+            for (s, _), slab in zip(self.layout.slabs, self.slabs):
+                s.give_back(slab)
+
+    @property
+    def keys(self) -> list[str]:
+        return self.layout.keys
+
+    @property
+    def keyset(self) -> frozenset[str]:
+        return self.layout.keyset
+
+    def items(self) -> Iterable[tuple[str, Tensor]]:
+        memory = self._memory
+        if memory is None:
+            memory = self._memory = [s.export(slab) for (s, _), slab in zip(self.layout.slabs, self.slabs)]
+        ready = self.ready
+        where = self.layout._where
+        if ready is None:
+            return zip(self.layout.keys, [_Captured(memory[g], slot, None) for g, slot in where])
+        return zip(self.layout.keys, [_Captured(memory[g], slot, ready[g]) for g, slot in where])
 
 
 def _placement(p: Any, rank: int) -> str | None:
@@ -321,14 +386,17 @@ class _Watch:
 
     def pre_step(self, opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._capture = None
-        if not self._due(self._steps) or self.run._finished:
+        # (the steady loop's path: a few calls each step, on caches the step itself has cooled)
+        if (self._steps % self.log_freq if self.when is None else not self.when()) or self.run._finished:
             return None
-        params = self._params()
+        params = [_local(p) for p in self._ps] if self._sharded else self._ps
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
         kinds = self.kinds
-        psig = tuple([_spec(p) for p in params])
+        psig = tuple(map(_spec, params))
         grads = self._grads() if "grad" in kinds and closure is None else None
-        gsig = None if grads is None else tuple([None if g is None else _spec(g) for g in grads])
+        # a gradient has its parameter's shape and device (autograd and the .grad setter see
+        # to it), not always its dtype (grad_dtype)
+        gsig = None if grads is None else tuple([None if g is None else g.dtype for g in grads])
         layout = self._layouts.get((psig, gsig)) or self._main_layout(psig, gsig)
         # One copy call for everything known now: parameters, gradients (unless a closure
         # will make them) and, for updates, the values before the step. Those are, on the
@@ -339,10 +407,14 @@ class _Watch:
         srcs = list(params) if layout.params.stop else []
         if gsig is not None:
             srcs += [g for g in grads if g is not None]  # type: ignore[union-attr]
-        with torch.no_grad():
+        grad_mode = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad(), without a context object per step
+        try:
             lease.copy(lease.dsts[:len(srcs)], srcs)
             if "update" in kinds and not layout.cpu:
                 step.before = [p.clone() for p in params]
+        finally:
+            torch._C._set_grad_enabled(grad_mode)
         if "grad" not in kinds or closure is None:
             return None
 
@@ -358,7 +430,7 @@ class _Watch:
             return args, {**kwargs, "closure": closure_then_capture}
         return (args[0], closure_then_capture, *args[2:]), kwargs
 
-    def _main_layout(self, psig: tuple[_Spec, ...], gsig: tuple[_Spec | None, ...] | None) -> _Layout:
+    def _main_layout(self, psig: tuple[_Spec, ...], gsig: tuple[torch.dtype | None, ...] | None) -> _Layout:
         """Slots of a step's capture, those filled before the step first: parameters (or,
         on the CPU not logging those, the values before the step in the updates' slots),
         gradients, then updates."""
@@ -373,8 +445,8 @@ class _Watch:
             specs += psig
         pslots = slice(0, len(keys))
         if gsig is not None:
-            keys += [k for k, s in zip(self.keys["grad"], gsig) if s is not None]
-            specs += [s for s in gsig if s is not None]
+            keys += [k for k, g in zip(self.keys["grad"], gsig) if g is not None]
+            specs += [(g, shape, device) for g, (_, shape, device) in zip(gsig, psig) if g is not None]
         if before_in_updates:
             uslots = pslots
         elif "update" in kinds:
@@ -387,7 +459,7 @@ class _Watch:
 
     def _capture_grads(self) -> Prepared:
         grads = self._grads()
-        gsig = tuple([None if g is None else _spec(g) for g in grads])
+        gsig = _grad_specs(grads)
         present = [g for g in grads if g is not None]
         layout = self._layout(("grad", gsig), lambda: (
             [k for k, s in zip(self.keys["grad"], gsig) if s is not None], [s for s in gsig if s is not None]))
@@ -406,16 +478,22 @@ class _Watch:
         lease = step.lease
         layout = lease.layout
         if layout.updates.stop:
-            after = self._params()
+            after = [_local(p) for p in self._ps] if self._sharded else self._ps
             updates = lease.dsts[layout.updates]
-            with torch.no_grad():
+            grad_mode = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
+            try:
                 if layout.cpu:
-                    # straight into the updates' host slots: no copy besides this one pass
+                    # straight into the updates' host slots: one pass over memory (a copy of
+                    # the values after, then _foreach_sub_, is two calls but a pass more:
+                    # ~30% slower in the training loop, measured)
                     before = lease.dsts[layout.params]
                     for a, b, u in zip(after, before, updates):
                         torch.sub(a, b, out=u)
                 else:
                     lease.copy(updates, torch._foreach_sub(after, step.before))
+            finally:
+                torch._C._set_grad_enabled(grad_mode)
         cap = Prepared()
         lease.hand(cap)
         if step.closure_grads is not None:
@@ -463,6 +541,11 @@ class _Watch:
             self._shards = {}
         kinds = keys.kinds
         new = {k: TENSOR for k in p.tensors if k not in kinds}
+        for b in p.bundles:
+            layout = cast(_Capture, b).layout
+            if layout.registered is not keys:  # once per layout: keys are never unregistered
+                new.update((k, TENSOR) for k in layout.keys if k not in kinds)
+                layout.registered = keys
         new.update((k, TEXT) for k in p.scalars if k not in kinds)
         if new:
             keys.add(new)

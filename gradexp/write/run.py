@@ -804,6 +804,15 @@ def _write_meta(path: Path, meta: Mapping[str, Any]) -> None:
 
 
 def _merge(into: Prepared, p: Prepared) -> None:
+    """Merge ``p`` into ``into``, ``p``'s keys winning. A bundle holding a key that the other
+    side holds too is unbundled first (rare: a key logged both ways in one row)."""
+    if into.bundles and into.overlaps(p):
+        into.unbundle()
+    if p.bundles:
+        if p.overlaps(into):
+            p.unbundle()
+        else:
+            into.bundles += p.bundles
     into.scalars.update(p.scalars)
     for key, t in p.tensors.items():
         old = into.tensors.get(key)

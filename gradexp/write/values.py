@@ -8,8 +8,9 @@ may mutate it right after), and leave every costlier step to the writer thread.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
-from typing import Any, cast
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -144,15 +145,60 @@ class Keys:
         self.numbers.update(k for k, kind in new.items() if kind is NUMBER)
 
 
-class Prepared:
-    """One ``log()`` call, validated: flat scalars, tensor snapshots and their byte count."""
+class Bundle(Protocol):
+    """Tensors captured together (``gradexp.watch``: a model's at one step) that travel to
+    the writer as one item: the caller's thread does per-capture work, not per-tensor work,
+    and the writer thread makes the :class:`Tensor` of each."""
 
-    __slots__ = ("scalars", "tensors", "nbytes")
+    @property
+    def keys(self) -> Sequence[str]:
+        """The keys, in order."""
+
+    @property
+    def keyset(self) -> AbstractSet[str]:
+        """The same keys, for membership tests."""
+
+    def items(self) -> Iterable[tuple[str, Tensor]]:
+        """Each key and its tensor (on the writer thread, or where a merge must override keys)."""
+
+
+class Prepared:
+    """One ``log()`` call, validated: flat scalars, tensor snapshots, bundles of tensors
+    captured outside ``log()`` and the byte count of both. No key is in two of them."""
+
+    __slots__ = ("scalars", "tensors", "bundles", "nbytes")
 
     def __init__(self) -> None:
         self.scalars: dict[str, Any] = {}
         self.tensors: dict[str, Tensor] = {}
+        self.bundles: tuple[Bundle, ...] = ()
         self.nbytes = 0
+
+    def tensor_items(self) -> Iterator[tuple[str, Tensor]]:
+        """Every tensor: the bundles' first, then the snapshots'."""
+        for b in self.bundles:
+            yield from b.items()
+        yield from self.tensors.items()
+
+    def unbundle(self) -> None:
+        """Turn the bundles into entries of ``tensors``, so that a merge can replace some."""
+        if self.bundles:
+            tensors: dict[str, Tensor] = {}
+            for b in self.bundles:
+                tensors.update(b.items())
+            tensors.update(self.tensors)
+            self.tensors = tensors
+            self.bundles = ()
+
+    def overlaps(self, other: Prepared) -> bool:
+        """Does one of this row's bundles hold a key ``other`` holds too?"""
+        sets = [b.keyset for b in self.bundles]
+        for keys in (other.scalars, other.tensors, *(b.keys for b in other.bundles)):
+            for k in keys:
+                for s in sets:
+                    if k in s:
+                        return True
+        return False
 
 
 class Tensor:

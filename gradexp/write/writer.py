@@ -205,7 +205,15 @@ class Writer:
         # queue (a dataclass costs ~0.2 us more per call); flush requests are _Flush objects.
         self._q: collections.deque[tuple[int, float, Prepared] | _Flush] = collections.deque()
         self._wake = threading.Event()
-        self._cv = threading.Condition()
+        # log() waits on one of two conditions (one lock): for room in the queue (each tensor
+        # written or row taken may make some), or, holding back, for the writer to catch up.
+        # The writer wakes a held-back log() only once it can go on (a write of the held rows,
+        # or tensors written that shrink the backlog enough): every wake-up costs the training
+        # thread tens of microseconds of CPU (a timed wait and a GIL hand-over) on a busy machine.
+        lock = threading.Lock()
+        self._room = threading.Condition(lock)
+        self._written = threading.Condition(lock)
+        self._holding = 0  # log() calls holding back now (changed under the lock)
         self._queued_bytes = 0  # tensor bytes logged and not yet written (queued or held)
         self._warned_wait = False
         self._waited = 0.0  # seconds log() has waited for the writer to catch up
@@ -299,7 +307,8 @@ class Writer:
         # A busy machine delays the writer by tens of milliseconds now and then: not worth a
         # warning; waits adding up to twice flush_interval are.
         start = time.time()
-        with self._cv:
+        with self._written:
+            self._holding += 1
             while self.error is None and (self._behind(now := time.time()) or until is not None
                                           and (self._oldest() or now) <= until):
                 if self._waited + now - start >= 2 * self._b.flush:
@@ -310,8 +319,12 @@ class Writer:
                                     f"~{self._backlog():.2f} s more; log() waits beyond "
                                     f"{self._b.wait:g} s so that every row reaches the disk within "
                                     f"flush_interval={self._b.flush:g} s")
-                self._wake.set()
-                self._cv.wait(0.02)
+                if not self._wake.is_set():
+                    self._wake.set()
+                # the writer notifies once this log() can go on (or has failed); the timeout
+                # is a safety net, and keeps the warning above on time
+                self._written.wait(self._b.write)
+            self._holding -= 1
         self._waited += time.time() - start
 
     def _wait_ready(self) -> None:
@@ -325,7 +338,7 @@ class Writer:
         s = self._s
         if not self._wake.is_set():
             self._wake.set()  # rows are piling up: keep the writer at them, not asleep
-        with self._cv:
+        with self._room:
             while self.error is None and (
                     (self._queued_bytes and self._queued_bytes + n > s.queue_max_bytes)
                     or len(self._q) >= self._max_rows):
@@ -333,7 +346,7 @@ class Writer:
                                 f"{len(self._q)} rows; limits queue_max_bytes={s.queue_max_bytes}, "
                                 f"queue_max_rows={s.queue_max_rows}")
                 self._wake.set()
-                self._cv.wait(0.02)
+                self._room.wait(0.02)
             self._queued_bytes += n
 
     def _warn_wait(self, why: str) -> None:
@@ -344,9 +357,11 @@ class Writer:
 
     def _release(self, n: int) -> None:
         self._written_bytes += n  # (writer thread)
-        with self._cv:
+        with self._room:
             self._queued_bytes -= n
-            self._cv.notify_all()
+            self._room.notify_all()
+            if self._holding and not self._behind(time.time()):
+                self._written.notify_all()
 
     def flush(self, *, fsync: bool = False, close: bool = False) -> None:
         """Write everything queued so far to the OS (and fsync); with ``close``, seal and stop."""
@@ -397,8 +412,9 @@ class Writer:
                           f"Everything written before is readable from {self._dir.parent}; the "
                           "run will end failed, with this reason in run.json.",
                           GradexpWarning, stacklevel=1)
-            with self._cv:
-                self._cv.notify_all()
+            with self._room:
+                self._room.notify_all()
+                self._written.notify_all()
             self._abandon()
 
     def _sleep(self) -> float:
@@ -451,15 +467,15 @@ class Writer:
             q.popleft()
             self._held_rows += 1
             tsum: dict[str, Any] = {}
-            for key, t in p.tensors.items():
+            for key, t in p.tensor_items() if p.bundles else p.tensors.items():
                 tsum[key] = self._add_tensor(key, step, t)
             self._rows.append((step, ts, p.scalars, tsum))  # not a cached local: writing swaps it
             if len(self._rows) >= _HISTORY_MAX_ROWS:
                 self._write_history()
             waiting, heavy = True, bool(p.nbytes)
         if waiting and len(q) < self._s.queue_max_rows:
-            with self._cv:
-                self._cv.notify_all()
+            with self._room:
+                self._room.notify_all()
         return False
 
     def _add_tensor(self, key: str, step: int, t: Tensor) -> Any:
@@ -610,8 +626,8 @@ class Writer:
         self._write_history()
         self._learn(self._busy + time.perf_counter() - t0)
         self._held, self._held_rows = None, 0
-        with self._cv:
-            self._cv.notify_all()  # log() may be waiting for these rows to be written
+        with self._written:
+            self._written.notify_all()  # log() may be waiting for these rows to be written
         now = time.monotonic()
         for stream, part in list(self._parts.items()):
             if seal or now - part.created >= self._max_age[stream]:
