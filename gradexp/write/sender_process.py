@@ -181,18 +181,22 @@ class Sender:
             signals.handed_over()
         self._commands = open(cmd_write, "w", encoding="utf-8")
         self._command(json.dumps(hello))
-        threading.Thread(target=self._read, args=(open(ev_read, encoding="utf-8"),), name="gradexp-sender-events",
-                         daemon=True).start()
+        self._events: TextIO | None = open(ev_read, encoding="utf-8")
 
     def release(self) -> None:
-        """Let the sender's interpreter start (once the trainer's own start-up is done)."""
+        """Let the sender's interpreter start, and read its events (once the trainer's own
+        start-up is done: a thread's start waits for the OS to run it, ms on a busy machine;
+        the sender has nothing to say before it runs)."""
         with self._changed:
             gate, self._gate = self._gate, -1
+            events, self._events = self._events, None
         if gate >= 0:
             try:
                 os.write(gate, b"\n")  # a process forked meanwhile holds the gate open too
             finally:
                 os.close(gate)
+        if events is not None:
+            threading.Thread(target=self._read, args=(events,), name="gradexp-sender-events", daemon=True).start()
 
     def _command(self, line: str) -> bool:
         """Send one line to the sender; False if it is gone."""
