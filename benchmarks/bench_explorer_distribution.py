@@ -163,6 +163,7 @@ def main() -> None:
         args.steps = len(gradexp.Api().run(run_dir).steps(KEY))
     else:
         root = Path(args.dir or tempfile.mkdtemp(prefix="gxbench-dist-"))
+        root.mkdir(parents=True, exist_ok=True)
         run_dir = write_run(root, args.steps)
     try:
         res: dict[str, Any] = {"steps": args.steps, "raw_gb": args.steps * ELEMENTS * 4 / 1e9,
