@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 import requests
 
+import gradexp
 from gradexp.explorer.context import ResultCache
 from gradexp.explorer.history import reduce_history, since
 from services import GradexpServer, Trainer, WebSession, clean_env, free_port, run_python, wait_for
@@ -159,6 +160,7 @@ class UI:
     """``gradexp ui`` as a child process; ``url`` is the address it printed (with the token)."""
 
     def __init__(self, runs: Path) -> None:
+        self.runs = runs
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "gradexp", "ui", "--dir", str(runs), "--port",
                                       str(self.port)], env=clean_env(), stderr=subprocess.PIPE, text=True)
@@ -272,6 +274,31 @@ def test_ui_zoom_refetches_exact_rows(ui, chromium):
     w.page.wait_for_selector(".gx-chart[data-key='loss'][data-zoomed='1']")
     assert w.page.get_attribute(".gx-chart[data-key='loss']", "data-reduced") == "0"
     assert any("lo=" in u and "hi=" in u for u in w.requests)
+    w.check()
+    context.close()
+
+
+SERIES_PIXELS = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+    for (let i = 0; i < d.length; i += 4) if (d[i] === 92 && d[i + 1] === 148 && d[i + 2] === 13) n++; return n; }"""
+
+
+def test_a_system_chart_of_a_run_with_one_sample_shows_it(ui, chromium, shots):
+    # a run shorter than system_interval has one sample (taken as it starts): a line needs
+    # two, so the chart must draw the point, on a time axis around it (not years wide)
+    r1 = gradexp.Api(dir=ui.runs).run("vision/r1")
+    assert r1.system().num_rows == 1
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    w = Watched(context)
+    w.open(ui.url)
+    w.open(f"{ui.base}/local/vision/r1#charts")
+    charts_ready(w.page)
+    w.page.wait_for_selector("#system-charts[data-ready='1']")
+    canvas = w.page.locator("#system-charts .gx-chart[data-key='system/memory/percent'] canvas")
+    canvas.scroll_into_view_if_needed()
+    assert canvas.evaluate(SERIES_PIXELS) > 0  # the series' colour, #5c940d
+    span = w.page.get_attribute("#system-charts .gx-chart[data-key='system/memory/percent']", "data-x-span")
+    assert span is not None and 0 < float(span) <= 120, span
+    w.page.screenshot(path=str(shots / "explorer-system-one-sample.png"), full_page=True)
     w.check()
     context.close()
 

@@ -8,6 +8,13 @@ import { arrow, el, firstChartsShown, runContext, runInfo, showError } from "./c
 const ctx = runContext();
 const HEIGHT = 160;
 const LIVE_MS = 2000;
+// A run shorter than its sampling interval has one sample: a time axis around it, not the
+// years wide one uPlot makes of a zero span.
+const ONE_SAMPLE_PAD_S = 30;
+function oneSampleRange(u, min, max) {
+  const xs = u.data[0];  // uPlot widens a time axis of one value to 1000 days before asking
+  return xs.length && xs[0] === xs[xs.length - 1] ? [xs[0] - ONE_SAMPLE_PAD_S, xs[0] + ONE_SAMPLE_PAD_S] : [min, max];
+}
 const root = document.getElementById("system-charts");
 const grid = document.getElementById("system-grid");
 const filter = document.getElementById("chart-filter");
@@ -18,6 +25,24 @@ function width() {
   const w = grid.clientWidth || (main && main.clientWidth) || document.body.clientWidth || 1000;
   const cols = Math.max(1, Math.floor(w / 460));
   return Math.max(240, Math.floor(w / cols) - 32);
+}
+
+// Byte figures in decimal units (psutil's counts; 23,112,835,072 did not fit the axis), other
+// large ones compact ("1.2M").
+const UNITS = ["B", "kB", "MB", "GB", "TB", "PB"];
+const compact = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
+function formatter(key) {
+  if (key.includes("bytes")) {
+    const rate = key.endsWith("_per_s") ? "/s" : "";
+    return (v) => {
+      if (v == null) return "--";
+      let i = 0;
+      let x = Math.abs(v);
+      while (x >= 1000 && i < UNITS.length - 1) { x /= 1000; i++; }
+      return `${v < 0 ? "-" : ""}${i ? x.toFixed(x < 10 ? 1 : 0) : x} ${UNITS[i]}${rate}`;
+    };
+  }
+  return (v) => (v == null ? "--" : Math.abs(v) >= 1e4 ? compact.format(v) : String(v));
 }
 
 function numbers(col) {
@@ -41,10 +66,14 @@ function draw(table) {
       const canvas = el("div", { class: "gx-chart-canvas" });
       const box = el("div", { class: "gx-chart", dataset: { key } }, el("div", { class: "gx-chart-title" }, key), canvas);
       grid.append(box);
+      const fmt = formatter(key);
       const plot = new uPlot({
-        width: w, height: HEIGHT, scales: { x: { time: true } }, axes: [{}, { size: 80 }],
+        width: w, height: HEIGHT, axes: [{}, { size: 80, values: (u, splits) => splits.map(fmt) }],
+        scales: { x: { time: true, range: oneSampleRange } },
+        // points where samples are sparse (uPlot's default), so a single sample shows
         series: [{ label: "time" }, { label: key.slice("system/".length), stroke: "#5c940d", width: 1.5, spanGaps: true,
-                                      points: { show: false } }],
+                                      value: (u, v) => fmt(v) }],
+        hooks: { setScale: [(u, scale) => { if (scale === "x") box.dataset.xSpan = String(u.scales.x.max - u.scales.x.min); }] },
       }, [x, y], canvas);
       entry = { box, plot };
       plots.set(key, entry);
