@@ -140,7 +140,10 @@ def test_kill_9_keeps_everything_flushed(tmp_path):
     """
     recorded, stderr = spawn_and_kill(tmp_path, body, min_step=150)
     assert recorded >= 150
-    assert "GradexpWarning" not in stderr, stderr  # e.g. a failed background writer
+    # no warning but the one a loaded machine may cause (log() waited for the writer, which
+    # drops nothing): e.g. not a failed background writer
+    warned = [line for line in stderr.splitlines() if "GradexpWarning" in line]
+    assert all("log() is waiting for the writer to catch up" in line for line in warned), stderr
 
     run_dir = tmp_path / "p" / "r"
     stored = gradexp.Api().run(run_dir)
