@@ -291,6 +291,47 @@ def test_a_process_forked_before_the_senders_start_up_does_not_hold_it_back(tmp_
     assert [x.text for x in gradexp.Api(dir=tmp_path / "runs").run("p/r").console()] == ["hello"]
 
 
+def test_the_sender_waits_for_its_gate_and_starts_ungated_when_no_descriptor_is_left_for_it(tmp_path):
+    # The shell that holds the gate can only redirect descriptors 3-9; with all of them
+    # handed to the sender, it must still start (at once), not fail init().
+    proc = trainer(tmp_path, """
+        import os, select, sys
+        from gradexp.write.sender_process import _spawn
+
+        while (fd := os.open(os.devnull, os.O_RDONLY)) < 10:  # 3-9 all open here
+            pass
+        os.close(fd)
+        LIST = "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')), flush=True)"
+
+        def start(passed):
+            out_r, out_w = os.pipe()
+            gate_r, gate_w = os.pipe()
+            pid = _spawn([sys.executable, "-c", LIST], dict(os.environ), stdin=0, stdout=out_w, stderr=2,
+                         pass_fds=passed, gate=gate_r)
+            os.close(out_w)
+            os.close(gate_r)
+            early = bool(select.select([out_r], [], [], 3.0)[0])
+            try:
+                os.write(gate_w, b"\\n")
+            except BrokenPipeError:  # ungated: nobody holds the gate
+                pass
+            os.close(gate_w)
+            fds = os.read(out_r, 4096).decode().strip()
+            os.waitpid(pid, 0)
+            return early, fds
+
+        print("gated:", *start([3, 4, 6, 7, 8, 9]))  # 5 left for the gate
+        print("ungated:", *start(list(range(3, 10))))
+    """)
+    code, terminal = finished(proc)
+    assert code == 0, terminal
+    gated, ungated = terminal.splitlines()
+    # the gated one ran only once the gate opened, and holds what it was handed, not the gate
+    # (5 is the listing's own descriptor: with the gate leaked, that would be 10)
+    assert gated == "gated: False [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]", gated
+    assert ungated == "ungated: True [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", ungated
+
+
 def test_init_spawns_the_sender_without_importing_subprocess(tmp_path):
     # subprocess (with locale and signal's enums) cost init() tens of ms on a busy machine
     proc = trainer(tmp_path, """

@@ -90,19 +90,22 @@ def _spawn(argv: list[str], env: dict[str, str], *, stdin: int, stdout: int, std
     """Start ``argv`` in a new session with ``stdin``, ``stdout`` and ``stderr`` as its
     descriptors 0-2 and ``pass_fds`` under their own numbers; no other descriptor of this
     process (as :mod:`subprocess` does with ``close_fds``). ``argv`` is exec'ed once a line
-    or end of file comes out of the pipe whose read end is ``gate``. Returns its pid."""
+    or end of file comes out of the pipe whose read end is ``gate`` (at once if ``pass_fds``
+    leave the shell no descriptor for it). Returns its pid."""
     keep = {0, 1, 2, *pass_fds}
-    # dash redirects single-digit descriptors only: the gate goes to one 3-9 leaves free.
-    at = next(fd for fd in range(3, 10) if fd not in keep)
     actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
                                       (os.POSIX_SPAWN_DUP2, stderr, 2)]
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in keep]
-    actions.append((os.POSIX_SPAWN_DUP2, gate, at))
-    argv = ["/bin/sh", "-c", f'read -r _ <&{at}; exec {at}<&-; exec "$@"', "gradexp-sender", *argv]
+    # dash redirects single-digit descriptors only: the gate goes to one 3-9 leaves free; with
+    # none free (pass_fds hold them all), argv starts at once, ungated.
+    free = [fd for fd in range(3, 10) if fd not in keep]
+    if free:
+        actions.append((os.POSIX_SPAWN_DUP2, gate, free[0]))
+        argv = ["/bin/sh", "-c", f'read -r _ <&{free[0]}; exec {free[0]}<&-; exec "$@"', "gradexp-sender", *argv]
     for fd in pass_fds:
         os.set_inheritable(fd, True)
     try:
-        return os.posix_spawn("/bin/sh", argv, env, file_actions=actions, setsid=True)
+        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
     finally:
         for fd in pass_fds:
             os.set_inheritable(fd, False)
@@ -193,6 +196,8 @@ class Sender:
         if gate >= 0:
             try:
                 os.write(gate, b"\n")  # a process forked meanwhile holds the gate open too
+            except OSError:  # nobody reads it: spawned ungated (see _spawn), or gone
+                pass
             finally:
                 os.close(gate)
         if events is not None:
