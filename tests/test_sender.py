@@ -14,6 +14,9 @@ import email.utils
 import http.server
 import json
 import math
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +36,7 @@ from gradexp.core.client import Client
 from gradexp.core.errors import ApiError
 from gradexp.sync import sender as _service
 from gradexp.sync.sender import DONE_MARK, UPLOADED_LOG, Uploader
-from services import values
+from services import clean_env, values
 
 HOST = "http://upload.test"
 
@@ -434,3 +437,27 @@ def test_sync_reports_its_retries_too(tmp_path, clock):
     n, did = _service.sync(run_dir, make_client(clock, fake), "alice", report=lines.append)
     assert did and n == len(_format.list_parts(run_dir / "parts"))
     assert len(lines) == 1 and lines[0].startswith("502 Bad Gateway from PUT http://upload.test/api/v1/runs/alice/up/r")
+
+
+def test_sender_log_lines_from_threads_stay_whole(tmp_path):
+    # the sender has two clients, each with threads that log retries: a line written in two
+    # pieces (print's text, then its newline) interleaved with another's
+    log = tmp_path / "sender.log"
+    script = """
+import threading
+from gradexp.sync.sender import _log
+def many(i):
+    for j in range(2000):
+        _log(f"thread {i} line {j}")
+ts = [threading.Thread(target=many, args=(i,)) for i in range(6)]
+for t in ts: t.start()
+for t in ts: t.join()
+"""
+    with open(log, "w") as err:
+        subprocess.run([sys.executable, "-c", script], stderr=err, check=True, timeout=120,
+                       env=clean_env(PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    lines = log.read_text().splitlines()
+    assert len(lines) == 12_000
+    whole = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ gradexp sender: thread \d line \d+")
+    bad = [x for x in lines if not whole.fullmatch(x)]
+    assert not bad, bad[:3]

@@ -317,10 +317,16 @@ def _emit(event: str, **fields: Any) -> None:
         os.close(devnull)
 
 
+_log_lock = threading.Lock()
+
+
 def _log(line: str) -> None:
-    """One line in sender.log (the sender's stderr), with the UTC time."""
+    """One line in sender.log (the sender's stderr), with the UTC time: whole, written at
+    once (``print`` writes the text and its newline apart, and two clients' threads log)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    print(f"{stamp} gradexp sender: {line}", file=sys.stderr, flush=True)
+    with _log_lock:
+        sys.stderr.write(f"{stamp} gradexp sender: {line}\n")
+        sys.stderr.flush()
 
 
 def _warn(line: str) -> None:
