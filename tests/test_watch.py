@@ -163,6 +163,36 @@ def test_watch_follows_dtype_changes_and_missing_gradients():
     assert stored.tensor("param/0.weight", 7).dtype == np.float64
 
 
+def test_updates_stay_exact_when_the_callers_own_keys_take_the_capture_apart():
+    # On the CPU the update slots hold the values after the step until the capture is first
+    # read, where the values before are subtracted: by the writer, or by log() itself when
+    # the caller logs a watched key in the same row (the capture is taken apart there).
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    run = gradexp.init("watch")
+    gradexp.watch(model, opt, log="all")
+    mine, bias = torch.full((8, 1, 3, 3), 7.0), torch.full((5,), 3.0)
+    seen = {}
+    for step, (x, y) in enumerate(batches(4)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        seen[step] = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        # the caller's own tensor under a watched parameter key and an update key, on odd steps
+        gradexp.log({"loss": 1.0, **({"param/0.weight": mine, "update/2.bias": bias} if step % 2 else {})})
+    gradexp.finish()
+    stored = gradexp.Api().run(run.dir)
+    for step, update in seen.items():
+        for n in names(model):
+            if step % 2 and n == "2.bias":
+                assert same_bits(stored.tensor("update/2.bias", step), bias)
+            else:
+                assert same_bits(stored.tensor(f"update/{n}", step), update[n]), (n, step)
+        if step % 2:
+            assert same_bits(stored.tensor("param/0.weight", step), mine)
+
+
 def test_gradients_in_a_dtype_of_their_own_are_kept_in_it():
     # A gradient has its parameter's shape and device, but not always its dtype
     # (Tensor.grad_dtype): the hooks' layout must follow the gradients' dtypes too.

@@ -118,6 +118,9 @@ def _grad_specs(grads: list[torch.Tensor | None]) -> tuple[_Spec | None, ...]:
         return tuple([None if g is None else _spec(g) for g in grads])
 
 
+_Pairs = tuple[list[torch.Tensor], list[torch.Tensor]]
+"""Slots and, position by position, the slots to subtract from them."""
+
 _Slab = tuple[np.ndarray, list[torch.Tensor]]
 """One buffer for a capture's tensors of one size class: its memory and a torch view per tensor."""
 
@@ -252,9 +255,10 @@ class _Lease:
             for dst, t in zip(dsts, srcs):
                 dst.copy_(t, non_blocking=t.device.type == "cuda")
 
-    def hand(self, out: Prepared) -> None:
+    def hand(self, out: Prepared, subtract: _Pairs | None = None) -> None:
         """Add the slots to ``out``, as one :class:`_Capture`, the copies into them all issued;
-        on CUDA, an event per device recorded now, which the views' first reader waits for."""
+        on CUDA, an event per device recorded now, which the views' first reader waits for.
+        ``subtract``: slots to subtract other slots from before they are read."""
         layout = self.layout
         if layout.devices:
             events: list[Any] = []
@@ -265,7 +269,7 @@ class _Lease:
             ready = [None if e is None else events[e] for e in layout._events]
         else:
             ready = None
-        out.bundles += (_Capture(layout, self.slabs, ready),)
+        out.bundles += (_Capture(layout, self.slabs, ready, subtract),)
         out.nbytes += layout.nbytes
 
 
@@ -275,12 +279,14 @@ class _Capture:
     and the exporters they view the slabs through. Dropped unread (no ``log()`` took it),
     it gives its slabs back."""
 
-    __slots__ = ("layout", "slabs", "ready", "_memory")
+    __slots__ = ("layout", "slabs", "ready", "subtract", "_memory")
 
-    def __init__(self, layout: _Layout, slabs: list[_Slab], ready: list[Any] | None) -> None:
+    def __init__(self, layout: _Layout, slabs: list[_Slab], ready: list[Any] | None,
+                 subtract: _Pairs | None) -> None:
         self.layout = layout
         self.slabs = slabs
         self.ready = ready
+        self.subtract = subtract
         self._memory: list[Any] | None = None
 
     def __del__(self) -> None:
@@ -297,6 +303,10 @@ class _Capture:
         return self.layout.keyset
 
     def items(self) -> Iterable[tuple[str, Tensor]]:
+        subtract, self.subtract = self.subtract, None
+        if subtract is not None:  # the updates: the values after, minus those before
+            for u, b in zip(*subtract):
+                torch.sub(u, b, out=u)
         memory = self._memory
         if memory is None:
             memory = self._memory = [s.export(slab) for (s, _), slab in zip(self.layout.slabs, self.slabs)]
@@ -477,25 +487,30 @@ class _Watch:
             return
         lease = step.lease
         layout = lease.layout
+        subtract = None
         if layout.updates.stop:
             after = [_local(p) for p in self._ps] if self._sharded else self._ps
             updates = lease.dsts[layout.updates]
             grad_mode = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)
             try:
-                if layout.cpu:
-                    # straight into the updates' host slots: one pass over memory (a copy of
-                    # the values after, then _foreach_sub_, is two calls but a pass more:
-                    # ~30% slower in the training loop, measured)
-                    before = lease.dsts[layout.params]
-                    for a, b, u in zip(after, before, updates):
-                        torch.sub(a, b, out=u)
+                if layout.cpu and layout.updates is not layout.params:
+                    # the values after into the updates' slots, one copy call; the writer
+                    # thread subtracts the values before (their own slots) in place, so the
+                    # training thread pays for a copy, not for a subtraction's extra reads
+                    lease.copy(updates, after)
+                    subtract = (updates, lease.dsts[layout.params])
+                elif layout.cpu:
+                    # the values before are in the updates' slots (parameters not logged):
+                    # the update, straight into them
+                    for a, u in zip(after, updates):
+                        torch.sub(a, u, out=u)
                 else:
                     lease.copy(updates, torch._foreach_sub(after, step.before))
             finally:
                 torch._C._set_grad_enabled(grad_mode)
         cap = Prepared()
-        lease.hand(cap)
+        lease.hand(cap, subtract)
         if step.closure_grads is not None:
             _merge(cap, step.closure_grads)
         self._hand_over(cap, replace=True)
