@@ -163,6 +163,49 @@ def test_watch_follows_dtype_changes_and_missing_gradients():
     assert stored.tensor("param/0.weight", 7).dtype == np.float64
 
 
+class Scaled(nn.Module):
+    """A linear model times a scale whose shape the test changes: forward works at any shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(64, 10)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1)) * self.scale.mean()
+
+
+def test_watch_follows_a_parameter_whose_shape_changes_between_steps():
+    # The hooks reuse the last step's layout while the parameters' dtypes, shapes and devices
+    # stay the same: a shape changed in place (same Parameter object, new data) between two
+    # steps must get a layout of its own, not be broadcast into the old slot.
+    model = Scaled()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = gradexp.init("watch")
+    gradexp.watch(model, opt, log="all")
+    seen = {}
+    for step, (x, y) in enumerate(batches(6)):
+        if step in (2, 4):
+            with torch.no_grad():
+                model.scale.data = torch.full((1,) if step == 2 else (3,), 0.5 + step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        seen[step] = (grads, before, {n: p.detach() - before[n] for n, p in model.named_parameters()})
+        gradexp.log({"loss": 1.0})
+    gradexp.finish()
+    stored = gradexp.Api().run(run.dir)
+    for step, (grads, before, update) in seen.items():
+        assert stored.tensor("param/scale", step).shape == ((1,) if step in (2, 3) else (3,)), step
+        for n in names(model):
+            assert same_bits(stored.tensor(f"grad/{n}", step), grads[n]), (n, step)
+            assert same_bits(stored.tensor(f"param/{n}", step), before[n]), (n, step)
+            assert same_bits(stored.tensor(f"update/{n}", step), update[n]), (n, step)
+
+
 def test_updates_stay_exact_when_the_callers_own_keys_take_the_capture_apart():
     # On the CPU the update slots hold the values after the step until the capture is first
     # read, where the values before are subtracted: by the writer, or by log() itself when

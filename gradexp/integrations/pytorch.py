@@ -110,6 +110,17 @@ _spec = cast(Callable[[torch.Tensor], _Spec], operator.attrgetter("dtype", "shap
 """A tensor's :data:`_Spec` (an attrgetter: one C call per tensor, at every step)."""
 
 
+_dtype = operator.attrgetter("dtype")
+
+
+def _grad_dtypes(grads: list[torch.Tensor | None]) -> tuple[torch.dtype | None, ...]:
+    """Each gradient's dtype, None for a parameter without one (one C call when all are set)."""
+    try:
+        return tuple(map(_dtype, grads))
+    except AttributeError:
+        return tuple([None if g is None else g.dtype for g in grads])
+
+
 def _grad_specs(grads: list[torch.Tensor | None]) -> tuple[_Spec | None, ...]:
     """Each gradient's spec, None for a parameter without one."""
     try:
@@ -348,6 +359,10 @@ class _Step:
 class _Watch:
     """The hooks of one watched model and what they captured since the last ``log()``."""
 
+    # slots: the hooks read a dozen attributes at every step, on caches the step has cooled
+    __slots__ = ("run", "when", "_ps", "_sharded", "kinds", "log_freq", "keys", "handles", "_lock", "_pending",
+                 "_capture", "_steps", "_counts", "_layouts", "_last", "_shards")
+
     def __init__(self, run: Run, params: list[tuple[str, nn.Parameter]], kinds: tuple[str, ...],
                  log_freq: int, prefix: str, rank: int, when: Callable[[], bool] | None) -> None:
         self.run = run
@@ -364,6 +379,9 @@ class _Watch:
         self._steps = 0
         self._counts = [0] * len(params)
         self._layouts: dict[Any, _Layout] = {}
+        # the last step's layout and what it was looked up by: a steady loop compares with
+        # that instead of hashing two dozen shapes and devices into a dict key
+        self._last: tuple[Any, Any, _Layout | None] = (None, None, None)
         self._shards = {f"shard/{prefix}{name}": text for name, p in params
                         if (text := _placement(p, rank)) is not None}
 
@@ -406,8 +424,11 @@ class _Watch:
         grads = self._grads() if "grad" in kinds and closure is None else None
         # a gradient has its parameter's shape and device (autograd and the .grad setter see
         # to it), not always its dtype (grad_dtype)
-        gsig = None if grads is None else tuple([None if g is None else g.dtype for g in grads])
-        layout = self._layouts.get((psig, gsig)) or self._main_layout(psig, gsig)
+        gsig = None if grads is None else _grad_dtypes(grads)
+        last_psig, last_gsig, layout = self._last
+        if layout is None or psig != last_psig or gsig != last_gsig:
+            layout = self._layouts.get((psig, gsig)) or self._main_layout(psig, gsig)
+            self._last = (psig, gsig, layout)
         # One copy call for everything known now: parameters, gradients (unless a closure
         # will make them) and, for updates, the values before the step. Those are, on the
         # CPU, the parameters' own host copies, or (not logging those) a copy in the updates'
