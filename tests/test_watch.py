@@ -438,8 +438,12 @@ def test_cuda_copies_are_asynchronous_and_exact():
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         pending = _watches[model]._pending
-        # Host copies in flight: each waits on an event, in pinned memory, not synchronised here.
-        assert all(isinstance(t._ready, torch.cuda.Event) for t in pending.tensors.values())
+        # Host copies in flight, in pinned memory: the capture carries an event per slab, which
+        # the writer waits on before it reads (nothing synchronised here)
+        (capture,) = pending.bundles
+        assert capture.ready and all(isinstance(e, torch.cuda.Event) for e in capture.ready)
+        assert all(view.is_pinned() for _, views in capture.slabs for view in views)
+        assert not pending.tensors
         seen[step] = (grads, before, {n: p.detach() - before[n] for n, p in model.named_parameters()})
         gradexp.log({"step_seen": step})
     gradexp.finish()
