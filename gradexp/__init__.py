@@ -81,9 +81,14 @@ def log(data: Mapping[str, Any] | Any, step: int | None = None, commit: bool = T
 
 
 def finish(exit_code: int = 0, quiet: bool | None = None) -> None:
-    """Finish the most recent run (see :meth:`Run.finish`); ``quiet`` is accepted for wandb
+    """Finish the most recent run (see :meth:`Run.finish`); with no run active, nothing to do
+    (as ``wandb.finish()``: scripts call it in cleanup paths). ``quiet`` is accepted for wandb
     scripts (gradexp prints nothing at finish but upload progress and problems)."""
-    current().finish(exit_code)
+    try:
+        run = current()
+    except UsageError:
+        return
+    run.finish(exit_code)
 
 
 def define_metric(name: str, step_metric: str | None = None, *, summary: str | None = None,

@@ -113,6 +113,9 @@ def test_run_config_and_summary_before_init_say_to_call_init():
     assert gradexp.run is None
     with pytest.raises(gradexp.UsageError):
         gradexp.config.lr  # noqa: B018
+    gradexp.finish()  # as wandb.finish(): nothing to finish is no error (cleanup paths call it)
+    with pytest.raises(gradexp.UsageError, match=r"gradexp.init\(\) before gradexp.log"):
+        gradexp.log({"x": 1})  # but logging to no run is
 
 
 @pytest.mark.parametrize("name", ["Artifact", "log_artifact", "use_artifact", "save", "alert", "Video",
