@@ -282,6 +282,40 @@ def test_updates_or_parameters_alone(log):
             assert same_bits(stored.tensor(f"{kind}/{n}", step), update[n] if log == "updates" else before[n])
 
 
+def test_wandbs_forms_of_watch_run_as_written():
+    # wandb's tutorials call watch(model, criterion, log="all", log_freq=10): a loss module in
+    # the optimizer's place (wandb used it for its graph only), and sometimes a list of models
+    # or log=None (the graph only); log_graph=True asks for what gradexp does not keep.
+    model, head = cnn(), nn.Linear(10, 3)
+    criterion = nn.CrossEntropyLoss()
+    run = gradexp.init("watch")
+    gradexp.watch(model, criterion, "all", 2)
+    gradexp.watch([nn.Linear(2, 2), head], criterion=criterion, log="parameters", prefix="aux.", idx=0)
+    other = nn.Linear(4, 4)
+    gradexp.watch(other, log=None)
+    with pytest.raises(TypeError, match="log_graph=True.*does not log the model graph"):
+        gradexp.watch(nn.Linear(1, 1), log_graph=True)
+    grads = {}
+    for step, (x, y) in enumerate(batches(4)):
+        model.zero_grad()
+        out = model(x)
+        (criterion(out, y) + head(out).sum()).backward()
+        grads[step] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        gradexp.log({"loss": 1.0})
+    gradexp.finish()
+    stored = gradexp.Api().run(run.dir)
+    keys = set(stored.tensor_keys())
+    assert {f"grad/{n}" for n in names(model)} | {f"param/{n}" for n in names(model)} <= keys
+    assert {"param/aux.m1.weight", "param/aux.m1.bias"} <= keys  # the list's second model, `head`
+    assert not any(k.startswith("param/aux.m0.") for k in keys)  # unused: no gradient, no capture
+    assert not any("aux." in k and k.startswith("grad/") for k in keys)
+    assert not any(k.endswith(("/weight", "/bias")) for k in keys)  # `other` (log=None): nothing
+    for n in names(model):
+        assert stored.steps(f"grad/{n}") == [0, 2]  # log_freq=2 counts backward passes
+        for step in (0, 2):
+            assert same_bits(stored.tensor(f"grad/{n}", step), grads[step][n]), (n, step)
+
+
 def test_closure_gradients_are_those_the_closure_made():
     # Lightning (and LBFGS) pass a closure: backward runs inside step(), after the pre-hook.
     model = cnn()

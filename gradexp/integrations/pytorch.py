@@ -601,9 +601,10 @@ class _Watch:
 _watches: weakref.WeakKeyDictionary[nn.Module, _Watch] = weakref.WeakKeyDictionary()
 
 
-def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log: str = "gradients",
-          log_freq: int = 1, prefix: str | None = None, *, all_ranks: bool = False,
-          run: Run | None = None, when: Callable[[], bool] | None = None) -> None:
+def watch(model: nn.Module | Sequence[nn.Module], optimizer: torch.optim.Optimizer | nn.Module | None = None,
+          log: str | None = "gradients", log_freq: int = 1, prefix: str | None = None, *,
+          all_ranks: bool = False, run: Run | None = None, when: Callable[[], bool] | None = None,
+          criterion: nn.Module | None = None, idx: int | None = None, log_graph: bool = False) -> None:
     """Keep ``model``'s gradients, parameters or updates, as full tensors, every ``log_freq`` steps.
 
     ``log`` is ``"gradients"``, ``"parameters"``, ``"updates"`` or ``"all"``. The tensors are
@@ -624,7 +625,25 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log:
     ``all_ranks``. The run is ``run``, else the current one. ``when``, if given, replaces
     ``log_freq``: a capture happens at the steps where ``when()`` is true (the framework
     integrations use it to capture exactly at the steps they log).
+
+    wandb's call runs as it is: ``watch(model, criterion, log="all", log_freq=10)`` (a loss
+    module where the optimizer goes is wandb's ``criterion``, which only its graph used),
+    ``criterion=``, ``idx=``, a list of models (each watched, its keys prefixed ``m0.``,
+    ``m1.``, ... after ``prefix``), and ``log=None`` (wandb then
+    logs the graph only: here, nothing). ``log_graph=True`` raises: gradexp keeps no graph.
     """
+    if log_graph:
+        raise TypeError("watch(log_graph=True): gradexp does not log the model graph; it keeps tensors "
+                        "(log='gradients', 'parameters', 'updates' or 'all')")
+    if isinstance(optimizer, nn.Module):  # wandb's positional criterion: used for its graph only
+        optimizer = None
+    if isinstance(model, (list, tuple)):  # several models: keys apart by position, m0., m1., ...
+        for i, m in enumerate(model):
+            watch(m, optimizer, log, log_freq, f"{prefix or ''}m{i}." if len(model) > 1 else prefix,
+                  all_ranks=all_ranks, run=run, when=when)
+        return
+    if log is None:  # wandb: the graph only, which gradexp does not keep
+        return
     if log not in KINDS:
         raise ValueError(f"watch(log={log!r}): log must be one of {', '.join(map(repr, KINDS))}")
     if isinstance(log_freq, bool) or not isinstance(log_freq, int) or log_freq < 1:
