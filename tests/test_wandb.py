@@ -205,6 +205,22 @@ def test_resume_continues_the_steps_parts_config_and_summary_of_a_run(tmp_path):
     assert r.status == "finished" and r.summary["loss"] == 7.0 and r.config == {"lr": 0.1, "epochs": 2}
 
 
+def test_resume_keeps_what_define_metric_asked_of_the_summary():
+    # A resumed script need not call define_metric again: the rules saved in run.json apply.
+    first = gradexp.init(project="p", id="dm")
+    gradexp.define_metric("val/*", summary="min,last")
+    gradexp.define_metric("val/acc", summary="max")
+    for v in (0.5, 0.3, 0.4):
+        gradexp.log({"val/loss": v, "val/acc": 1 - v, "loss": v})
+    first.finish()
+    again = gradexp.init(project="p", id="dm", resume="allow")
+    gradexp.log({"val/loss": 0.9, "val/acc": 0.1, "loss": 0.9})
+    assert again.summary["val/loss"] == {"min": 0.3, "last": 0.9}
+    again.finish()
+    s = gradexp.Api().run("p/dm").summary
+    assert s["val/loss"] == {"min": 0.3, "last": 0.9} and s["val/acc"] == {"max": 0.7} and s["loss"] == 0.9
+
+
 def test_resume_a_crashed_run_recovers_its_open_parts(tmp_path):
     code = textwrap.dedent("""
         import os, numpy as np, gradexp

@@ -426,6 +426,9 @@ class Run:
         self._keys.add({k: NUMBER if isinstance(v, (int, float)) else TEXT
                         for k, v in summary.items() if isinstance(v, (int, float, str)) and k not in self._keys.kinds})
         self.summary = Summary(summary)
+        for name, entry in old.get("metrics", {}).items():  # define_metric's rules carry over
+            if isinstance(entry, dict) and isinstance(entry.get("summary"), str):
+                self.summary._define(name, _summaries(name, entry["summary"]))
         self._summary_logged = self.summary.logged
         self.config = Config(self.dir / CONFIG_JSON, {**read_json(self.dir / CONFIG_JSON, {}), **config})
         for k in ("finished_at", "exit_code", "runtime", "error"):
@@ -536,15 +539,8 @@ class Run:
         """
         if not isinstance(name, str) or not name:
             raise InvalidTypeError(f"define_metric name must be a non-empty str; got {name!r}")
-        how: tuple[str, ...] | None = None
         if summary is not None:
-            parts = tuple(p.strip() for p in summary.split(",") if p.strip())
-            bad = [p for p in parts if p not in SUMMARIES]
-            if bad or not parts or ("none" in parts and len(parts) > 1):
-                raise InvalidValueError(f"define_metric({name!r}, summary={summary!r}): summary must be "
-                                        f"one or more of {', '.join(SUMMARIES[:-1])} joined by ',', or 'none'")
-            how = () if parts == ("none",) else parts
-            self.summary._define(name, how)
+            self.summary._define(name, _summaries(name, summary))
         if goal is not None and goal not in ("minimize", "maximize"):
             raise InvalidValueError(f"define_metric({name!r}, goal={goal!r}): goal must be 'minimize' or 'maximize'")
         entry = {k: v for k, v in (("step_metric", step_metric), ("summary", summary), ("goal", goal))
@@ -934,6 +930,16 @@ def _alias(name: str, value: Any, old: str, old_value: Any) -> Any:
     if value is not None and value != old_value:
         raise InvalidValueError(f"init() got {name}={value!r} and {old}={old_value!r}; give one of them")
     return old_value
+
+
+def _summaries(name: str, summary: str) -> tuple[str, ...]:
+    """``define_metric``'s ``summary=`` as the aggregations it names (empty for ``"none"``)."""
+    parts = tuple(p.strip() for p in summary.split(",") if p.strip())
+    bad = [p for p in parts if p not in SUMMARIES]
+    if bad or not parts or ("none" in parts and len(parts) > 1):
+        raise InvalidValueError(f"define_metric({name!r}, summary={summary!r}): summary must be "
+                                f"one or more of {', '.join(SUMMARIES[:-1])} joined by ',', or 'none'")
+    return () if parts == ("none",) else parts
 
 
 def current() -> Run:
