@@ -296,7 +296,7 @@ def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base
     """
     from gradexp.api import Api
     from gradexp.core.errors import ApiError
-    from gradexp.core.layout import LOCK, RUN_JSON, is_locked
+    from gradexp.core.layout import LOCK, RUN_JSON, is_locked, read_json
     from gradexp.sync import sender as _service
 
     api = Api(dir=base_dir, host=host, api_key=api_key)
@@ -321,16 +321,20 @@ def sync(run_dirs: tuple[Path, ...], host: str | None, api_key: str | None, base
             click.echo(f"{d}: still running; its own sender uploads it", err=True)
             skipped += 1
             continue
-        up = _service.Uploader(d, client, entity)
+        # the entity init(entity=...) named, else the login's
+        run_entity = read_json(d / RUN_JSON, {}).get("entity") or entity
+        up = _service.Uploader(d, client, run_entity)
         if up.finished and not up.pending():
             skipped += 1
             continue
         with click.progressbar(length=max(up.pending_bytes(), 1), label=f"{up.meta['project']}/{up.meta['id']}",
                                file=sys.stderr, show_percent=True) as bar:
             try:
-                n, _ = _service.sync(d, client, entity, progress=bar.update)
+                n, _ = _service.sync(d, client, run_entity, progress=bar.update)
             except ApiError as e:
-                raise click.ClickException(f"{d}: {_api_error(e)}") from None
+                hint = (f" (the run names entity {run_entity!r}, given to init(entity=...); this key writes "
+                        f"as {entity!r})" if run_entity != entity and e.status in (403, 404) else "")
+                raise click.ClickException(f"{d}: {_api_error(e)}{hint}") from None
         click.echo(f"{up.url}  ({n} parts uploaded)")
         synced += 1
     click.echo(f"synced {synced} run(s); {skipped} already synced or still running", err=True)

@@ -170,6 +170,34 @@ def test_sync_a_project_folder_syncs_its_runs(server, tmp_path):
         assert api.run(f"ada/folderproj/{run_id}").history().num_rows == 2
 
 
+SYNC_ENTITY = """
+import gradexp, sys
+run = gradexp.init("entproj", id=sys.argv[1], entity=sys.argv[2], mode="offline")
+run.log({"loss": 1.0})
+run.finish()
+"""
+
+
+def test_sync_uploads_an_offline_run_to_the_entity_init_named(server, tmp_path):
+    # init(entity=...) offline is kept in run.json: sync puts the run there, not under the
+    # login's entity; an entity the key may not write to is refused, not silently rerouted.
+    server.user_with_key("grace")
+    for run_id, entity in (("mine", "ada"), ("theirs", "grace")):
+        r = gx(run_id, entity, code=SYNC_ENTITY, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    runs = tmp_path / "gradexp-runs" / "entproj"
+    r = gx("sync", str(runs / "mine"), "--host", server.url, "--api-key", server.key, cwd=tmp_path)
+    assert r.returncode == 0 and f"{server.url}/ada/entproj/mine" in r.stdout, r.stderr
+    r = gx("sync", str(runs / "theirs"), "--host", server.url, "--api-key", server.key, cwd=tmp_path)
+    error = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert r.returncode == 1 and len(error) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "'grace', given to init(entity=...); this key writes as 'ada'" in error[0], error
+    api = gradexp.Api(host=server.url, api_key=server.key)
+    assert api.run("ada/entproj/mine").history().num_rows == 1
+    with pytest.raises(gradexp.RunNotFoundError):
+        api.run("ada/entproj/theirs")
+
+
 def test_sync_a_folder_without_runs(server, tmp_path):
     (tmp_path / "empty").mkdir()
     one_error(gx("sync", "empty", "--host", server.url, "--api-key", server.key, cwd=tmp_path),

@@ -323,6 +323,8 @@ class Run:
             "python": platform.python_version(), "gradexp": __version__, "format": 1, "argv": sys.argv,
             "program": program(),
         }
+        if self.entity is not None:  # gradexp sync uploads an offline run there, not to the login's entity
+            self._meta["entity"] = self.entity
         if self.disabled:
             self.dir = None
             self.config = Config(None, config or {})
