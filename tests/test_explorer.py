@@ -137,6 +137,13 @@ def charts_ready(page) -> None:
     page.wait_for_selector("body[data-charts-ready='1']")
 
 
+def meta_row(page, name: str) -> str:
+    """The value the run page's metadata table shows for ``name`` ("" if no such row)."""
+    return page.evaluate("""name => {
+      const th = [...document.querySelectorAll('#run-meta th')].find(h => h.textContent === name);
+      return th ? th.nextElementSibling.textContent : ''; }""", name)
+
+
 def points(page, key: str) -> int:
     return int(page.get_attribute(f".gx-chart[data-key='{key}']", "data-points") or 0)
 
@@ -144,7 +151,7 @@ def points(page, key: str) -> int:
 LOG_RUNS = f'''
 import gradexp, math, numpy as np
 run = gradexp.init("vision", id="r1", name={XSS!r}, config={{"lr": 0.1, "model": {{"depth": 4}}}},
-                   tags=["baseline"])
+                   tags=["baseline"], group="sweep-1", job_type="train")
 for i in range(3000):
     run.log({{"loss": math.exp(-i / 500), "opt/lr": 0.1 * 0.999 ** i, {XSS!r}: i % 7}})
 run.log({{"loss": 1e4}}, step=1500)
@@ -246,6 +253,7 @@ def test_ui_pages_render_safely(ui, chromium, shots):
     w.page.screenshot(path=str(shots / "explorer-charts.png"), full_page=True)
 
     w.open(ui.base + "/local/vision/r1#overview", wait="#run-meta tbody tr")
+    assert meta_row(w.page, "group") == "sweep-1" and meta_row(w.page, "job type") == "train"
     w.page.wait_for_selector("#run-config tbody th")
     assert "model.depth" in w.page.inner_text("#run-config")
     assert w.page.get_attribute("#edit-name", "readonly") is not None  # read-only in gradexp ui
@@ -377,6 +385,7 @@ def test_server_pages_after_sign_in(server, chromium, shots):
     w.page.screenshot(path=str(shots / "explorer-server-charts.png"), full_page=True)
 
     w.open(server.url + "/ada/vision/r1#overview", wait="#run-meta tbody tr")
+    assert meta_row(w.page, "group") == "sweep-1" and meta_row(w.page, "job type") == "train"
     w.page.fill("#edit-name", "renamed <b>run</b>")
     w.page.fill("#edit-tags", "best, keep")
     w.page.fill("#edit-notes", "notes in place")

@@ -33,6 +33,8 @@ function metaRows(info) {
     ["status", badge(info.status)],
     ["id", info.id],
     ["project", `${info.entity}/${info.project}`],
+    ["group", m.group ?? ""],
+    ["job type", m.job_type ?? ""],
     ["started", fmtTime(info.created_at)],
     ["finished", fmtTime(info.finished_at)],
     ["duration", info.created_at && end ? fmtDuration(end - info.created_at) : ""],
