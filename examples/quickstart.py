@@ -14,7 +14,6 @@ With --offline it needs no server and reads the run folder instead.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys

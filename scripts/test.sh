@@ -32,7 +32,7 @@ fi
 python -m pip install -q -e '.[test]'
 # Lint and type-check first: seconds, where the suite takes minutes (mypy keeps a cache in
 # .mypy_cache; a cold run reads torch's hints and takes about a minute).
-python -m ruff check gradexp tests benchmarks
+python -m ruff check gradexp tests benchmarks examples
 python -m mypy gradexp
 lint-imports
 exec python -m pytest -n 3 --dist loadfile "$@"
