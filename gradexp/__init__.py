@@ -27,6 +27,7 @@ from gradexp.core.errors import (
     InvalidTypeError,
     InvalidValueError,
     KeyNotFoundError,
+    LoginError,
     RunNotFoundError,
     UsageError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "InvalidTypeError",
     "InvalidValueError",
     "KeyNotFoundError",
+    "LoginError",
     "RemoteRun",
     "Run",
     "RunNotFoundError",

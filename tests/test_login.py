@@ -260,6 +260,20 @@ def test_no_answer_times_out_and_closes_the_listener(server, login_cli):
         requests.get(redirect, timeout=5)
 
 
+def test_login_in_python_checks_the_key_then_stores_it(server):
+    # gradexp.login(key=, host=), as wandb.login: a refused key raises the error root's
+    # LoginError and stores nothing; an accepted one is stored for the runs started after.
+    import gradexp
+
+    key = server.user_with_key("linus")
+    with pytest.raises(gradexp.LoginError, match="does not accept that API key") as refused:
+        gradexp.login(key="gx_not_a_key", host=server.url)
+    assert isinstance(refused.value, gradexp.GradexpError) and _auth.stored(server.url) is None
+    assert gradexp.login(key=key, host=server.url) is True
+    assert _auth.stored(server.url)["entity"] == "linus" and _auth.default_host() == _auth.normalize_host(server.url)
+    assert gradexp.login(host=server.url) is True  # a stored key is kept: no browser
+
+
 def test_unreachable_server_fails_before_opening_a_browser(login_cli):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

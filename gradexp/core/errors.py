@@ -77,6 +77,10 @@ class ApiError(GradexpError, RuntimeError):
         self.message = message
 
 
+class LoginError(GradexpError, RuntimeError):
+    """``gradexp.login()`` / ``gradexp login`` did not go through; the message says why and what to do."""
+
+
 class GradexpWarning(UserWarning):
     """Something in gradexp's background work needs the user's attention."""
 

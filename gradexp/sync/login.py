@@ -28,12 +28,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from gradexp.core.credentials import CLIENT_ID
+from gradexp.core.errors import LoginError
 
 CALLBACK_PATH = "/gradexp/callback"
-
-
-class LoginError(Exception):
-    """The login did not go through; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
